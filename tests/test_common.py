@@ -1,0 +1,75 @@
+"""The shared helpers: atomic outputs, content hashes, argument parsing, the chat template."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from yak import YakError
+from yak.cli import parse_args
+from yak.io import atomic_output_dir, content_hash
+from yak.template import build_chat_template
+
+
+def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_dir_refuses_existing_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(YakError, match="already exists"):
+        with atomic_output_dir(out):
+            pass
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+
+def test_content_hash_follows_content(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one")
+    h1 = content_hash([f], {"block_size": 8})
+    assert h1 == content_hash([f], {"block_size": 8})
+    assert h1 != content_hash([f], {"block_size": 16})
+    f.write_text("two")
+    assert h1 != content_hash([f], {"block_size": 8})
+
+
+@dataclass
+class _Args:
+    lr: float = field(default=1.0, metadata={"help": "learning rate"})
+
+
+def test_parse_args_refuses_unknown_keys(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"lr": 2.0}')
+    (args,) = parse_args([_Args], [str(cfg)])
+    assert args.lr == 2.0
+    cfg.write_text('{"lr": 2.0, "lr_typo": 3}')
+    with pytest.raises(YakError, match="lr_typo"):
+        parse_args([_Args], [str(cfg)])
+    with pytest.raises(YakError, match="lr_typo"):
+        parse_args([_Args], ["--lr_typo", "3"])
+
+
+def test_chat_template_renders_llama2_format(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = build_chat_template('Say "hi".')
+    conv = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    text = tok.apply_chat_template(conv, tokenize=False)
+    assert text == '<s>[INST] <<SYS>>\nSay "hi".\n<</SYS>>\n\na [/INST] b </s><s>[INST] c [/INST]'
+    with pytest.raises(Exception, match="alternate"):
+        tok.apply_chat_template(conv[1:], tokenize=False)

@@ -1,0 +1,73 @@
+"""Small file helpers shared by every stage: atomic outputs and content hashes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from yak import YakError
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    Nothing half-written is ever left at ``path``: on any exception the temporary folder is removed
+    and an existing ``path`` is untouched.
+
+    Args:
+        path: the final output folder.
+        overwrite: replace an existing ``path``; otherwise an existing one is an error.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise YakError(f"output folder {path} already exists; choose another path or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def content_hash(paths: Iterable[str | os.PathLike], extra: dict | None = None) -> str:
+    """SHA-256 over the bytes of ``paths`` (in the given order) and a JSON-able ``extra`` dict.
+
+    Used for cache keys: any change in a file's content or in ``extra`` gives a new key.
+    """
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(Path(p).name).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    return h.hexdigest()
