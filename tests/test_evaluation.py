@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 import sacrebleu
 import torch
+from conftest import HELDOUT, ROOT
 
 from yak import YakError
-from yak.evaluation import EvalArguments, evaluate
-from yak.evaluation import metrics
+from yak.evaluation import EvalArguments, evaluate, metrics
 from yak.evaluation.runner import prepare
 from yak.evaluation.scoring import ModelSpec, Scorer, load_model
 from yak.evaluation.tasks import build_examples, builtin_tasks, load_task, rejoin_tsheg, split_options
-
-from conftest import HELDOUT, ROOT
 
 FIXTURES = ROOT / "tests" / "data" / "eval"
 RECORD_TASKS = ["tncc", "tusa", "ti_mmlu", "ti_mmlu_5shot", "bo_en", "bo_zh", "tibetan_qa"]
@@ -41,22 +39,33 @@ def _args(tmp_path, models, tasks, **kw) -> EvalArguments:
     kw.setdefault("lm_max_bytes", 400)
     kw.setdefault("max_new_tokens", 24)
     kw.setdefault("data_root", str(FIXTURES))
-    return EvalArguments(models=[str(m) for m in models], tasks=tasks,
-                         output_dir=str(tmp_path / kw.pop("out", "out")), **kw)
+    return EvalArguments(
+        models=[str(m) for m in models], tasks=tasks, output_dir=str(tmp_path / kw.pop("out", "out")), **kw
+    )
 
 
 def _unigram_model(folder: Path, tiny_model_dir: Path, logits: torch.Tensor) -> Path:
     """A real Llama whose next-token distribution is softmax(logits) whatever the context.
 
-    Attention and MLP outputs are zero, so the residual stream is the (all-ones) embedding; the final norm maps it
-    to ones and ``lm_head`` row v is ``logits[v] / H``. Saved with the tiny model's tokenizer.
+    Attention and MLP outputs are zero, so the residual stream is the (all-ones) embedding; the final norm
+    maps it to ones and ``lm_head`` row v is ``logits[v] / H``. Saved with the tiny model's tokenizer.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden = 8
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      rms_norm_eps=1e-12, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-12,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -72,16 +81,18 @@ def _unigram_model(folder: Path, tiny_model_dir: Path, logits: torch.Tensor) -> 
     return folder
 
 
-# -- metrics -------------------------------------------------------------------------------------------------
+# -- metrics --
+
 
 def test_syllable_exact_match_and_f1_by_hand():
-    assert metrics.syllables("༄༅། །བཀྲ་ཤིས་བདེ་ལེགས། ") == ["བཀྲ", "ཤིས", "བདེ", "ལེགས"]
-    assert metrics.exact_match("བཀྲ་ཤིས།", "བཀྲ་ཤིས") == 1.0
-    assert metrics.exact_match("བཀྲ་ཤིས་བདེ", "བཀྲ་ཤིས") == 0.0
+    head = "༄༅། །རྒྱུད་འབུམ་ཁ་པ་བཞུགས་སོ། "  # Kangyur vol. 078, data/heldout
+    assert metrics.syllables(head) == ["རྒྱུད", "འབུམ", "ཁ", "པ", "བཞུགས", "སོ"]
+    assert metrics.exact_match("རྒྱུད་འབུམ།", "རྒྱུད་འབུམ") == 1.0
+    assert metrics.exact_match("རྒྱུད་འབུམ་ཁ", "རྒྱུད་འབུམ") == 0.0
     # 2 common syllables, precision 2/3, recall 2/2 -> F1 = 0.8
-    assert metrics.f1_syllables("བཀྲ་ཤིས་བདེ", "བཀྲ་ཤིས") == pytest.approx(0.8)
+    assert metrics.f1_syllables("རྒྱུད་འབུམ་ཁ", "རྒྱུད་འབུམ") == pytest.approx(0.8)
     assert metrics.f1_syllables("The Whale!", "the whale") == 1.0
-    assert metrics.f1_syllables("", "བཀྲ") == 0.0
+    assert metrics.f1_syllables("", "རྒྱུད") == 0.0
 
 
 def test_chrf_and_bleu_equal_sacrebleu_directly():
@@ -96,8 +107,9 @@ def test_rejoin_tsheg_and_option_splitting():
     assert rejoin_tsheg("བྲག ཡེར པ") == "བྲག་ཡེར་པ"
     assert rejoin_tsheg("༄༅ ལྭ རིང གི རིགས") == "༄༅ ལྭ་རིང་གི་རིགས"  # no tsheg after head marks
     text = "བྱ་གླག་དང་པིང་སྐྱུར་མ།\nA ཁོ་ས\nB པིང་སྐྱུར\nC དེ་ལས\nD ང་རང"
-    assert split_options(text, ["A", "B", "C", "D"]) == ("བྱ་གླག་དང་པིང་སྐྱུར་མ།", ["ཁོ་ས", "པིང་སྐྱུར", "དེ་ལས", "ང་རང"])
-    assert split_options("བྱ་གླག་དང་པིང་སྐྱུར་མ།", ["A", "B", "C", "D"]) is None
+    abcd = ["A", "B", "C", "D"]
+    assert split_options(text, abcd) == ("བྱ་གླག་དང་པིང་སྐྱུར་མ།", ["ཁོ་ས", "པིང་སྐྱུར", "དེ་ལས", "ང་རང"])
+    assert split_options("བྱ་གླག་དང་པིང་སྐྱུར་མ།", abcd) is None
 
 
 def test_shipped_configs_load_and_fewshot_excludes_the_question():
@@ -117,15 +129,22 @@ def test_shipped_configs_load_and_fewshot_excludes_the_question():
     assert tncc[0].prompt == "Title: ཝ་མོ་དང་གཟིག་གི་གཏམ་གླེང\nTopic:"  # tsheg rejoined
 
 
-# -- a rigged real model: hand-computed bits per byte and accuracy ----------------------------------------------
+# -- a rigged real model: hand-computed bits per byte and accuracy --
+
 
 def test_bits_per_byte_of_a_known_distribution_any_stride_any_batch(tmp_path, tiny_model_dir):
     logits = torch.randn(512, generator=torch.Generator().manual_seed(0)) * 2
     folder = _unigram_model(tmp_path / "unigram", tiny_model_dir, logits)
     model, tok = load_model(ModelSpec("unigram", str(folder)))
     logp = torch.log_softmax(logits.double(), -1)
-    texts = [(HELDOUT / name).read_text(encoding="utf-8")[:120] for name in
-             ("bo_modern_nanhai_deseg_heldout.txt", "en_moby_dick_heldout.txt", "zh_hongloumeng_ch81-120_heldout.txt")]
+    texts = [
+        (HELDOUT / name).read_text(encoding="utf-8")[:120]
+        for name in (
+            "bo_modern_nanhai_deseg_heldout.txt",
+            "en_moby_dick_heldout.txt",
+            "zh_hongloumeng_ch81-120_heldout.txt",
+        )
+    ]
     for text in texts:
         ids = tok(text, add_special_tokens=False).input_ids
         expected_bits = -sum(logp[i].item() for i in ids) / math.log(2)  # each token once, context-free model
@@ -148,11 +167,14 @@ def test_accuracy_of_a_rigged_model(tmp_path, tiny_model_dir):
     preds = [json.loads(line) for line in (tmp_path / "out/predictions/rigged_b/ti_mmlu.jsonl").open()]
     golds = [p["gold"] for p in preds]
     assert all(p["pred"] == 1 for p in preds)
-    assert res["results"]["rigged_b"]["ti_mmlu"]["accuracy"] == pytest.approx(100 * golds.count(1) / len(golds))
+    assert res["results"]["rigged_b"]["ti_mmlu"]["accuracy"] == pytest.approx(
+        100 * golds.count(1) / len(golds)
+    )
     assert res["results"]["rigged_b"]["ti_mmlu"]["skipped"] == 1
 
 
-# -- every task kind on the tiny model: determinism, batch size, report -----------------------------------------
+# -- every task kind on the tiny model: determinism, batch size, report --
+
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_model_dir):
@@ -172,7 +194,12 @@ def test_every_task_kind_on_the_tiny_model(full_run):
     assert r["ti_mmlu_5shot"]["truncated"] > 0  # five Tibetan shots overflow a 160-token window
     assert set(r["bo_zh"]) >= {"chrf++", "bleu"} and set(r["tibetan_qa"]) >= {"exact_match", "f1"}
     out = tmp / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["predictions", "results.json", "results.md", "results.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "predictions",
+        "results.json",
+        "results.md",
+        "results.png",
+    ]
     assert json.loads((out / "results.json").read_text())["results"] == json.loads(json.dumps(res["results"]))
     table = (out / "results.md").read_text()
     assert "| task | metric | stories260K |" in table and "| tncc (n=8, chance 8) | accuracy |" in table
@@ -182,7 +209,10 @@ def test_every_task_kind_on_the_tiny_model(full_run):
 
 
 def _strip_timing(res):
-    return {m: {t: {k: v for k, v in r.items() if k != "seconds"} for t, r in per.items()} for m, per in res["results"].items()}
+    return {
+        m: {t: {k: v for k, v in r.items() if k != "seconds"} for t, r in per.items()}
+        for m, per in res["results"].items()
+    }
 
 
 def test_same_numbers_twice_and_batch_size_invariance(full_run, tmp_path, tiny_model_dir):
@@ -191,7 +221,9 @@ def test_same_numbers_twice_and_batch_size_invariance(full_run, tmp_path, tiny_m
     again = _strip_timing(evaluate(_args(tmp_path, [tiny_model_dir], tasks, batch_size=4, out="again")))
     ref = {t: v for t, v in _strip_timing(first)["stories260K"].items() if t in tasks}
     assert again["stories260K"] == ref  # bit-identical on a rerun
-    one = _strip_timing(evaluate(_args(tmp_path, [tiny_model_dir], tasks, batch_size=1, out="b1")))["stories260K"]
+    one = _strip_timing(evaluate(_args(tmp_path, [tiny_model_dir], tasks, batch_size=1, out="b1")))[
+        "stories260K"
+    ]
     for task, values in ref.items():
         for k, v in values.items():
             assert one[task][k] == pytest.approx(v, rel=1e-4, abs=1e-4), (task, k)
@@ -205,7 +237,20 @@ def test_two_models_side_by_side(tmp_path, tiny_model_dir):
     assert "| task | metric | tiny | uniform |" in table
     # a uniform model pays log2(512) = 9 bits per token
     r = res["results"]["uniform"]["heldout"]
-    assert r["en_moby_dick_heldout/bits_per_byte"] == pytest.approx(9 * r["en_moby_dick_heldout/tokens_per_byte"])
+    assert r["en_moby_dick_heldout/bits_per_byte"] == pytest.approx(
+        9 * r["en_moby_dick_heldout/tokens_per_byte"]
+    )
+
+
+def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
+    from yak.template import LLAMA2_CHAT_TEMPLATE
+
+    model, tok = load_model(ModelSpec("tiny", str(tiny_model_dir)))
+    with pytest.raises(YakError, match="no chat_template"):
+        Scorer(model, tok, 64, chat_template=True)
+    tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    ids = Scorer(model, tok, 64, chat_template=True).encode_prompt("Title: x")
+    assert ids.count(tok.bos_token_id) == 1 and tok.decode(ids).endswith("Title: x [/INST]")
 
 
 def test_tokenizer_section(tmp_path, tiny_model_dir):
@@ -218,7 +263,8 @@ def test_tokenizer_section(tmp_path, tiny_model_dir):
     assert res["results"]["stories260K"]["tokenizer"]
 
 
-# -- bad input ---------------------------------------------------------------------------------------------------
+# -- bad input --
+
 
 def test_problems_are_listed_before_any_model_is_loaded(tmp_path):
     with pytest.raises(YakError) as e:
@@ -229,7 +275,7 @@ def test_problems_are_listed_before_any_model_is_loaded(tmp_path):
 
 def test_records_missing_fields_and_unknown_keys(tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "བཀྲ་ཤིས།", "label": "Positive"}\n{"txt": "བདེ་ལེགས།"}\n', encoding="utf-8")
+    data.write_text('{"text": "རྒྱུད་འབུམ།", "label": "Positive"}\n{"txt": "བཞུགས་སོ།"}\n', encoding="utf-8")
     cfg = tmp_path / "mine.yaml"
     cfg.write_text(f"kind: classification\ntest: {data}\nprompt: '{{text}}'\nchoices: [Positive, Negative]\n")
     with pytest.raises(YakError, match=r"record 2 lacks field\(s\) label, text"):
@@ -249,8 +295,15 @@ def test_unloadable_model_leaves_no_output(tmp_path, tiny_model_dir):
 
 
 def test_script_help_and_clean_error_exit(tmp_path):
-    run = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert run.returncode == 0 and "bits per UTF-8 byte" in run.stdout
-    run = subprocess.run([sys.executable, "evaluate.py", "--models", str(tmp_path), "--tasks", "nope"],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "evaluate.py", "--models", str(tmp_path), "--tasks", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+        text=True,
+    )
     assert run.returncode == 2 and "unknown task 'nope'" in run.stderr and "Traceback" not in run.stderr

@@ -21,14 +21,18 @@ def metric_rows(results: dict) -> list[tuple[str, str]]:
     for per_task in results["results"].values():
         for task, res in per_task.items():
             for metric, value in res.items():
-                if metric not in _NOT_METRICS and isinstance(value, (int, float)) and (task, metric) not in rows:
+                if (
+                    metric not in _NOT_METRICS
+                    and isinstance(value, (int, float))
+                    and (task, metric) not in rows
+                ):
                     rows.append((task, metric))
     order = list(results["tasks"])
     return sorted(rows, key=lambda r: order.index(r[0]))  # stable: metrics keep their order within a task
 
 
 def markdown_table(results: dict) -> str:
-    """One row per task metric, one column per model; ``n`` and the chance level say how to read accuracies."""
+    """One row per task metric, one column per model; ``n`` and the chance level help read accuracies."""
     models = list(results["results"])
     lines = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]
     for task, metric in metric_rows(results):
@@ -37,7 +41,11 @@ def markdown_table(results: dict) -> str:
             v = results["results"][m].get(task, {}).get(metric)
             cells.append("" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
         first = results["results"][models[0]].get(task, {})
-        note = f" (n={first['n']}" + (f", chance {first['chance']:.0f}" if "chance" in first else "") + ")" if "n" in first else ""
+        note = (
+            f" (n={first['n']}" + (f", chance {first['chance']:.0f}" if "chance" in first else "") + ")"
+            if "n" in first
+            else ""
+        )
         arrow = " ↓" if metric.endswith(_LOWER_IS_BETTER) else ""
         lines.append(f"| {task}{note} | {metric}{arrow} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,14 @@ from yak import YakError
 from yak.evaluation import metrics
 from yak.evaluation.report import write_report
 from yak.evaluation.scoring import ModelSpec, Scorer, load_model
-from yak.evaluation.tasks import DEFAULT_DATA_ROOT, TaskConfig, build_examples, builtin_tasks, lm_files, load_task
+from yak.evaluation.tasks import (
+    DEFAULT_DATA_ROOT,
+    TaskConfig,
+    build_examples,
+    builtin_tasks,
+    lm_files,
+    load_task,
+)
 from yak.io import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -27,38 +34,72 @@ class EvalArguments:
 
     models: list[str] = field(
         default_factory=list,
-        metadata={"help": "Models to compare, each [NAME=]BASE[,ADAPTER...]: a Hugging Face or merged model folder, "
-                  "optionally with adapter folders applied in order (stage 1, CPT, SFT). Required."},
+        metadata={
+            "help": "Models to compare, each [NAME=]BASE[,ADAPTER...]: a Hugging Face or merged model "
+            "folder, "
+            "optionally with adapter folders applied in order (stage 1, CPT, SFT). Required."
+        },
     )
     tasks: list[str] = field(
         default_factory=lambda: list(DEFAULT_TASKS),
-        metadata={"help": "Shipped task names (see yak/evaluation/tasks/) or paths of your own task YAML files."},
+        metadata={
+            "help": "Shipped task names (see yak/evaluation/tasks/) or paths of your own task YAML files."
+        },
     )
-    output_dir: str = field(default="eval_out", metadata={"help": "Folder for results.json, results.md, results.png "
-                                                                   "and predictions/ (written atomically)."})
+    output_dir: str = field(
+        default="eval_out",
+        metadata={
+            "help": "Folder for results.json, results.md, results.png and predictions/ (written atomically)."
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output_dir."})
-    data_root: str = field(default=DEFAULT_DATA_ROOT, metadata={"help": "Folder that {data_root} in task configs "
-                                                                          "points to (the public evaluation sets)."})
+    data_root: str = field(
+        default=DEFAULT_DATA_ROOT,
+        metadata={"help": "Folder that {data_root} in task configs points to (the public evaluation sets)."},
+    )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
-    max_length: int | None = field(default=None, metadata={"help": "Longest token sequence fed to a model; default "
-                                                                    "its max_position_embeddings, at most 4096."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate a seeded sample of N examples of each "
-                                                              "record-based task (quick checks)."})
-    lm_max_bytes: int | None = field(default=None, metadata={"help": "Language modelling: score only the first N "
-                                                                     "bytes (whole characters) of each file."})
-    num_fewshot: int | None = field(default=None, metadata={"help": "Override every record-based task's num_fewshot."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Override every generation task's "
-                                                                       "max_new_tokens."})
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest token sequence fed to a model; default "
+            "its max_position_embeddings, at most 4096."
+        },
+    )
+    limit: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate a seeded sample of N examples of each record-based task (quick checks)."},
+    )
+    lm_max_bytes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Language modelling: score only the first N bytes (whole characters) of each file."
+        },
+    )
+    num_fewshot: int | None = field(
+        default=None, metadata={"help": "Override every record-based task's num_fewshot."}
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Override every generation task's max_new_tokens."}
+    )
     seed: int = field(default=1234, metadata={"help": "Seed of the few-shot draws."})
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (bfloat16 on GPU, float32 on CPU), "
-                                                          "float32, bfloat16 or float16."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
-    chat_template: bool = field(default=False, metadata={"help": "Wrap the prompts of record-based tasks in the "
-                                                                  "tokenizer's chat template (instruction-tuned models)."})
+    chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "Wrap the prompts of record-based tasks in the "
+            "tokenizer's chat template (instruction-tuned models)."
+        },
+    )
 
 
 def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
-    """Check every option, task config, data file and model folder; raise one YakError listing all problems."""
+    """Check every option, task config, data file and model folder; one YakError lists all problems."""
     problems = []
     if not args.models:
         problems.append("no model given: pass --models DIR [NAME=DIR,ADAPTER ...]")
@@ -69,7 +110,9 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"--dtype must be auto, float32, bfloat16 or float16, found {args.dtype!r}")
     if not args.tasks:
-        problems.append(f"no task given: pass --tasks with some of {', '.join(builtin_tasks())} or YAML paths")
+        problems.append(
+            f"no task given: pass --tasks with some of {', '.join(builtin_tasks())} or YAML paths"
+        )
     specs = []
     for text in args.models:
         try:
@@ -108,8 +151,11 @@ def evaluate(args: EvalArguments) -> dict:
     """
     specs, tasks = prepare(args)
     # Build every task's examples before loading a model, so data problems surface first.
-    examples = {t.name: build_examples(t, args.data_root, args.limit, args.seed) for t in tasks
-                if t.kind not in ("language_modelling", "tokenizer")}
+    examples = {
+        t.name: build_examples(t, args.data_root, args.limit, args.seed)
+        for t in tasks
+        if t.kind not in ("language_modelling", "tokenizer")
+    }
     logger.info("evaluating %s on %s", [s.name for s in specs], [t.name for t in tasks])
     results = {"models": [asdict(s) for s in specs], "tasks": {}, "results": {}, "arguments": asdict(args)}
     predictions: dict[str, dict[str, list[dict]]] = {}
@@ -197,7 +243,9 @@ def _choice(scorer: Scorer, cfg: TaskConfig, examples) -> tuple[dict, list[dict]
 
 
 def _generation(scorer: Scorer, cfg: TaskConfig, examples) -> tuple[dict, list[dict]]:
-    outputs, truncated = scorer.generate([ex.prompt for ex in examples], cfg.max_new_tokens, cfg.stop, desc=cfg.name)
+    outputs, truncated = scorer.generate(
+        [ex.prompt for ex in examples], cfg.max_new_tokens, cfg.stop, desc=cfg.name
+    )
     refs = [ex.reference for ex in examples]
     res = {}
     for m in cfg.metrics:
@@ -214,7 +262,7 @@ def _generation(scorer: Scorer, cfg: TaskConfig, examples) -> tuple[dict, list[d
 
 
 def _tokenizer_section(tokenizer, cfg: TaskConfig, args: EvalArguments) -> dict:
-    """Tokens per syllable and length reduction against Llama 2, from engineer T's yak.tokenizer.tokenizer_stats."""
+    """Tokens per syllable and length reduction against Llama 2 (``yak.tokenizer.tokenizer_stats``)."""
     from yak.tokenizer import load_tokenizer, tokenizer_stats
 
     baseline = next(p for p in cfg.baseline_tokenizer if os.path.exists(p))

@@ -29,7 +29,7 @@ class ModelSpec:
     tokenizer_path: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> ModelSpec:
         """Parse ``[NAME=]BASE[,ADAPTER1[,ADAPTER2]]`` (adapters apply in order: stage 1, CPT, SFT)."""
         name, _, paths = text.rpartition("=") if "=" in text else ("", "", text)
         parts = [p for p in paths.split(",") if p]
@@ -42,7 +42,9 @@ class ModelSpec:
         """What is missing on disk, checked before anything is loaded."""
         out = []
         if not os.path.isfile(os.path.join(self.base_model, "config.json")):
-            out.append(f"model {self.name}: {self.base_model} is not a Hugging Face model folder (no config.json)")
+            out.append(
+                f"model {self.name}: {self.base_model} is not a Hugging Face model folder (no config.json)"
+            )
         for a in self.adapters:
             if not os.path.isdir(a):
                 out.append(f"model {self.name}: adapter folder {a} does not exist")
@@ -60,7 +62,9 @@ def load_model(spec: ModelSpec, dtype: str = "auto", device: str = "auto"):
     except YakError:
         raise
     except Exception as e:  # any library error: name the model and the cause, not a long traceback
-        raise YakError(f"model {spec.name} ({spec.base_model}) could not be loaded: {type(e).__name__}: {e}") from e
+        raise YakError(
+            f"model {spec.name} ({spec.base_model}) could not be loaded: {type(e).__name__}: {e}"
+        ) from e
     model.eval()
     return model, tokenizer
 
@@ -71,16 +75,22 @@ def _load_model_and_tokenizer(spec: ModelSpec, dtype: str, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec.adapters:
-        raise YakError(f"model {spec.name}: adapters need yak.modeling.load_model_and_tokenizer, not available yet")
+        raise YakError(
+            f"model {spec.name}: adapters need yak.modeling.load_model_and_tokenizer, not available yet"
+        )
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    torch_dtype = (torch.bfloat16 if dev.startswith("cuda") else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = (
+        (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+        if dtype == "auto"
+        else getattr(torch, dtype)
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path or spec.base_model)
     model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch_dtype).to(dev)
     return model, tokenizer
 
 
 class Scorer:
-    """Scores text with one causal LM: log-likelihoods of continuations, rolling document NLL, greedy generation.
+    """Scores text with one causal LM: continuation log-likelihoods, rolling document NLL, greedy generation.
 
     Args:
         model: a causal LM in eval mode.
@@ -92,14 +102,20 @@ class Scorer:
 
     def __init__(self, model, tokenizer, max_length: int, batch_size: int = 8, chat_template: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise YakError("--chat_template: this model's tokenizer has no chat_template (tokenizer_config.json)")
         self.max_length, self.batch_size, self.chat_template = max_length, batch_size, chat_template
         self.device = next(model.parameters()).device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        )
 
-    # -- tokenisation ---------------------------------------------------------------------------------------
+    # -- tokenisation --
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
-        return self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids  # long documents are windowed
+        return self.tokenizer(
+            text, add_special_tokens=False, verbose=False
+        ).input_ids  # long documents are windowed
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt: BOS + text, or the chat-templated prompt (which brings its own BOS)."""
@@ -111,7 +127,7 @@ class Scorer:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         return bos + self.encode(prompt)
 
-    # -- scoring ----------------------------------------------------------------------------------------------
+    # -- scoring --
     @torch.no_grad()
     def score(self, requests: list[tuple[list[int], int]], desc: str = "scoring") -> list[tuple[float, bool]]:
         """Score the last ``n`` tokens of each ``(input_ids, n)`` given the tokens before them.
@@ -119,9 +135,16 @@ class Scorer:
         Returns:
             per request ``(sum of log-probabilities in nats, whether every scored token was the argmax)``.
         """
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))  # similar lengths batch together
+        order = sorted(
+            range(len(requests)), key=lambda i: -len(requests[i][0])
+        )  # similar lengths batch together
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, leave=False, disable=len(order) < 2 * self.batch_size):
+        for start in tqdm(
+            range(0, len(order), self.batch_size),
+            desc=desc,
+            leave=False,
+            disable=len(order) < 2 * self.batch_size,
+        ):
             idx = order[start : start + self.batch_size]
             width = max(len(requests[i][0]) for i in idx)
             ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
@@ -130,7 +153,9 @@ class Scorer:
                 seq = requests[i][0]
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits  # (B, T, V)
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits  # (B, T, V)
             for row, i in enumerate(idx):
                 seq, n = requests[i]
                 assert 0 < n < len(seq), "need at least one context token before the scored ones"
@@ -143,8 +168,8 @@ class Scorer:
     def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "scoring") -> tuple[list[float], int]:
         """Log-likelihood of each continuation given its context.
 
-        The continuation's tokens are those of ``context + continuation`` beyond the context's own tokens, so a
-        tokenizer that merges across the boundary is still scored on the full text. Contexts longer than
+        The continuation's tokens are those of ``context + continuation`` beyond the context's own tokens, so
+        a tokenizer that merges across the boundary is still scored on the full text. Contexts longer than
         ``max_length`` are cut on the left.
 
         Returns:
@@ -174,7 +199,9 @@ class Scorer:
             per document ``(NLL in nats, number of scored tokens)``.
         """
         if not 1 <= stride < self.max_length:
-            raise YakError(f"stride must be between 1 and max_length - 1 = {self.max_length - 1}, found {stride}")
+            raise YakError(
+                f"stride must be between 1 and max_length - 1 = {self.max_length - 1}, found {stride}"
+            )
         requests, owner = [], []
         for d, text in enumerate(texts):
             tokens = self.encode_prompt(text)  # BOS + text: the first token is predicted from BOS
@@ -191,7 +218,9 @@ class Scorer:
         return [(nll, n) for nll, n in totals]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str], desc: str = "generating") -> tuple[list[str], int]:
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, stop: list[str], desc: str = "generating"
+    ) -> tuple[list[str], int]:
         """Greedy continuations of ``prompts``, cut at the first stop string.
 
         Returns:
@@ -199,7 +228,10 @@ class Scorer:
         """
         budget = self.max_length - max_new_tokens
         if budget < 1:
-            raise YakError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in max_length={self.max_length}")
+            raise YakError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in "
+                f"max_length={self.max_length}"
+            )
         encoded, truncated = [], 0
         for p in prompts:
             ids = self.encode_prompt(p)
@@ -218,8 +250,13 @@ class Scorer:
                 ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 mask[row, width - len(encoded[i]) :] = 1
             gen = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=self.pad_id, stop_strings=stop or None, tokenizer=self.tokenizer,
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                stop_strings=stop or None,
+                tokenizer=self.tokenizer,
             )
             for row, i in enumerate(idx):
                 text = self.tokenizer.decode(gen[row, width:], skip_special_tokens=True).lstrip()

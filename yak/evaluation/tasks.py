@@ -52,7 +52,7 @@ _SEGMENTED_SPACE = re.compile(r"(?<=[\u0f40-\u0fbc]) +(?=[\u0f40-\u0fbc])")
 
 
 def rejoin_tsheg(text: str) -> str:
-    """Turn syllable-segmented Tibetan (``བྲག ཡེར པ``) back into running text (``བྲག་ཡེར་པ``).
+    """Turn syllable-segmented Tibetan (``བྲག ཡེར པ``) into running text (``བྲག་ཡེར་པ``).
 
     TNCC-style data drops the tsheg and separates syllables by spaces; models are trained on text with the
     tsheg, so scoring the segmented form measures the segmentation more than the model.
@@ -186,7 +186,9 @@ def _check(cfg: TaskConfig, data_root: str) -> list[str]:
             try:
                 from yak.tokenizer import tokenizer_stats  # noqa: F401  (engineer T's statistics)
             except ImportError:
-                problems.append("the tokenizer section needs yak.tokenizer.tokenizer_stats, not in this installation")
+                problems.append(
+                    "the tokenizer section needs yak.tokenizer.tokenizer_stats, not in this installation"
+                )
         return problems
     for key in ("test",) + (("fewshot",) if cfg.num_fewshot > 0 and cfg.fewshot else ()):
         p = _resolve(getattr(cfg, key), data_root)
@@ -218,7 +220,9 @@ def _check(cfg: TaskConfig, data_root: str) -> list[str]:
             problems.append("'reference_field' is empty")
         bad = [m for m in cfg.metrics if m not in GENERATION_METRICS]
         if not cfg.metrics or bad:
-            problems.append(f"metrics must be a non-empty list of {', '.join(GENERATION_METRICS)}, found {cfg.metrics}")
+            problems.append(
+                f"metrics must be a non-empty list of {', '.join(GENERATION_METRICS)}, found {cfg.metrics}"
+            )
         if cfg.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, found {cfg.max_new_tokens}")
     if problems:
@@ -266,7 +270,9 @@ def _check_records(cfg: TaskConfig, path: str) -> list[str]:
     for i, rec in enumerate(records, 1):
         missing = sorted(need - rec.keys())
         if missing:
-            problems.append(f"{path}: record {i} lacks field(s) {', '.join(missing)} (has {', '.join(sorted(rec))})")
+            problems.append(
+                f"{path}: record {i} lacks field(s) {', '.join(missing)} (has {', '.join(sorted(rec))})"
+            )
         elif cfg.kind == "classification" and str(rec[cfg.label_field]) not in _verbalizers(cfg):
             problems.append(f"{path}: record {i} has label {rec[cfg.label_field]!r}, not among 'choices'")
         if len(problems) >= 5:
@@ -283,7 +289,7 @@ _OPTION_LINE = re.compile(r"^\s*([A-Z])[\s.．:：、)]\s*(.*?)\s*$")
 
 
 def split_options(text: str, letters: list[str]) -> tuple[str, list[str]] | None:
-    """Split ``question\\nA ...\\nB ...`` into the question and its options; None if the letters are not all there.
+    """Split ``question\\nA ...\\nB ...`` into question and options; None unless every letter is there.
 
     Ti-MMLU stores question and options in one string, one ``A``/``B``/``C``/``D`` line per option.
     """
@@ -301,11 +307,19 @@ def split_options(text: str, letters: list[str]) -> tuple[str, list[str]] | None
     return "\n".join(question).strip(), [options[k] for k in letters]
 
 
-def build_examples(cfg: TaskConfig, data_root: str = DEFAULT_DATA_ROOT, limit: int | None = None, seed: int = 1234):
+def build_examples(
+    cfg: TaskConfig, data_root: str = DEFAULT_DATA_ROOT, limit: int | None = None, seed: int = 1234
+):
     """Format a record-based task into :class:`Example`s, with few-shot demonstrations where asked.
 
-    ``limit`` keeps a seeded sample of that many records. Few-shot examples are drawn per item with a seeded RNG (same draws on every run and batch size) from the
-    ``fewshot`` file, or from the test file itself minus the item (a dev pool, as for Ti-MMLU).
+    Few-shot examples are drawn per item with a seeded RNG (the same draws on every run and batch size) from
+    the ``fewshot`` file, or from the test file itself minus the item (a dev pool, as for Ti-MMLU).
+
+    Args:
+        cfg: a checked task config.
+        data_root: what ``{data_root}`` in its paths stands for.
+        limit: keep a seeded sample of this many records (order kept).
+        seed: seed of the sample and the few-shot draws.
 
     Returns:
         ``(examples, skipped)``: the examples and the number of records left out because their options could
@@ -320,21 +334,28 @@ def build_examples(cfg: TaskConfig, data_root: str = DEFAULT_DATA_ROOT, limit: i
     items = [(i, _format(cfg, r)) for i, r in enumerate(test)]
     skipped = sum(ex is None for _, ex in items)
     if skipped:
-        logger.warning("%s: %d of %d records skipped (options not in the expected layout)", cfg.name, skipped, len(test))
+        logger.warning(
+            "%s: %d of %d records skipped (options not in the expected layout)", cfg.name, skipped, len(test)
+        )
     items = [(i, ex) for i, ex in items if ex is not None]
     if limit and limit < len(items):  # a seeded sample in file order: files sorted by label stay balanced
         keep = set(random.Random(f"{seed}-{cfg.name}-limit").sample(range(len(items)), limit))
         items = [it for k, it in enumerate(items) if k in keep]
     usable = [j for j, ex in enumerate(formatted_pool) if ex is not None]
     if cfg.num_fewshot > len(usable) - int(same_pool):
-        raise YakError(f"task {cfg.name}: num_fewshot={cfg.num_fewshot} but the few-shot pool {pool_path} has {len(usable)} usable records")
+        raise YakError(
+            f"task {cfg.name}: num_fewshot={cfg.num_fewshot} but the few-shot pool {pool_path} has "
+            f"{len(usable)} usable records"
+        )
     examples = []
     for i, ex in items:
         if cfg.num_fewshot:
             rng = random.Random(f"{seed}-{cfg.name}-{i}")
             candidates = [j for j in usable if not (same_pool and j == i)]
             shots = [formatted_pool[j] for j in rng.sample(candidates, cfg.num_fewshot)]
-            demos = [s.prompt + (s.continuations[s.gold] if s.continuations else " " + s.reference) for s in shots]
+            demos = [
+                s.prompt + (s.continuations[s.gold] if s.continuations else " " + s.reference) for s in shots
+            ]
             ex.prompt = cfg.fewshot_separator.join(demos + [ex.prompt])
         examples.append(ex)
     return examples, skipped
@@ -350,7 +371,7 @@ def _normalize(cfg: TaskConfig, rec: dict) -> dict:
 
 def _format(cfg: TaskConfig, rec: dict) -> Example | None:
     """One record as an Example (prompt without shots); None when its options cannot be parsed."""
-    fmt = {k: v for k, v in rec.items()}
+    fmt = dict(rec)
     if cfg.kind == "classification":
         verb = _verbalizers(cfg)
         labels = list(verb)
@@ -366,14 +387,23 @@ def _format(cfg: TaskConfig, rec: dict) -> Example | None:
             if parsed is None:
                 return None
             question, options = parsed
-        answer = rec[cfg.answer_field]
-        gold = answer if isinstance(answer, int) else cfg.letters.index(str(answer).strip()) if str(answer).strip() in cfg.letters else None
-        if gold is None or not 0 <= gold < len(options):
+        gold = _answer_index(rec[cfg.answer_field], cfg.letters)
+        if gold is None:
             return None
         fmt.update(question=question, options="\n".join(f"{k}. {o}" for k, o in zip(cfg.letters, options)))
         shown = cfg.letters if cfg.scoring == "letter" else options
-        return Example(cfg.prompt.format(**fmt), [cfg.target.format(choice=c) for c in shown], gold, record=rec)
+        return Example(
+            cfg.prompt.format(**fmt), [cfg.target.format(choice=c) for c in shown], gold, record=rec
+        )
     return Example(cfg.prompt.format(**fmt), reference=str(rec[cfg.reference_field]), record=rec)
+
+
+def _answer_index(answer, letters: list[str]) -> int | None:
+    """The option index of an answer given as a letter (``"B"``) or an index (``1``); None if neither."""
+    if isinstance(answer, int):
+        return answer if 0 <= answer < len(letters) else None
+    answer = str(answer).strip()
+    return letters.index(answer) if answer in letters else None
 
 
 def lm_files(cfg: TaskConfig, data_root: str = DEFAULT_DATA_ROOT) -> list[str]:
