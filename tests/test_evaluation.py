@@ -242,6 +242,23 @@ def test_two_models_side_by_side(tmp_path, tiny_model_dir):
     )
 
 
+def test_base_model_with_a_stage1_adapter(tmp_path, tiny_model_dir):
+    from yak.modeling import load_base_model, load_tokenizer, resize_and_init_embeddings, save_embeddings
+
+    merged = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"
+    model = load_base_model(tiny_model_dir, device="cpu")
+    tokenizer = load_tokenizer(merged)
+    resize_and_init_embeddings(model, tokenizer, load_tokenizer(tiny_model_dir))
+    save_embeddings(model, tmp_path / "stage1", str(tiny_model_dir))
+    tokenizer.save_pretrained(tmp_path / "stage1")
+    res = evaluate(_args(tmp_path, [tiny_model_dir, f"bo={tiny_model_dir},{tmp_path / 'stage1'}"], ["heldout"]))
+    key = "bo_modern_nanhai_deseg_heldout/tokens_per_byte"
+    assert res["results"]["stories260K"]["heldout"][key] == pytest.approx(1.0, abs=0.01)  # byte fallback
+    assert res["results"]["bo"]["heldout"][key] < 0.5  # the merged tokenizer's Tibetan pieces
+    with pytest.raises(YakError, match="model bad: adapter folder .*nowhere does not exist"):
+        prepare(_args(tmp_path, [f"bad={tiny_model_dir},{tmp_path / 'nowhere'}"], ["heldout"]))
+
+
 def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
     from yak.template import LLAMA2_CHAT_TEMPLATE
 

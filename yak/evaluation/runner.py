@@ -85,7 +85,7 @@ class EvalArguments:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."
+            "help": "Model dtype: auto (the checkpoint's own), float32, bfloat16 or float16."
         },
     )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from yak import YakError
+from yak.modeling import adapter_kind, load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,10 @@ class ModelSpec:
                 f"model {self.name}: {self.base_model} is not a Hugging Face model folder (no config.json)"
             )
         for a in self.adapters:
-            if not os.path.isdir(a):
-                out.append(f"model {self.name}: adapter folder {a} does not exist")
+            try:
+                adapter_kind(a)
+            except YakError as e:
+                out.append(f"model {self.name}: {e}")
         return out
 
 
@@ -58,34 +61,16 @@ def load_model(spec: ModelSpec, dtype: str = "auto", device: str = "auto"):
         ``(model, tokenizer)``.
     """
     try:
-        model, tokenizer = _load_model_and_tokenizer(spec, dtype, device)
-    except YakError:
-        raise
+        model, tokenizer = load_model_and_tokenizer(
+            spec.base_model, spec.adapters, spec.tokenizer_path, dtype=dtype, device=device
+        )
+    except YakError as e:
+        raise YakError(f"model {spec.name}: {e}") from e
     except Exception as e:  # any library error: name the model and the cause, not a long traceback
         raise YakError(
             f"model {spec.name} ({spec.base_model}) could not be loaded: {type(e).__name__}: {e}"
         ) from e
     model.eval()
-    return model, tokenizer
-
-
-def _load_model_and_tokenizer(spec: ModelSpec, dtype: str, device: str):
-    # The toolkit's loader (yak.modeling, engineer M) handles stage-1 embeddings and resized vocabularies;
-    # until it lands, plain Hugging Face folders load here directly.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if spec.adapters:
-        raise YakError(
-            f"model {spec.name}: adapters need yak.modeling.load_model_and_tokenizer, not available yet"
-        )
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    torch_dtype = (
-        (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
-        if dtype == "auto"
-        else getattr(torch, dtype)
-    )
-    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path or spec.base_model)
-    model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch_dtype).to(dev)
     return model, tokenizer
 
 
