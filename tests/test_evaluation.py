@@ -251,7 +251,9 @@ def test_base_model_with_a_stage1_adapter(tmp_path, tiny_model_dir):
     resize_and_init_embeddings(model, tokenizer, load_tokenizer(tiny_model_dir))
     save_embeddings(model, tmp_path / "stage1", str(tiny_model_dir))
     tokenizer.save_pretrained(tmp_path / "stage1")
-    res = evaluate(_args(tmp_path, [tiny_model_dir, f"bo={tiny_model_dir},{tmp_path / 'stage1'}"], ["heldout"]))
+    res = evaluate(
+        _args(tmp_path, [tiny_model_dir, f"bo={tiny_model_dir},{tmp_path / 'stage1'}"], ["heldout"])
+    )
     key = "bo_modern_nanhai_deseg_heldout/tokens_per_byte"
     assert res["results"]["stories260K"]["heldout"][key] == pytest.approx(1.0, abs=0.01)  # byte fallback
     assert res["results"]["bo"]["heldout"][key] < 0.5  # the merged tokenizer's Tibetan pieces
@@ -276,8 +278,17 @@ def test_tokenizer_section(tmp_path, tiny_model_dir):
 
     if not hasattr(tk, "tokenizer_stats"):
         pytest.skip("yak.tokenizer.tokenizer_stats not merged yet")
-    res = evaluate(_args(tmp_path, [tiny_model_dir], ["tokenizer"]))
-    assert res["results"]["stories260K"]["tokenizer"]
+    res = evaluate(_args(tmp_path, [tiny_model_dir], ["tokenizer"]))["results"]["stories260K"]["tokenizer"]
+    for stem in ("bo_classical_kangyur_vol078_heldout", "bo_modern_nanhai_deseg_heldout"):
+        r = {k.split("/")[1]: v for k, v in res.items() if k.startswith(stem + "/")}
+        # stories260K has no Tibetan piece: one byte token per UTF-8 byte, plus the "▁" prefix of each line
+        assert r["tokens"] == r["bytes"] + r["texts"]
+        assert 4 < r["reference_tokens_per_syllable"] < 8  # Llama 2: about 5.6 (mostly byte fallback)
+        assert r["length_reduction"] == pytest.approx(1 - r["tokens"] / r["reference_tokens"])
+    assert (
+        "| tokenizer | bo_modern_nanhai_deseg_heldout/tokens_per_syllable ↓ |"
+        in (tmp_path / "out" / "results.md").read_text()
+    )
 
 
 # -- bad input --

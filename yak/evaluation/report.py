@@ -12,6 +12,7 @@ logger = logging.getLogger(__name__)
 
 # Bookkeeping numbers shown in JSON but not as table rows or bars.
 _NOT_METRICS = {"n", "truncated", "skipped", "seconds", "stride", "max_length", "chance"}
+_COUNTS = ("/texts", "/bytes", "/syllables", "/tokens", "/reference_tokens")  # tokenizer section's counts
 _LOWER_IS_BETTER = ("bits_per_byte", "bits_per_char", "tokens_per_byte", "tokens_per_syllable")
 
 
@@ -23,6 +24,7 @@ def metric_rows(results: dict) -> list[tuple[str, str]]:
             for metric, value in res.items():
                 if (
                     metric not in _NOT_METRICS
+                    and not metric.endswith(_COUNTS)
                     and isinstance(value, (int, float))
                     and (task, metric) not in rows
                 ):

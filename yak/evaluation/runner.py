@@ -84,9 +84,7 @@ class EvalArguments:
     seed: int = field(default=1234, metadata={"help": "Seed of the few-shot draws."})
     dtype: str = field(
         default="auto",
-        metadata={
-            "help": "Model dtype: auto (the checkpoint's own), float32, bfloat16 or float16."
-        },
+        metadata={"help": "Model dtype: auto (the checkpoint's own), float32, bfloat16 or float16."},
     )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
     chat_template: bool = field(
@@ -265,6 +263,11 @@ def _tokenizer_section(tokenizer, cfg: TaskConfig, args: EvalArguments) -> dict:
     """Tokens per syllable and length reduction against Llama 2 (``yak.tokenizer.tokenizer_stats``)."""
     from yak.tokenizer import load_tokenizer, tokenizer_stats
 
-    baseline = next(p for p in cfg.baseline_tokenizer if os.path.exists(p))
-    texts = [_read_text(p, args.lm_max_bytes) for p in lm_files(cfg, args.data_root)]
-    return dict(tokenizer_stats(tokenizer, texts, baseline=load_tokenizer(baseline)))
+    baseline = load_tokenizer(next(p for p in cfg.baseline_tokenizer if os.path.exists(p)))
+    res = {}
+    for path in lm_files(cfg, args.data_root):
+        lines = [line for line in _read_text(path, args.lm_max_bytes).split("\n") if line.strip()]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for key, value in tokenizer_stats(tokenizer, lines, reference=baseline).items():
+            res[f"{stem}/{key}"] = value
+    return res

@@ -88,7 +88,9 @@ class Scorer:
     def __init__(self, model, tokenizer, max_length: int, batch_size: int = 8, chat_template: bool = False):
         self.model, self.tokenizer = model, tokenizer
         if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise YakError("--chat_template: this model's tokenizer has no chat_template (tokenizer_config.json)")
+            raise YakError(
+                "--chat_template: this model's tokenizer has no chat_template (tokenizer_config.json)"
+            )
         self.max_length, self.batch_size, self.chat_template = max_length, batch_size, chat_template
         self.device = next(model.parameters()).device
         self.pad_id = (
