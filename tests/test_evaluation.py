@@ -295,10 +295,12 @@ def test_tokenizer_section(tmp_path, tiny_model_dir):
 
 
 def test_problems_are_listed_before_any_model_is_loaded(tmp_path):
+    (tmp_path / "out").mkdir()
     with pytest.raises(YakError) as e:
         prepare(_args(tmp_path, [tmp_path / "no_model"], ["no_such_task", "tncc"], data_root=str(tmp_path)))
     msg = str(e.value)
     assert "no_model" in msg and "no_such_task" in msg and "tncc-title/validation.jsonl does not exist" in msg
+    assert "out already exists" in msg
 
 
 def test_records_missing_fields_and_unknown_keys(tmp_path):

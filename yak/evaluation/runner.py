@@ -103,6 +103,11 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
         problems.append("no model given: pass --models DIR [NAME=DIR,ADAPTER ...]")
     if args.batch_size < 1:
         problems.append(f"--batch_size must be >= 1, found {args.batch_size}")
+    for opt in ("limit", "lm_max_bytes", "max_new_tokens"):
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
+            problems.append(f"--{opt} must be >= 1, found {getattr(args, opt)}")
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        problems.append(f"output folder {args.output_dir} already exists: choose another or pass --overwrite")
     if args.max_length is not None and args.max_length < 2:
         problems.append(f"--max_length must be >= 2, found {args.max_length}")
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -148,6 +153,7 @@ def evaluate(args: EvalArguments) -> dict:
         the results dictionary written to ``results.json``.
     """
     specs, tasks = prepare(args)
+    logger.info("arguments: %s", asdict(args))
     # Build every task's examples before loading a model, so data problems surface first.
     examples = {
         t.name: build_examples(t, args.data_root, args.limit, args.seed)

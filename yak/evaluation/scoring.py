@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -32,11 +33,13 @@ class ModelSpec:
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
         """Parse ``[NAME=]BASE[,ADAPTER1[,ADAPTER2]]`` (adapters apply in order: stage 1, CPT, SFT)."""
-        name, _, paths = text.rpartition("=") if "=" in text else ("", "", text)
+        name, _, paths = text.partition("=") if "=" in text else ("", "", text)
         parts = [p for p in paths.split(",") if p]
         if not parts:
             raise YakError(f"model {text!r}: expected [NAME=]BASE[,ADAPTER...]")
         name = name or os.path.basename(os.path.normpath(parts[-1]))
+        if not re.fullmatch(r"[\w.+-]+", name):  # it names a folder of predictions/
+            raise YakError(f"model name {name!r}: use letters, digits, '.', '_', '+', '-' (NAME=DIR)")
         return cls(name=name, base_model=parts[0], adapters=parts[1:])
 
     def problems(self) -> list[str]:
@@ -140,13 +143,16 @@ class Scorer:
                 seq = requests[i][0]
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
+            # Only the last `keep` positions carry scored tokens: skip the LM head elsewhere (vocab-sized).
+            keep = max(width - len(requests[i][0]) + requests[i][1] + 1 for i in idx)
             logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits  # (B, T, V)
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), logits_to_keep=keep
+            ).logits  # (B, keep, V): positions width - keep ... width - 1
             for row, i in enumerate(idx):
                 seq, n = requests[i]
                 assert 0 < n < len(seq), "need at least one context token before the scored ones"
-                pos = logits[row, len(seq) - n - 1 : len(seq) - 1].float().log_softmax(-1)  # (n, V)
+                end = len(seq) - 1 - (width - keep)
+                pos = logits[row, end - n : end].float().log_softmax(-1)  # (n, V)
                 target = torch.tensor(seq[len(seq) - n :], device=pos.device)
                 logp = pos.gather(-1, target[:, None]).squeeze(-1)
                 out[i] = (logp.sum().item(), bool((pos.argmax(-1) == target).all()))
