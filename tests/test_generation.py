@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
@@ -66,25 +64,6 @@ def test_greedy_equals_transformers_generate(engine, model_and_tokenizer, penalt
     for prompt, request in zip(prompts, requests):
         assert request.output_ids == _hf_greedy(model, prompt, 40, penalty)
         assert request.finish_reason == ("length" if len(request.output_ids) == 40 else "stop")
-
-
-def test_concurrent_requests_batch_and_match_alone(engine, model_and_tokenizer):
-    _, tokenizer = model_and_tokenizer
-    prompts = [encode_chat(tokenizer, chat_messages(f"Tell story number {i} about {s}")) for i, s in
-               enumerate(STARTS * 4)][:16]
-    alone = [engine.submit(p, GREEDY).wait().output_ids for p in prompts]
-    results: dict[int, list[int]] = {}
-
-    def client(i):
-        results[i] = engine.submit(prompts[i], GREEDY).wait().output_ids
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [results[i] for i in range(16)] == alone
-    assert engine.peak_running > 1  # they really shared decode steps
 
 
 def test_max_new_tokens_counts_only_new_tokens_and_eos_stops(model_and_tokenizer):
