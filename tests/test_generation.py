@@ -143,8 +143,9 @@ def test_cuda_graphs_decode_like_eager(tiny_model_dir, model_and_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda().eval()
     prompts = [encode_raw(tokenizer, s) for s in STARTS]
     params = SamplingParams(max_new_tokens=60, temperature=0)
-    graphs = Engine(model, [2], max_batch_size=8, max_total_tokens=256)
     eager = Engine(model, [2], max_batch_size=8, max_total_tokens=256, cuda_graphs=False)
-    assert graphs._graphs and not eager._graphs
-    assert [r.output_ids for r in graphs.generate(prompts, params)] == [
-        r.output_ids for r in eager.generate(prompts, params)]
+    expected = [r.output_ids for r in eager.generate(prompts, params)]
+    for compile_ in (False, True):
+        graphs = Engine(model, [2], max_batch_size=8, max_total_tokens=256, compile=compile_)
+        assert graphs._graphs and not eager._graphs
+        assert [r.output_ids for r in graphs.generate(prompts, params)] == expected
