@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -301,3 +302,12 @@ def test_data_arguments_parse_and_document_every_option(tmp_path):
     assert all(f.metadata.get("help") for f in DataArguments.__dataclass_fields__.values())
     with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
         parse_args([DataArguments], ["--on_decode_error", "ignore"])
+
+
+def test_bench_script_answers_help(capsys, monkeypatch):
+    import runpy
+
+    with pytest.raises(SystemExit) as e:
+        monkeypatch.setattr(sys, "argv", ["data_prep.py", "--help"])
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "bench" / "data_prep.py"), run_name="__main__")
+    assert e.value.code == 0 and "2 MB/s" in capsys.readouterr().out

@@ -45,7 +45,7 @@ ROOT_SOURCE = "."
 # Tokenization unit: one chunk is one map call; blocks do not span chunks, so at most block_size - 1 tokens
 # are dropped per chunk (under 0.1% at 1 MB). Part of the cache key because it changes the blocks.
 CHUNK_BYTES = 1 << 20
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MAX_LISTED = 20  # problems listed in one error message
 
 
@@ -289,8 +289,10 @@ class _FileScan:
     path: Path
     chunks: list[tuple[int, int]] = field(default_factory=list)
     samples: int = 0
-    undecodable: list[int] = field(default_factory=list)  # 1-based line numbers
-    bad_json: list[str] = field(default_factory=list)  # "line N: what"
+    undecodable: int = 0
+    undecodable_at: list[int] = field(default_factory=list)  # the first MAX_LISTED 1-based line numbers
+    bad_json: int = 0
+    bad_json_at: list[str] = field(default_factory=list)  # the first MAX_LISTED "line N: what"
 
 
 def _scan_file(path: Path) -> _FileScan:
@@ -302,9 +304,13 @@ def _scan_file(path: Path) -> _FileScan:
         scan.samples += len(texts)
         for i, what in problems:
             if what == "undecodable":
-                scan.undecodable.append(line_no + i)
+                scan.undecodable += 1
+                if len(scan.undecodable_at) < MAX_LISTED:
+                    scan.undecodable_at.append(line_no + i)
             else:
-                scan.bad_json.append(f"line {line_no + i}: {what}")
+                scan.bad_json += 1
+                if len(scan.bad_json_at) < MAX_LISTED:
+                    scan.bad_json_at.append(f"line {line_no + i}: {what}")
         line_no += data.count(b"\n")
     return scan
 
@@ -406,7 +412,8 @@ def _build_source(source: Source, scans: list[_FileScan], tokenizer, data_args: 
                     "source": source.name,
                     "block_size": data_args.block_size,
                     "files": [{"path": str(s.path), "bytes": s.path.stat().st_size, "samples": s.samples,
-                               "undecodable_lines": s.undecodable} for s in scans],
+                               "undecodable_lines": s.undecodable, "undecodable_at": s.undecodable_at}
+                              for s in scans],
                 })
         return len(blocks)
     finally:
@@ -461,7 +468,7 @@ def _share_tables(groups, stats, metas, block_size: int) -> str:
                 "files": len(files),
                 "MB": round(sum(f["bytes"] for f in files) / 1e6, 2),
                 "samples": sum(f["samples"] for f in files),
-                "skipped lines": sum(len(f["undecodable_lines"]) for f in files),
+                "skipped lines": sum(f["undecodable_lines"] for f in files),
                 "tokens": (n_own + n_val) * block_size,
                 "validation tokens": n_val * block_size,
                 "sampling": f"x{n_mixed / n_own:.2f}",
@@ -552,9 +559,14 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
     problems = []
     for name, file_scans in scans.items():
         for scan in file_scans:
-            problems += [f"{scan.path}: {b}" for b in scan.bad_json]
-            if data_args.on_decode_error == "stop":
-                problems += [f"{scan.path}:{n}: not valid UTF-8" for n in scan.undecodable]
+            problems += [f"{scan.path}: {b}" for b in scan.bad_json_at]
+            if scan.bad_json > len(scan.bad_json_at):
+                problems.append(f"{scan.path}: {scan.bad_json - len(scan.bad_json_at)} more lines like these")
+            if data_args.on_decode_error == "stop" and scan.undecodable:
+                problems += [f"{scan.path}:{n}: not valid UTF-8" for n in scan.undecodable_at]
+                if scan.undecodable > len(scan.undecodable_at):
+                    problems.append(f"{scan.path}: {scan.undecodable - len(scan.undecodable_at)} more lines "
+                                    "that are not UTF-8")
         if not sum(scan.samples for scan in file_scans):
             problems.append(f"source {name}: its files hold no text (only blank or unusable lines)")
     if problems:
@@ -584,10 +596,9 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
             logger.info("source %s: loaded %d blocks from cache %s", source.name, len(blocks[source.name]), entry)
         for f in metas[source.name]["files"]:
             if f["undecodable_lines"]:
-                lines = ", ".join(map(str, f["undecodable_lines"][:MAX_LISTED]))
                 logger.warning("%s: skipped %d lines that are not UTF-8 (lines %s%s)", f["path"],
-                               len(f["undecodable_lines"]), lines,
-                               ", ..." if len(f["undecodable_lines"]) > MAX_LISTED else "")
+                               f["undecodable_lines"], ", ".join(map(str, f["undecodable_at"])),
+                               ", ..." if f["undecodable_lines"] > len(f["undecodable_at"]) else "")
     counts = {name: len(b) for name, b in blocks.items()}
     train_idx, val_idx, stats = _split_and_mix(
         counts, groups, data_args.validation_split_percentage, np.random.default_rng(seed)
