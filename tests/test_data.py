@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import HELDOUT, PT_DATA
+from conftest import HELDOUT, PT_DATA, ROOT
 from yak import YakError
 from yak.cli import parse_args
 from yak.data import DataArguments, build_pretraining_datasets
 
 BLOCK = 32
+MERGED = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"  # engineer T's shipped tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +183,19 @@ def test_cache_reused_unless_tokenizer_file_or_block_size_changed(tok, corpus, t
     # a changed block size rebuilds every source
     ds = build_pretraining_datasets(tok, _args(corpus, cache, block_size=BLOCK * 2))
     assert len(_entries(cache)) == 10 and len(ds["train"][0]["input_ids"]) == BLOCK * 2
+
+
+def test_merged_tokenizer_gets_its_own_entries_and_keeps_the_shares(tok, corpus, tmp_path):
+    if not MERGED.is_dir():
+        pytest.skip(f"{MERGED} is not in this checkout")
+    merged = AutoTokenizer.from_pretrained(MERGED)
+    cache = tmp_path / "cache"
+    base = build_pretraining_datasets(tok, _args(corpus, cache))
+    ds = build_pretraining_datasets(merged, _args(corpus, cache))
+    assert len(_entries(cache)) == 6
+    assert max(max(r) for r in _ids(ds["train"])) >= len(tok)  # the new Tibetan pieces are used
+    assert len(ds["train"]) < len(base["train"]) / 2  # Tibetan needs far fewer tokens, so the mix shrinks
+    assert _shares(merged, ds["train"])["bo"] == pytest.approx(3 / 7, abs=0.03)
 
 
 def test_killed_build_leaves_no_cache_entry(tok, tmp_path):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from yak import YakError
 from yak.io import atomic_output_dir, atomic_write_json, content_hash
@@ -295,10 +296,11 @@ class _FileScan:
     bad_json_at: list[str] = field(default_factory=list)  # the first MAX_LISTED "line N: what"
 
 
-def _scan_file(path: Path) -> _FileScan:
+def _scan_file(path: Path, progress) -> _FileScan:
     """Read a file once: its line-aligned chunks, sample count and problems with line numbers."""
     scan, line_no = _FileScan(path), 1
     for start, data in _line_chunks(path):
+        progress.update(len(data))
         texts, problems = _samples(data, jsonl=path.suffix == ".jsonl")
         scan.chunks.append((start, start + len(data)))
         scan.samples += len(texts)
@@ -374,15 +376,16 @@ def _num_workers(data_args: DataArguments) -> int:
     return data_args.preprocessing_num_workers or min(os.cpu_count() or 1, 16)
 
 
-def _build_source(source: Source, scans: list[_FileScan], tokenizer, data_args: DataArguments, entry: Path) -> int:
+def _build_source(source: Source, scans: list[_FileScan], backend_json: str, eos_id: int,
+                  data_args: DataArguments, entry: Path) -> int:
     """Tokenize and group one source into the cache entry ``entry``; returns the number of blocks.
 
     The entry is written atomically (a crash leaves none); a source too short for one block gets none.
     """
     import datasets
 
-    backend_json = _backend_json(tokenizer)
-    add_eos = _encoder(backend_json).encode("a").ids[-1:] != [tokenizer.eos_token_id]
+    # Append EOS unless the tokenizer's post-processor already does.
+    add_eos = _encoder(backend_json).encode("a").ids[-1:] != [eos_id]
     chunks = [(str(s.path), a, b) for s in scans for a, b in s.chunks]
     num_proc = min(_num_workers(data_args), len(chunks))
     table = datasets.Dataset.from_dict(
@@ -397,7 +400,7 @@ def _build_source(source: Source, scans: list[_FileScan], tokenizer, data_args: 
             batch_size=1,
             remove_columns=table.column_names,
             features=features,
-            fn_kwargs={"backend_json": backend_json, "eos_id": tokenizer.eos_token_id, "add_eos": add_eos,
+            fn_kwargs={"backend_json": backend_json, "eos_id": eos_id, "add_eos": add_eos,
                        "block_size": data_args.block_size},
             num_proc=num_proc if num_proc > 1 else None,  # datasets starts a pool even for num_proc=1
             cache_file_name=str(work / "blocks.arrow"),
@@ -545,6 +548,8 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
     root = Path(data_args.dataset_dir)
     extra = {"tokenizer": tokenizer_fingerprint(tokenizer), "block_size": data_args.block_size,
              "chunk_bytes": CHUNK_BYTES, "version": CACHE_VERSION}
+    logger.info("hashing %d files (%.1f MB) for the cache keys",
+                sum(len(s.files) for s in sources), sum(f.stat().st_size for s in sources for f in s.files) / 1e6)
     entries = {
         s.name: cache / "{}-{}".format(
             re.sub(r"[^\w-]", "_", s.name),
@@ -555,7 +560,11 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
     todo = [s for s in sources if not (entries[s.name] / "meta.json").is_file()]
 
     # Check every file to build before tokenizing anything, and report all problems at once.
-    scans = {s.name: [_scan_file(f) for f in s.files] for s in todo}
+    scans = {}
+    for s in todo:
+        with tqdm(total=sum(f.stat().st_size for f in s.files), unit="B", unit_scale=True,
+                  desc=f"checking source {s.name}") as progress:
+            scans[s.name] = [_scan_file(f, progress) for f in s.files]
     problems = []
     for name, file_scans in scans.items():
         for scan in file_scans:
@@ -576,9 +585,11 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
             "to leave out undecodable lines"
         )
     short = []
+    backend_json = _backend_json(tokenizer) if todo else ""
     for source in todo:
         logger.info("building cache entry %s for source %s", entries[source.name], source.name)
-        if not _build_source(source, scans[source.name], tokenizer, data_args, entries[source.name]):
+        if not _build_source(source, scans[source.name], backend_json, tokenizer.eos_token_id, data_args,
+                             entries[source.name]):
             samples = sum(scan.samples for scan in scans[source.name])
             short.append(f"source {source.name}: {samples} samples give fewer than {data_args.block_size} tokens")
     if short:
