@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # run as a file: python bench/data_prep.py
 
 from yak.cli import parse_args, run_main, setup_logging  # noqa: E402
 
-TOKENIZERS = "models/stories260K,tokenizer/stories260K_bo/merged_tokenizer_hf,tokenizer/merged_tokenizer_hf"
+TOKENIZERS = "tokenizer/merged_tokenizer_hf,tokenizer/stories260K_bo/merged_tokenizer_hf,tokenizer/llama2,models/stories260K"
 
 
 @dataclass
@@ -60,11 +60,10 @@ def _tibetan_sample(src: Path, dest: Path, max_bytes: float) -> int:
 
 
 def _throughput(tokenizer_dir: Path, data: Path, nbytes: int, block_size: int, workers: int) -> dict:
-    from transformers import AutoTokenizer
-
     from yak.data import DataArguments, build_pretraining_datasets
+    from yak.tokenizer import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     with tempfile.TemporaryDirectory() as cache:
         args = DataArguments(dataset_dir=str(data), data_cache_dir=cache, block_size=block_size,
                              preprocessing_num_workers=workers, validation_split_percentage=0)
@@ -83,9 +82,9 @@ def _throughput(tokenizer_dir: Path, data: Path, nbytes: int, block_size: int, w
 # A training script imports datasets anyway (transformers' Trainer does): timed apart from the call.
 _SECOND_RUN = """
 import time
-from transformers import AutoTokenizer
 from yak.data import DataArguments, build_pretraining_datasets
-tok = AutoTokenizer.from_pretrained({tok!r})
+from yak.tokenizer import load_tokenizer
+tok = load_tokenizer({tok!r})
 args = DataArguments(dataset_dir={data!r}, data_cache_dir={cache!r}, block_size={bs})
 start = time.perf_counter()
 import datasets
@@ -96,11 +95,10 @@ print(imported - start, time.perf_counter() - imported)
 
 
 def _second_run(tokenizer_dir: Path, block_size: int) -> dict:
-    from transformers import AutoTokenizer
-
     from yak.data import DataArguments, build_pretraining_datasets
+    from yak.tokenizer import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     with tempfile.TemporaryDirectory() as cache:
         args = DataArguments(dataset_dir=str(ROOT / "data" / "pt"), data_cache_dir=cache, block_size=block_size)
         start = time.perf_counter()
