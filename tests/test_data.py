@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,12 +20,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import HELDOUT, PT_DATA
+from conftest import HELDOUT, PT_DATA, ROOT
 from yak import YakError
 from yak.cli import parse_args
 from yak.data import DataArguments, build_pretraining_datasets
+from yak.tokenizer import load_tokenizer
 
 BLOCK = 32
+MERGED = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"  # engineer T's shipped tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +186,17 @@ def test_cache_reused_unless_tokenizer_file_or_block_size_changed(tok, corpus, t
     assert len(_entries(cache)) == 10 and len(ds["train"][0]["input_ids"]) == BLOCK * 2
 
 
+def test_merged_tokenizer_gets_its_own_entries_and_keeps_the_shares(tok, corpus, tmp_path):
+    merged = load_tokenizer(MERGED)
+    cache = tmp_path / "cache"
+    base = build_pretraining_datasets(tok, _args(corpus, cache))
+    ds = build_pretraining_datasets(merged, _args(corpus, cache))
+    assert len(_entries(cache)) == 6
+    assert max(max(r) for r in _ids(ds["train"])) >= len(tok)  # the new Tibetan pieces are used
+    assert len(ds["train"]) < len(base["train"]) / 2  # Tibetan needs far fewer tokens, so the mix shrinks
+    assert _shares(merged, ds["train"])["bo"] == pytest.approx(3 / 7, abs=0.03)
+
+
 def test_killed_build_leaves_no_cache_entry(tok, tmp_path):
     """SIGKILL while the cache is being written: no entry appears, and the next run builds a correct one."""
     args = _args(PT_DATA, tmp_path / "cache")
@@ -301,3 +315,12 @@ def test_data_arguments_parse_and_document_every_option(tmp_path):
     assert all(f.metadata.get("help") for f in DataArguments.__dataclass_fields__.values())
     with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
         parse_args([DataArguments], ["--on_decode_error", "ignore"])
+
+
+def test_bench_script_answers_help(capsys, monkeypatch):
+    import runpy
+
+    with pytest.raises(SystemExit) as e:
+        monkeypatch.setattr(sys, "argv", ["data_prep.py", "--help"])
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "bench" / "data_prep.py"), run_name="__main__")
+    assert e.value.code == 0 and "2 MB/s" in capsys.readouterr().out
