@@ -108,33 +108,31 @@ def test_truncation_cuts_inputs_and_labels_together_and_is_logged(tok, tmp_path,
     short = {"instruction": "Say hello.", "output": "Hello."}
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [long, short] * 3))
     [full_ids], [full_labels] = tokenize_conversations(tok, [_conversation()])
-    n_short = len(
-        tokenize_conversations(
-            tok, [[{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello."}]]
-        )[0][0]
-    )
+    short_messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Say hello."},
+                      {"role": "assistant", "content": "Hello."}]  # fmt: skip
+    n_short = len(tokenize_conversations(tok, [short_messages])[0][0])
+    first_answer = next(i for i, t in enumerate(full_labels) if t != IGNORE_INDEX)
+    assert n_short < first_answer - 2
+
+    def build(max_len):
+        args = SFTDataArguments(
+            str(tmp_path), max_seq_length=max_len, validation_split_percentage=0, system_prompt=""
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="yak.sft"):
+            return build_sft_datasets(tok, args)["train"]
+
     # A length that cuts the long conversation inside its answers.
-    first_answer = full_labels.index(next(t for t in full_labels if t != IGNORE_INDEX))
-    max_len = max(first_answer + 5, n_short)
-    assert max_len < len(full_ids)
-    args = SFTDataArguments(dataset_dir=str(tmp_path), max_seq_length=max_len, validation_split_percentage=0)
-    with caplog.at_level(logging.WARNING, logger="yak.sft"):
-        ds = build_sft_datasets(tok, args)["train"]
+    ds = build(first_answer + 5)
     assert "3 of 6 conversations were longer than max_seq_length" in caplog.text
-    rows = [r for r in ds if len(r["input_ids"]) == max_len]
+    rows = [r for r in ds if len(r["input_ids"]) == first_answer + 5]
     assert len(rows) == 3 and len(ds) == 6
     for r in rows:
-        assert r["input_ids"] == full_ids[:max_len] and r["labels"] == full_labels[:max_len]
-
+        assert (
+            r["input_ids"] == full_ids[: first_answer + 5] and r["labels"] == full_labels[: first_answer + 5]
+        )
     # Cut before the first answer: those conversations are dropped (and counted), the short ones kept.
-    args = SFTDataArguments(
-        dataset_dir=str(tmp_path),
-        max_seq_length=max(first_answer - 2, n_short),
-        validation_split_percentage=0,
-    )
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="yak.sft"):
-        ds = build_sft_datasets(tok, args)["train"]
+    ds = build(first_answer - 2)
     assert len(ds) == 3 and "3 lost every answer token and were dropped" in caplog.text
 
 
