@@ -67,18 +67,16 @@ def _conversation() -> list[dict]:
     ]
 
 
-def _tokenizers(tiny_model_dir, shared_data):
+def _tokenizers(tiny_model_dir):
     yield "tiny", _tiny_tokenizer(tiny_model_dir)
-    llama2 = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "llama2")
+    llama2 = AutoTokenizer.from_pretrained(ROOT / "tokenizer" / "llama2")  # the real Llama 2 tokenizer
     llama2.chat_template = LLAMA2_CHAT_TEMPLATE
     yield "llama2", llama2
 
 
-def test_training_tokens_equal_apply_chat_template_and_labels_are_exactly_the_answers(
-    tiny_model_dir, shared_data
-):
+def test_training_tokens_equal_apply_chat_template_and_labels_are_exactly_the_answers(tiny_model_dir):
     messages = _conversation()
-    for name, tok in _tokenizers(tiny_model_dir, shared_data):
+    for name, tok in _tokenizers(tiny_model_dir):
         [ids], [labels] = tokenize_conversations(tok, [messages])
         assert ids == tok.apply_chat_template(messages)["input_ids"], name
         # Oracle by token prefixes: the prompt before each answer and the conversation through it, tokenized
