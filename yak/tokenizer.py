@@ -1,0 +1,541 @@
+"""Tokenizer stage: train a SentencePiece model on a script's text, merge it into a Llama-family BPE model,
+export matching slow (SentencePiece) and fast (Hugging Face tokenizers) files, and measure them.
+
+Why not the usual recipe (append the new pieces to Llama's ``ModelProto`` with score 0): SentencePiece BPE
+encodes by starting from characters and repeatedly merging the adjacent pair whose concatenation is a
+vocabulary piece with the highest score (ties: leftmost pair). So
+
+- an appended piece is produced only if a chain of such merges builds it. BPE pieces appended in training
+  order with strictly decreasing scores are reachable when every character they use is itself a piece;
+  every added piece is checked by encoding its text, and unreachable ones are replaced;
+- score-0 appends tie with each other, and the tokenizers-backed ("fast") conversion breaks ties
+  differently from SentencePiece ("slow"), so the two disagree on most Tibetan lines. Distinct float32
+  scores, below every base score, give one total merge order that both follow; the export checks it;
+- only pieces made of characters of the configured script (optionally with a leading ``▁``) are added, so
+  text without those characters encodes exactly as with the base tokenizer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from yak import YakError
+from yak.io import atomic_output_dir
+from yak.template import LLAMA2_CHAT_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+SP_DIR = "merged_tokenizer_sp"
+HF_DIR = "merged_tokenizer_hf"
+TIBETAN_RANGES = "0F00-0FFF"
+WORD_BOUNDARY = "▁"  # SentencePiece's escaped space
+# SentencePiece piece types (sentencepiece_model.proto: ModelProto.SentencePiece.Type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# A sentence is split after a shad (།) followed by whitespace: Tibetan documents are single long lines and
+# SentencePiece silently drops training lines longer than max_sentence_length.
+_SENTENCE_END = re.compile(r"(?<=།)\s+")
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class TokenizerArguments:
+    """Options of ``merge_tokenizer.py`` (names follow SentencePiece's trainer where they map to it)."""
+
+    corpus: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Text files or folders of *.txt files (UTF-8) in the new script, to train on."},
+    )
+    base_tokenizer: str = field(
+        default="tokenizer/llama2",
+        metadata={"help": "The base Llama-family SentencePiece BPE tokenizer: a tokenizer.model file or a "
+                          "folder holding one."},
+    )
+    output_dir: str = field(
+        default="merged_tokenizer",
+        metadata={"help": f"Output folder; receives {SP_DIR}/tokenizer.model and {HF_DIR}/."},
+    )
+    model_type: str = field(
+        default="bpe",
+        metadata={"help": "SentencePiece algorithm of the new model.", "choices": ["bpe", "unigram"]},
+    )
+    num_pieces: int = field(
+        default=20000,
+        metadata={"help": "Number of pieces to add to the base vocabulary (all of them reachable)."},
+    )
+    tibetan_sp_model: str | None = field(
+        default=None,
+        metadata={"help": "Merge this existing SentencePiece model instead of training one (then --corpus is "
+                          "used only to check the result, and may be empty)."},
+    )
+    script_ranges: str = field(
+        default=TIBETAN_RANGES,
+        metadata={"help": "Unicode ranges of the new script, e.g. '0F00-0FFF' or '0F00-0FFF,0020-0020'; only "
+                          "pieces made of these characters (plus an optional leading word boundary) are added."},
+    )
+    max_sentencepiece_length: int = field(
+        default=16, metadata={"help": "Longest piece, in characters (SentencePiece trainer option)."}
+    )
+    character_coverage: float = field(
+        default=1.0, metadata={"help": "Share of characters the new model covers (SentencePiece option)."}
+    )
+    input_sentence_size: int = field(
+        default=0, metadata={"help": "Train on at most this many sentences, sampled (0: all)."}
+    )
+    max_sentence_length: int = field(
+        default=8192,
+        metadata={"help": "Sentences longer than this many bytes are cut (at a tsheg) before training, "
+                          "instead of being dropped silently by SentencePiece."},
+    )
+    split_by_whitespace: bool = field(
+        default=True, metadata={"help": "Do not learn pieces across spaces (SentencePiece option)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for SentencePiece's sentence sampling."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+
+
+# ------------------------------------------------------------------------------------------ script ranges
+def parse_script_ranges(spec: str) -> list[tuple[int, int]]:
+    """Parse ``"0F00-0FFF,1000-109F"`` into ``[(0x0F00, 0x0FFF), (0x1000, 0x109F)]``.
+
+    Args:
+        spec: comma-separated hexadecimal code point ranges ``START-END`` (or single code points).
+    """
+    ranges = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            start, end = int(lo, 16), int(hi or lo, 16)
+        except ValueError:
+            raise YakError(f"--script_ranges: cannot read {part!r}; write hexadecimal ranges like 0F00-0FFF")
+        if not 0 <= start <= end <= 0x10FFFF:
+            raise YakError(f"--script_ranges: {part!r} is not a valid code point range")
+        ranges.append((start, end))
+    if not ranges:
+        raise YakError("--script_ranges is empty; give at least one range like 0F00-0FFF")
+    return ranges
+
+
+def in_script(text: str, ranges: Sequence[tuple[int, int]]) -> bool:
+    """True if every character of ``text`` (non-empty) lies in ``ranges``."""
+    return bool(text) and all(any(lo <= ord(c) <= hi for lo, hi in ranges) for c in text)
+
+
+def has_script(text: str, ranges: Sequence[tuple[int, int]]) -> bool:
+    """True if some character of ``text`` lies in ``ranges``."""
+    return any(any(lo <= ord(c) <= hi for lo, hi in ranges) for c in text)
+
+
+def _addable(piece: str, ranges) -> bool:
+    return in_script(piece[1:] if piece.startswith(WORD_BOUNDARY) else piece, ranges)
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+def find_corpus_files(paths: Iterable[str], option: str = "--corpus") -> list[Path]:
+    """Resolve files and folders (their ``*.txt``, recursively) and check that each is non-empty UTF-8 text.
+
+    Args:
+        paths: files or folders.
+        option: the option name used in error messages.
+
+    Raises:
+        YakError: listing every missing, empty or non-UTF-8 file.
+    """
+    files, problems = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob("*.txt"))
+            if not found:
+                problems.append(f"{p}: folder holds no .txt files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            problems.append(f"{p}: no such file or folder")
+    for f in files:
+        data = f.read_bytes()
+        if not data.strip():
+            problems.append(f"{f}: file is empty")
+            continue
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            problems.append(f"{f}: not UTF-8 (byte {e.start}, line {line}: {e.reason}); convert it to UTF-8")
+    if not paths:
+        problems.append("no files given")
+    if problems:
+        raise YakError(f"{option}: " + "; ".join(problems))
+    return files
+
+
+def iter_sentences(files: Iterable[Path], max_bytes: int = 8192) -> Iterator[str]:
+    """Yield training sentences: lines split after a shad + whitespace, long ones cut at a tsheg or space.
+
+    Args:
+        files: UTF-8 text files.
+        max_bytes: cut sentences longer than this (UTF-8 bytes) so that SentencePiece keeps them.
+    """
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                for sent in _SENTENCE_END.split(line.strip()):
+                    while len(sent.encode()) > max_bytes:
+                        head = sent.encode()[:max_bytes].decode("utf-8", "ignore")
+                        cut = max(head.rfind("་"), head.rfind(" "))
+                        cut = cut + 1 if cut > 0 else len(head)
+                        yield sent[:cut]
+                        sent = sent[cut:].lstrip()
+                    if sent:
+                        yield sent
+
+
+# ------------------------------------------------------------------------------------ SentencePiece models
+def _model_proto():
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2.ModelProto()
+
+
+def load_sp_model(path: str | os.PathLike, option: str = "--base_tokenizer"):
+    """Read a SentencePiece ``ModelProto`` from ``tokenizer.model`` or a folder holding one.
+
+    Args:
+        path: the file or folder.
+        option: the option name used in error messages.
+    """
+    from google.protobuf.message import DecodeError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.model"
+    if not p.is_file():
+        raise YakError(f"{option}: {p} does not exist; give a SentencePiece tokenizer.model or its folder")
+    proto = _model_proto()
+    try:
+        proto.ParseFromString(p.read_bytes())
+    except DecodeError:
+        proto.Clear()
+    if not proto.pieces:
+        raise YakError(f"{option}: {p} is not a SentencePiece model (it holds no pieces)")
+    return proto
+
+
+def train_sentencepiece(files: Sequence[Path], args: TokenizerArguments, vocab_size: int):
+    """Train a SentencePiece model of ``args.model_type`` on the sentences of ``files``.
+
+    Args:
+        files: UTF-8 text files.
+        args: the trainer options.
+        vocab_size: the model's vocabulary size.
+
+    Returns:
+        The trained ``ModelProto``.
+    """
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    options = dict(
+        model_type=args.model_type,
+        vocab_size=vocab_size,
+        character_coverage=args.character_coverage,
+        max_sentencepiece_length=args.max_sentencepiece_length,
+        max_sentence_length=args.max_sentence_length,
+        input_sentence_size=args.input_sentence_size,
+        shuffle_input_sentence=True,
+        split_by_whitespace=args.split_by_whitespace,
+        seed_sentencepiece_size=1_000_000,
+        num_threads=os.cpu_count() or 1,
+        bos_id=-1,
+        eos_id=-1,
+        minloglevel=2,
+    )
+    spm.set_random_generator_seed(args.seed)
+    logger.info("training a %s model with %d pieces on %d files", args.model_type, vocab_size, len(files))
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter_sentences(files, args.max_sentence_length), model_writer=buf, **options
+        )
+    except RuntimeError as e:
+        if "Vocabulary size" in str(e):
+            raise YakError(f"--num_pieces {args.num_pieces}: the corpus cannot support that many "
+                           f"{args.model_type} pieces ({e}); ask for fewer or give more text")
+        raise
+    proto = _model_proto()
+    proto.ParseFromString(buf.getvalue())
+    return proto
+
+
+# -------------------------------------------------------------------------------------------------- merge
+def _processor(proto, add_dummy_prefix: bool | None = None):
+    import sentencepiece as spm
+
+    if add_dummy_prefix is not None and proto.normalizer_spec.add_dummy_prefix != add_dummy_prefix:
+        proto = type(proto).FromString(proto.SerializeToString())
+        proto.normalizer_spec.add_dummy_prefix = add_dummy_prefix
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def unreachable_pieces(proto, pieces: Sequence[str]) -> list[str]:
+    """Return the pieces of ``pieces`` that the model ``proto`` does not produce from their own text.
+
+    A piece ``▁x`` must encode from ``x`` (the dummy prefix supplies the boundary); a piece ``x`` from ``x``
+    with no dummy prefix.
+
+    Args:
+        proto: a SentencePiece ``ModelProto``.
+        pieces: pieces of ``proto`` to check.
+    """
+    with_prefix, without_prefix = _processor(proto, True), _processor(proto, False)
+    bad = []
+    for piece in pieces:
+        if piece.startswith(WORD_BOUNDARY):
+            got = with_prefix.encode(piece[1:], out_type=str)
+        else:
+            got = without_prefix.encode(piece, out_type=str)
+        if got != [piece]:
+            bad.append(piece)
+    return bad
+
+
+def _candidates(source, base_pieces: set[str], ranges) -> list[str]:
+    """The source model's addable pieces, its characters first, then by decreasing score (= BPE order)."""
+    normal = [p for p in source.pieces if p.type in (NORMAL, USER_DEFINED) and _addable(p.piece, ranges)]
+    normal.sort(key=lambda p: -p.score)  # stable: keeps BPE training order
+    chars = sorted({c for p in normal for c in p.piece if c != WORD_BOUNDARY})
+    out, seen = [], set(base_pieces)
+    for piece in chars + [p.piece for p in normal]:
+        if piece not in seen:
+            seen.add(piece)
+            out.append(piece)
+    return out
+
+
+def merge_pieces(base, source, num_pieces: int, ranges) -> tuple[object, list[str], int]:
+    """Append up to ``num_pieces`` reachable pieces of ``source`` to a copy of ``base``.
+
+    The characters of the added pieces come first, then the pieces in ``source``'s score order; each gets a
+    distinct float32 score below every base score. Pieces whose own text does not encode to them are
+    dropped and the next candidates are taken, until ``num_pieces`` reachable pieces are in.
+
+    Args:
+        base: the base ``ModelProto`` (SentencePiece BPE).
+        source: the new script's ``ModelProto`` (BPE or Unigram).
+        num_pieces: how many pieces to add.
+        ranges: the script's code point ranges.
+
+    Returns:
+        ``(merged ModelProto, added pieces, number of candidates dropped as unreachable)``.
+    """
+    pool = _candidates(source, {p.piece for p in base.pieces}, ranges)
+    floor = np.float32(min(p.score for p in base.pieces))
+    chosen, dropped, next_candidate = [], set(), 0
+    while True:
+        while len(chosen) < num_pieces and next_candidate < len(pool):
+            chosen.append(pool[next_candidate])
+            next_candidate += 1
+        merged = type(base).FromString(base.SerializeToString())
+        score = floor
+        for piece in chosen:
+            score = np.nextafter(score, np.float32(-np.inf), dtype=np.float32)
+            merged.pieces.add(piece=piece, score=float(score), type=NORMAL)
+        bad = set(unreachable_pieces(merged, chosen))
+        if not bad:
+            return merged, chosen, len(dropped)
+        dropped |= bad
+        chosen = [p for p in chosen if p not in bad]
+
+
+# ------------------------------------------------------------------------------------------------- export
+def build_fast_tokenizer(sp_model_file: str | os.PathLike):
+    """Build the tokenizers-backed equivalent of a Llama-family SentencePiece BPE model.
+
+    The layout is that of Meta's Llama 2 ``tokenizer.json`` on the Hugging Face Hub: BPE with byte fallback
+    and merges ordered by piece score (transformers' ``SentencePieceExtractor``), a normalizer that prepends
+    ``▁`` and turns spaces into ``▁`` (SentencePiece's ``add_dummy_prefix``, which adds ``▁`` even before
+    leading spaces), Llama's decoder, and ``<s>`` added by the post-processor. transformers 5's own
+    ``LlamaTokenizer`` rebuilds a Metaspace pipeline that skips the dummy prefix before a leading space, so
+    it would disagree with SentencePiece on such lines.
+
+    Args:
+        sp_model_file: the ``tokenizer.model`` file.
+
+    Returns:
+        A ``tokenizers.Tokenizer``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
+
+    vocab, _, merges = SentencePieceExtractor(str(sp_model_file)).extract()
+    tok = Tokenizer(BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(WORD_BOUNDARY),
+                                           normalizers.Replace(" ", WORD_BOUNDARY)])
+    tok.decoder = decoders.Sequence([decoders.Replace(WORD_BOUNDARY, " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return tok
+
+
+def export_tokenizer(proto, out_dir: Path, model_max_length: int | None = None) -> None:
+    """Write ``out_dir/merged_tokenizer_sp/tokenizer.model`` and ``out_dir/merged_tokenizer_hf/``.
+
+    ``merged_tokenizer_hf/`` holds ``tokenizer.model``, ``tokenizer.json`` (see :func:`build_fast_tokenizer`),
+    ``tokenizer_config.json`` with the toolkit's Llama 2 chat template, and ``special_tokens_map.json``.
+
+    Args:
+        proto: the merged ``ModelProto``.
+        out_dir: an existing empty folder.
+        model_max_length: the base model's context length, if known.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if proto.normalizer_spec.remove_extra_whitespaces:
+        # transformers' Llama tokenizers never collapse spaces; keep the slow model in step with them.
+        logger.warning("the base tokenizer collapses runs of spaces; the merged one keeps them, as "
+                       "transformers' Llama tokenizers do")
+        proto = type(proto).FromString(proto.SerializeToString())
+        proto.normalizer_spec.remove_extra_whitespaces = False
+    data = proto.SerializeToString()
+    (out_dir / SP_DIR).mkdir()
+    (out_dir / SP_DIR / "tokenizer.model").write_bytes(data)
+    hf = out_dir / HF_DIR
+    hf.mkdir()
+    (hf / "tokenizer.model").write_bytes(data)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=build_fast_tokenizer(hf / "tokenizer.model"),
+        chat_template=LLAMA2_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        **({"model_max_length": model_max_length} if model_max_length else {}),
+        **special,
+    )
+    fast.save_pretrained(hf, save_jinja_files=False)
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    # "add_bos_token" documents what the post-processor does, for readers of the config.
+    # PreTrainedTokenizerFast (= TokenizersBackend in transformers 5) loads tokenizer.json as it is, in
+    # transformers 4 and 5, vLLM and TGI alike.
+    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False, pad_token=None)
+    (hf / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    (hf / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a tokenizer folder with ``AutoTokenizer`` (tokenizers-backed, "fast").
+
+    Args:
+        path: a Hugging Face tokenizer folder, or a ``merge_tokenizer.py`` output folder (its
+            ``merged_tokenizer_hf/`` is used).
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if (p / HF_DIR).is_dir():
+        p = p / HF_DIR
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer.model").is_file():
+        found = sorted(x.name for x in p.iterdir()) if p.is_dir() else "nothing (no such folder)"
+        raise YakError(f"tokenizer {path}: no tokenizer.json or tokenizer.model there (found: {found})")
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def load_slow_tokenizer(path: str | os.PathLike):
+    """Load the SentencePiece ("slow") processor of a tokenizer folder or ``tokenizer.model`` file.
+
+    Args:
+        path: ``tokenizer.model``, a folder holding it, or a ``merge_tokenizer.py`` output folder.
+    """
+    p = Path(path)
+    if (p / SP_DIR).is_dir():
+        p = p / SP_DIR
+    return _processor(load_sp_model(p, option="tokenizer"))
+
+
+def mismatching_lines(slow, fast, lines: Iterable[str]) -> list[str]:
+    """Lines on which the fast tokenizer's ids (no special tokens) differ from SentencePiece's.
+
+    Args:
+        slow: a ``sentencepiece.SentencePieceProcessor``.
+        fast: a transformers tokenizer.
+        lines: texts to compare.
+    """
+    return [x for x in lines if slow.encode(x) != fast.encode(x, add_special_tokens=False)]
+
+
+def build_merged_tokenizer(args: TokenizerArguments) -> dict:
+    """Train (or read) the new script's model, merge it into the base, check it, and export it.
+
+    Args:
+        args: the options (see :class:`TokenizerArguments`).
+
+    Returns:
+        A summary: sizes, number of added and dropped pieces, the output paths.
+    """
+    ranges = parse_script_ranges(args.script_ranges)
+    problems = []
+    if args.num_pieces < 1:
+        problems.append(f"--num_pieces must be at least 1 (got {args.num_pieces})")
+    if Path(args.output_dir).exists() and not args.overwrite:
+        problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
+    if args.tibetan_sp_model is None and not args.corpus:
+        problems.append("--corpus is required to train a model (or give --tibetan_sp_model)")
+    try:
+        files = find_corpus_files(args.corpus) if args.corpus else []
+    except YakError as e:
+        problems.append(str(e))
+        files = []
+    base = None
+    try:
+        base = load_sp_model(args.base_tokenizer)
+        if base.trainer_spec.model_type != 2:  # BPE
+            problems.append(f"--base_tokenizer {args.base_tokenizer}: not a BPE SentencePiece model; the merge "
+                            "needs a Llama-family (BPE) base")
+    except YakError as e:
+        problems.append(str(e))
+    source = None
+    if args.tibetan_sp_model is not None:
+        try:
+            source = load_sp_model(args.tibetan_sp_model, option="--tibetan_sp_model")
+        except YakError as e:
+            problems.append(str(e))
+    if problems:
+        raise YakError("; ".join(problems))
+
+    if source is None:
+        # Ask for a little more than needed: pieces outside the script or already in the base are skipped.
+        source = train_sentencepiece(files, args, vocab_size=int(args.num_pieces * 1.05) + 100)
+    merged, added, dropped = merge_pieces(base, source, args.num_pieces, ranges)
+    if len(added) < args.num_pieces:
+        raise YakError(f"--num_pieces {args.num_pieces}: only {len(added)} reachable pieces of the script "
+                       f"{args.script_ranges} are available from the new model; ask for at most {len(added)}")
+    base_config_path = Path(args.base_tokenizer) / "tokenizer_config.json"
+    base_config = json.loads(base_config_path.read_text()) if base_config_path.is_file() else {}
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        export_tokenizer(merged, tmp, base_config.get("model_max_length"))
+        # The export must be exact: compare fast with slow on a sample of the corpus.
+        sample = [s for _, s in zip(range(3000), iter_sentences(files, args.max_sentence_length))]
+        bad = mismatching_lines(load_slow_tokenizer(tmp), load_tokenizer(tmp), sample)
+        if bad:
+            raise RuntimeError(f"fast and slow tokenizers disagree on {len(bad)} of {len(sample)} sentences, "
+                               f"e.g. {bad[0]!r}")
+    summary = {
+        "base_pieces": len(base.pieces),
+        "added_pieces": len(added),
+        "dropped_unreachable": dropped,
+        "vocab_size": len(merged.pieces),
+        "model_type": args.model_type if args.tibetan_sp_model is None else "given",
+        "output_dir": str(args.output_dir),
+    }
+    logger.info("merged tokenizer: %s", summary)
+    return summary
