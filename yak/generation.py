@@ -430,9 +430,19 @@ class Engine:
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         # transformers 5.24 renamed the forward argument past_key_values to cache; 5.17 has only the old name.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        single_device = len(set(getattr(model, "hf_device_map", {"": self.device}).values())) <= 1
+        use_graphs = cuda_graphs and self.device.type == "cuda" and single_device
+        compile = compile and use_graphs
         # Like the column index below, the cache has one position more than ever used: then no length bucket
         # spans a whole dimension, and a compiled step is not specialised (recompiled) for the full-length one.
         self.cache = _SlotCache(model.config.num_hidden_layers, max_batch_size, self.max_total_tokens + 1)
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        cache_bytes = 2 * cfg.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize * max_batch_size * (
+            self.max_total_tokens + 1)
+        logger.info("KV cache: %d slots x %d tokens = %.2f GB (lower --max_batch_size or --max_total_tokens to "
+                    "use less)", max_batch_size, self.max_total_tokens, cache_bytes / 1e9)
         # torch.compile specialises size-1 dimensions, so a compiled engine decodes at least two rows (the
         # second idle) and compiles once for every batch size; the weights are read once either way.
         self._batch_buckets = _buckets(max_batch_size, 2 if compile and max_batch_size > 1 else 1)
@@ -446,11 +456,9 @@ class Engine:
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.tokens_generated = 0
         self.peak_running = 0  # most requests ever decoded in one step
         self._step_fn = self._decode_core
-        single_device = len(set(getattr(model, "hf_device_map", {"": self.device}).values())) <= 1
-        if cuda_graphs and self.device.type == "cuda" and single_device:
+        if use_graphs:
             with torch.inference_mode():
                 self._prefill([0], [[0]])  # allocates the cache outside any compiled or captured region
             if compile:
@@ -622,7 +630,6 @@ class Engine:
             reason = "stop"
         else:
             request._emit(token)
-            self.tokens_generated += 1
             self._seen[slot, s.pos] = token
             s.token = token
             reason = "length" if len(request.output_ids) >= request.params.max_new_tokens else None
