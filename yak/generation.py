@@ -126,7 +126,7 @@ class GenerationArguments:
                   "minutes more start-up for a 7B model."},
     )
 
-    def build_engine(self, model, tokenizer, max_queue: int = 1024) -> "Engine":
+    def build_engine(self, model, tokenizer, max_queue: int | None = None) -> "Engine":
         """Start an :class:`Engine` for ``model`` with these capacity settings."""
         return Engine(model, stop_token_ids(model, tokenizer), max_batch_size=self.max_batch_size,
                       max_total_tokens=self.max_total_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
@@ -413,12 +413,13 @@ class Engine:
         compile: with ``cuda_graphs``, first compile the decode step with ``torch.compile`` (fuses the small
             element-wise kernels: decoding about 1.3x faster, about 3 minutes more start-up for a 7B model).
         prefill_tokens: prompt tokens (padded) prefilled together in one forward at most.
-        max_queue: requests waiting at most; :meth:`submit` raises :class:`EngineFull` beyond.
+        max_queue: requests waiting at most (``None``: no limit); :meth:`submit` raises :class:`EngineFull`
+            beyond.
     """
 
     def __init__(self, model, eos_token_ids: Sequence[int], max_batch_size: int = 16,
                  max_total_tokens: int = 2048, cuda_graphs: bool = True, compile: bool = False,
-                 max_queue: int = 1024, prefill_tokens: int = 8192):
+                 max_queue: int | None = None, prefill_tokens: int = 8192):
         model_limit = getattr(model.config, "max_position_embeddings", None) or max_total_tokens
         self.max_total_tokens = min(max_total_tokens, model_limit)
         self.max_batch_size = max_batch_size
@@ -488,7 +489,7 @@ class Engine:
             raise ValueError("; ".join(problems))
         request = Request(prompt_ids, params, streamer)
         with self._cv:
-            if len(self._queue) >= self.max_queue:
+            if self.max_queue is not None and len(self._queue) >= self.max_queue:
                 raise EngineFull(f"{len(self._queue)} requests are waiting; try again later")
             self._queue.append(request)
             self._cv.notify()
