@@ -271,6 +271,25 @@ def test_undecodable_lines_skipped_and_counted(tok, tmp_path, caplog):
     assert "skipped 1 lines" in caplog.text
 
 
+def test_files_longer_than_a_chunk(tok, tmp_path, monkeypatch, caplog):
+    """Chunk boundaries neither lose, split nor repeat a line, and line numbers run on across chunks."""
+    import yak.data
+
+    monkeypatch.setattr(yak.data, "CHUNK_BYTES", 2048)  # the 18 kB file below spans 9 chunks
+    lines = _lines("en/austen_pride_and_prejudice.txt", 300)
+    raw = "\n".join(lines).encode().split(b"\n")
+    raw.insert(200, b"caf\xe9 au lait")
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "a.txt").write_bytes(b"\n".join(raw))
+    # blocks of one token keep every token, so a split line would show as an extra BOS and EOS
+    ds = build_pretraining_datasets(tok, _args(tmp_path / "pt", tmp_path / "c", block_size=1, mix="none",
+                                               validation_split_percentage=0))
+    expected = Counter(i for line in lines if line.strip()
+                       for i in tok(line, split_special_tokens=True)["input_ids"] + [tok.eos_token_id])
+    assert Counter(r[0] for r in _ids(ds["train"])) == expected
+    assert "skipped 1 lines that are not UTF-8 (lines 201)" in caplog.text
+
+
 def test_block_size_larger_than_the_data(tok, corpus, tmp_path):
     with pytest.raises(YakError, match=r"--block_size 20000 is larger than the data:\n  source zh: 20 samples"):
         build_pretraining_datasets(tok, _args(corpus, tmp_path / "c", block_size=20000))
