@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainingArguments
 
 from conftest import HELDOUT, PT_DATA, ROOT
 from yak import YakError
@@ -220,6 +220,43 @@ def test_killed_build_leaves_no_cache_entry(tok, tmp_path):
 def _cache_busy(cache: Path) -> bool:
     """A build is writing: its hidden work or temporary folder exists."""
     return cache.is_dir() and any(p.name.startswith(".") for p in cache.iterdir())
+
+
+def _rank(rank: int, port: int, tok, args: DataArguments, out: Path) -> None:
+    """One process of a two-process (gloo) run that prepares the data as train.py does."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logging.basicConfig(filename=out / f"rank{rank}.log", level=logging.INFO, force=True)
+    training_args = TrainingArguments(output_dir=str(out / "run"), use_cpu=True, ddp_backend="gloo", report_to=[])
+    with training_args.main_process_first(local=False):
+        ds = build_pretraining_datasets(tok, args, seed=training_args.seed)
+    (out / f"rank{rank}.json").write_text(json.dumps(_ids(ds["train"])))
+
+
+def test_two_processes_prepare_the_data_once(tok, corpus, tmp_path):
+    """Rank 0 builds the cache inside ``main_process_first``; rank 1 waits, then loads it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=_rank, args=(r, port, tok, _args(corpus, tmp_path / "cache"), tmp_path))
+             for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    try:
+        for p in ranks:
+            p.join(120)
+    finally:
+        for p in ranks:
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert logs[0].count("building cache entry") == 3 and "building cache entry" not in logs[1]
+    assert logs[1].count("from cache") == 3
+    assert (tmp_path / "rank0.json").read_text() == (tmp_path / "rank1.json").read_text()
 
 
 # --------------------------------------------------------------------------------------------- bad input
