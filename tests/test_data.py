@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, TrainingArguments
 
-from conftest import HELDOUT, PT_DATA, ROOT
+from tests.conftest import HELDOUT, PT_DATA, ROOT
 from yak import YakError
 from yak.cli import parse_args
 from yak.data import DataArguments, build_pretraining_datasets
