@@ -46,7 +46,7 @@ ROOT_SOURCE = "."
 # Tokenization unit: one chunk is one map call; blocks do not span chunks, so at most block_size - 1 tokens
 # are dropped per chunk (under 0.1% at 1 MB). Part of the cache key because it changes the blocks.
 CHUNK_BYTES = 1 << 20
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MAX_LISTED = 20  # problems listed in one error message
 
 
@@ -236,15 +236,18 @@ def _line_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as f:
         start = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
         f.seek(start)
-        buf = b""
+        parts: list[bytes] = []  # joined only at a cut, so a line of gigabytes is not copied again and again
+        size = 0
         while block := f.read(CHUNK_BYTES):
-            buf += block
-            cut = buf.rfind(b"\n") + 1
-            if len(buf) >= CHUNK_BYTES and cut:
+            parts.append(block)
+            size += len(block)
+            if size >= CHUNK_BYTES and b"\n" in block:
+                buf = b"".join(parts)
+                cut = buf.rfind(b"\n") + 1
                 yield start, buf[:cut]
-                start, buf = start + cut, buf[cut:]
-        if buf:
-            yield start, buf
+                start, parts, size = start + cut, [buf[cut:]], len(buf) - cut
+        if tail := b"".join(parts):
+            yield start, tail
 
 
 def _samples(data: bytes, jsonl: bool) -> tuple[list[str], list[tuple[int, str]]]:
