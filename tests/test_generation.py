@@ -16,6 +16,7 @@ from yak.generation import (
     chat_messages,
     encode_chat,
     encode_raw,
+    load_for_inference,
     run_inference,
     sample_next,
     stop_token_ids,
@@ -143,8 +144,27 @@ def test_cuda_graphs_decode_like_eager(tiny_model_dir, model_and_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda().eval()
     prompts = [encode_raw(tokenizer, s) for s in STARTS]
     params = SamplingParams(max_new_tokens=60, temperature=0)
-    graphs = Engine(model, [2], max_batch_size=8, max_total_tokens=256)
     eager = Engine(model, [2], max_batch_size=8, max_total_tokens=256, cuda_graphs=False)
-    assert graphs._graphs and not eager._graphs
-    assert [r.output_ids for r in graphs.generate(prompts, params)] == [
-        r.output_ids for r in eager.generate(prompts, params)]
+    expected = [r.output_ids for r in eager.generate(prompts, params)]
+    for compile_ in (False, True):
+        graphs = Engine(model, [2], max_batch_size=8, max_total_tokens=256, compile=compile_)
+        assert graphs._graphs and not eager._graphs
+        assert [r.output_ids for r in graphs.generate(prompts, params)] == expected
+
+
+def test_base_plus_lora_adapter_decodes_like_the_peft_model(tiny_model_dir, model_and_tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    _, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, config).eval()  # random B: the adapter changes the answers
+    peft_model.save_pretrained(tmp_path / "lora")
+    model, tok = load_for_inference(ModelArguments(base_model=str(tiny_model_dir), lora_model=[str(tmp_path / "lora")],
+                                                   tokenizer_path=str(tiny_model_dir), only_cpu=True))
+    prompt = encode_raw(tokenizer, STARTS[0])
+    engine = Engine(model, stop_token_ids(model, tok), max_batch_size=2, max_total_tokens=128)
+    got = engine.submit(prompt, GREEDY).wait().output_ids
+    assert got == _hf_greedy(peft_model, prompt, 40)  # merged weights in the engine == unmerged peft forward
+    assert got != _hf_greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir), prompt, 40)

@@ -120,6 +120,17 @@ class GenerationArguments:
     cuda_graphs: bool = field(
         default=True, metadata={"help": "On CUDA, replay captured CUDA graphs for decode steps (faster)."}
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "On CUDA, also torch.compile the decode step: about 1.3x faster decoding, about 3 "
+                  "minutes more start-up for a 7B model."},
+    )
+
+    def build_engine(self, model, tokenizer, max_queue: int | None = None) -> "Engine":
+        """Start an :class:`Engine` for ``model`` with these capacity settings."""
+        return Engine(model, stop_token_ids(model, tokenizer), max_batch_size=self.max_batch_size,
+                      max_total_tokens=self.max_total_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
+                      max_queue=max_queue)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -161,9 +172,13 @@ def load_for_inference(args: ModelArguments):
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # before CUDA is initialised
     device = "cpu" if args.only_cpu or not torch.cuda.is_available() else "cuda"
     if args.load_in_8bit or args.load_in_4bit:
-        model, tokenizer = _load_quantized(args)
+        model, tokenizer = _load_quantized(args, device)
     else:
-        model, tokenizer = _load(args, device)
+        from yak.modeling import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(args.base_model, adapters=args.lora_model,
+                                                    tokenizer_path=args.tokenizer_path, dtype=args.dtype,
+                                                    device=device)
     if getattr(tokenizer, "chat_template", None) is None:
         logger.warning("the tokenizer has no chat_template; using the toolkit's Llama 2 template")
         tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
@@ -171,22 +186,12 @@ def load_for_inference(args: ModelArguments):
     return model, tokenizer
 
 
-def _load(args: ModelArguments, device: str):
-    # Until yak.modeling lands on main: merged model folders only.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.lora_model:
-        raise YakError("--lora_model needs yak.modeling")
-    model = AutoModelForCausalLM.from_pretrained(args.base_model, dtype=args.dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.base_model)
-    return model.eval(), tokenizer
-
-
-def _load_quantized(args: ModelArguments):
-    """bitsandbytes 8/4-bit loading of a merged model (quantized weights cannot take LoRA merges)."""
+def _load_quantized(args: ModelArguments, device: str):
+    """bitsandbytes 8/4-bit loading of a merged model (LoRA cannot be merged into quantized weights)."""
     import importlib.util
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from yak.modeling import load_base_model
+    from yak.tokenizer import load_tokenizer
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise YakError("--load_in_8bit/--load_in_4bit need the bitsandbytes package: pip install bitsandbytes "
@@ -194,14 +199,11 @@ def _load_quantized(args: ModelArguments):
     if args.lora_model:
         raise YakError("quantized loading needs a merged model: merge the adapters first with "
                        "merge_lora_low_mem.py, then pass the merged folder as --base_model")
-    if not torch.cuda.is_available():
+    if device != "cuda":
         raise YakError("--load_in_8bit/--load_in_4bit need a CUDA GPU")
-    quant = BitsAndBytesConfig(load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(args.base_model, quantization_config=quant, device_map="auto",
-                                                 dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.base_model)
-    return model.eval(), tokenizer
+    model = load_base_model(args.base_model, dtype=args.dtype, device=device,
+                            load_in_kbits=8 if args.load_in_8bit else 4)
+    return model.eval(), load_tokenizer(args.tokenizer_path or args.base_model)
 
 
 # --------------------------------------------------------------------------------------------------- prompts
@@ -347,22 +349,17 @@ class _SlotCache:
     It speaks the two methods that transformers' Llama-family attention calls on a cache (``update`` and
     ``get_seq_length``); positions and the 4-D attention mask are always passed explicitly, so nothing else of
     the ``Cache`` interface is used. The backing tensors never move, so CUDA graphs can capture the writes.
+    The engine sets the mode before each forward: ``slots`` (prefill of those rows from position 0), or
+    ``pos`` and ``cols`` (decode: row b writes at ``pos[b]`` and attends to positions ``0..len(cols)-1``).
     """
 
     def __init__(self, num_layers: int, max_batch: int, max_len: int):
         self.max_batch, self.max_len = max_batch, max_len
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
-        self._slot: int | None = None  # prefill: the row being filled
-        self._rows = 0  # decode: rows 0.._rows-1 ...
-        self._len = 0  # ... attending to positions 0.._len-1 ...
-        self._pos: torch.Tensor | None = None  # ... each writing at its own position (B,)
-
-    def set_prefill(self, slot: int) -> None:
-        self._slot = slot
-
-    def set_decode(self, rows: int, length: int, pos: torch.Tensor) -> None:
-        self._slot, self._rows, self._len, self._pos = None, rows, length, pos
+        self.slots: torch.Tensor | None = None  # (N,)
+        self.pos: torch.Tensor | None = None  # (B,)
+        self.cols: torch.Tensor | None = None  # (L,)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.k[layer_idx] is None:  # allocated on the layer's own device (models split over GPUs)
@@ -370,16 +367,19 @@ class _SlotCache:
             self.k[layer_idx] = key_states.new_zeros(self.max_batch, h, self.max_len, d)
             self.v[layer_idx] = value_states.new_zeros(self.max_batch, h, self.max_len, value_states.shape[-1])
         k, v = self.k[layer_idx], self.v[layer_idx]
-        if self._slot is not None:  # prefill of one row: (1, H, P, D) at positions 0..P-1
-            s, n = self._slot, key_states.shape[2]
-            k[s, :, :n] = key_states[0]
-            v[s, :, :n] = value_states[0]
-            return k[s : s + 1, :, :n], v[s : s + 1, :, :n]
-        rows = torch.arange(self._rows, device=k.device)
-        pos = self._pos.to(k.device)
-        k[rows, :, pos] = key_states[:, :, 0]  # (B, H, D) into row b at position pos[b]
-        v[rows, :, pos] = value_states[:, :, 0]
-        return k[: self._rows, :, : self._len], v[: self._rows, :, : self._len]
+        if self.slots is not None:  # prefill (N, H, P, D): a prompt attends only to itself
+            n = key_states.shape[2]
+            slots = self.slots.to(k.device)
+            k[slots, :, :n] = key_states
+            v[slots, :, :n] = value_states
+            return key_states, value_states
+        rows = key_states.shape[0]
+        index = torch.arange(rows, device=k.device)
+        pos = self.pos.to(k.device)
+        k[index, :, pos] = key_states[:, :, 0]  # (B, H, D) into row b at position pos[b]
+        v[index, :, pos] = value_states[:, :, 0]
+        length = self.cols.shape[0]
+        return k[:rows, :, :length], v[:rows, :, :length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # unused: position ids are always given
@@ -410,37 +410,60 @@ class Engine:
         max_batch_size: requests decoded together at most.
         max_total_tokens: prompt + answer tokens at most per request.
         cuda_graphs: capture CUDA graphs for decode steps when the model is on one CUDA device.
-        max_queue: requests waiting at most; :meth:`submit` raises :class:`EngineFull` beyond.
+        compile: with ``cuda_graphs``, first compile the decode step with ``torch.compile`` (fuses the small
+            element-wise kernels: decoding about 1.3x faster, about 3 minutes more start-up for a 7B model).
+        prefill_tokens: prompt tokens (padded) prefilled together in one forward at most.
+        max_queue: requests waiting at most (``None``: no limit); :meth:`submit` raises :class:`EngineFull`
+            beyond.
     """
 
     def __init__(self, model, eos_token_ids: Sequence[int], max_batch_size: int = 16,
-                 max_total_tokens: int = 2048, cuda_graphs: bool = True, max_queue: int = 1024):
+                 max_total_tokens: int = 2048, cuda_graphs: bool = True, compile: bool = False,
+                 max_queue: int | None = None, prefill_tokens: int = 8192):
         model_limit = getattr(model.config, "max_position_embeddings", None) or max_total_tokens
         self.max_total_tokens = min(max_total_tokens, model_limit)
         self.max_batch_size = max_batch_size
         self.model = model
         self.eos = set(eos_token_ids)
         self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
         self.device = model.get_input_embeddings().weight.device
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         # transformers 5.24 renamed the forward argument past_key_values to cache; 5.17 has only the old name.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.cache = _SlotCache(model.config.num_hidden_layers, max_batch_size, self.max_total_tokens)
-        self._batch_buckets = _buckets(max_batch_size, 1)
+        single_device = len(set(getattr(model, "hf_device_map", {"": self.device}).values())) <= 1
+        use_graphs = cuda_graphs and self.device.type == "cuda" and single_device
+        compile = compile and use_graphs
+        # Like the column index below, the cache has one position more than ever used: then no length bucket
+        # spans a whole dimension, and a compiled step is not specialised (recompiled) for the full-length one.
+        self.cache = _SlotCache(model.config.num_hidden_layers, max_batch_size, self.max_total_tokens + 1)
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        cache_bytes = 2 * cfg.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize * max_batch_size * (
+            self.max_total_tokens + 1)
+        logger.info("KV cache: %d slots x %d tokens = %.2f GB (lower --max_batch_size or --max_total_tokens to "
+                    "use less)", max_batch_size, self.max_total_tokens, cache_bytes / 1e9)
+        # torch.compile specialises size-1 dimensions, so a compiled engine decodes at least two rows (the
+        # second idle) and compiles once for every batch size; the weights are read once either way.
+        self._batch_buckets = _buckets(max_batch_size, 2 if compile and max_batch_size > 1 else 1)
         self._len_buckets = _buckets(self.max_total_tokens, 64)
         self._ids = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
-        self._cols = torch.arange(self.max_total_tokens, device=self.device)
+        self._cols = torch.arange(self.max_total_tokens + 1, device=self.device)
         # Ids seen by each slot, for the repetition penalty; unused columns repeat the row's first token.
         self._seen = torch.zeros(max_batch_size, self.max_total_tokens, dtype=torch.long, device=self.device)
         self._slots: list[_Slot | None] = [None] * max_batch_size
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.tokens_generated = 0
         self.peak_running = 0  # most requests ever decoded in one step
-        single_device = len(set(getattr(model, "hf_device_map", {"": self.device}).values())) <= 1
-        if cuda_graphs and self.device.type == "cuda" and single_device:
+        self._step_fn = self._decode_core
+        if use_graphs:
+            with torch.inference_mode():
+                self._prefill([0], [[0]])  # allocates the cache outside any compiled or captured region
+            if compile:
+                self._step_fn = torch.compile(self._decode_core, dynamic=True)
             self._capture_graphs()
         self._thread = threading.Thread(target=self._loop, name="yak-engine", daemon=True)
         self._thread.start()
@@ -466,7 +489,7 @@ class Engine:
             raise ValueError("; ".join(problems))
         request = Request(prompt_ids, params, streamer)
         with self._cv:
-            if len(self._queue) >= self.max_queue:
+            if self.max_queue is not None and len(self._queue) >= self.max_queue:
                 raise EngineFull(f"{len(self._queue)} requests are waiting; try again later")
             self._queue.append(request)
             self._cv.notify()
@@ -498,26 +521,36 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- model calls
 
-    def _forward(self, ids, pos_ids, mask):
+    def _forward(self, ids, pos_ids, mask, keep):
         out = self.model(input_ids=ids, position_ids=pos_ids, attention_mask=mask, use_cache=True,
-                         logits_to_keep=1, **{self._cache_arg: self.cache})
-        return out.logits[:, -1]  # (B, V)
+                         logits_to_keep=keep, **{self._cache_arg: self.cache})
+        return out.logits
+
+    def _decode_core(self, ids: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        visible = cols[None, :] <= pos[:, None]  # (B, L)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device)
+        mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None, None, :]  # (B, 1, 1, L)
+        return self._forward(ids, pos[:, None], mask, 1)[:, -1]  # (B, V)
 
     def _decode_forward(self, rows: int, length: int) -> torch.Tensor:
         """One decode step of slots ``0..rows-1`` over cache positions ``0..length-1`` (static buffers)."""
-        pos = self._pos[:rows]
-        self.cache.set_decode(rows, length, pos)
-        visible = self._cols[None, :length] <= pos[:, None]  # (B, L)
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None, None, :]  # (B, 1, 1, L)
-        return self._forward(self._ids[:rows], pos[:, None], mask)
+        ids, pos, cols = self._ids[:rows], self._pos[:rows], self._cols[:length]
+        self.cache.slots, self.cache.pos, self.cache.cols = None, pos, cols
+        return self._step_fn(ids, pos, cols)
 
-    def _prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
-        n = len(prompt)
-        ids = torch.tensor([prompt], device=self.device)
-        causal = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu(1)
-        self.cache.set_prefill(slot)
-        return self._forward(ids, torch.arange(n, device=self.device)[None], causal[None, None])
+    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Fill the cache rows ``slots`` with ``prompts`` in one forward; return each one's next-token logits."""
+        n, longest = len(prompts), max(map(len, prompts))
+        # Right padding: pad positions come after a prompt's own, so the causal mask hides them from it, and
+        # decoding overwrites them.
+        ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.device)
+        causal = torch.full((longest, longest), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        self.cache.slots = torch.tensor(slots, device=self.device)
+        positions = torch.arange(longest, device=self.device)[None].expand(n, -1)
+        logits = self._forward(ids, positions, causal.triu(1)[None, None], last)  # (N, N, V): all rows x all lasts
+        self.cache.slots = None
+        return logits[torch.arange(n), torch.arange(n)]  # (N, V)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
@@ -551,8 +584,10 @@ class Engine:
                         if s is None and self._queue:
                             admitted.append((slot, self._queue.popleft()))
                 try:
-                    for slot, request in admitted:
-                        self._admit(slot, request)
+                    self._admit([(slot, r) for slot, r in admitted if not r._cancelled])
+                    for _, request in admitted:
+                        if request._cancelled:
+                            request._finish("cancelled")
                     if any(self._slots):
                         self._step()
                 except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
@@ -565,17 +600,28 @@ class Engine:
                             s.request._finish(None, e)
                             self._slots[slot] = None
 
-    def _admit(self, slot: int, request: Request) -> None:
-        if request._cancelled:
-            request._finish("cancelled")
-            return
-        prompt = request.prompt_ids
-        self._seen[slot].fill_(prompt[0])
-        self._seen[slot, : len(prompt)] = torch.tensor(prompt, device=self.device)
-        logits = self._prefill(slot, prompt)
-        token = int(sample_next(logits, [request.params], self._seen[slot : slot + 1])[0])
-        self._slots[slot] = _Slot(request, pos=len(prompt), token=token)
-        self._accept(slot, token)
+    def _admit(self, admitted: list[tuple[int, Request]]) -> None:
+        """Prefill new requests in groups of at most ``prefill_tokens`` (padded) tokens; sample their first token."""
+        groups: list[list[tuple[int, Request]]] = []
+        for item in admitted:
+            group = groups[-1] if groups else None
+            longest = max([len(r.prompt_ids) for _, r in group or []] + [len(item[1].prompt_ids)])
+            if group and (len(group) + 1) * longest <= self.prefill_tokens:
+                group.append(item)
+            else:
+                groups.append([item])
+        for group in groups:
+            slots = [slot for slot, _ in group]
+            for slot, request in group:
+                prompt = request.prompt_ids
+                self._seen[slot].fill_(prompt[0])
+                self._seen[slot, : len(prompt)] = torch.tensor(prompt, device=self.device)
+            logits = self._prefill(slots, [r.prompt_ids for _, r in group])
+            index = torch.tensor(slots, device=self.device)
+            tokens = sample_next(logits, [r.params for _, r in group], self._seen[index])
+            for (slot, request), token in zip(group, tokens.tolist()):
+                self._slots[slot] = _Slot(request, pos=len(request.prompt_ids), token=token)
+                self._accept(slot, token)
 
     def _accept(self, slot: int, token: int) -> None:
         """Record a sampled token of ``slot``; finish the request on an end token, its length, or a cancel."""
@@ -585,7 +631,6 @@ class Engine:
             reason = "stop"
         else:
             request._emit(token)
-            self.tokens_generated += 1
             self._seen[slot, s.pos] = token
             s.token = token
             reason = "length" if len(request.output_ids) >= request.params.max_new_tokens else None
@@ -649,8 +694,7 @@ class _EngineBackend:
 
     def __init__(self, model_args: ModelArguments, gen_args: GenerationArguments):
         model, self.tokenizer = load_for_inference(model_args)
-        self.engine = Engine(model, stop_token_ids(model, self.tokenizer), max_batch_size=gen_args.max_batch_size,
-                             max_total_tokens=gen_args.max_total_tokens, cuda_graphs=gen_args.cuda_graphs)
+        self.engine = gen_args.build_engine(model, self.tokenizer)
         self.max_total_tokens = self.engine.max_total_tokens
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> list[str]:

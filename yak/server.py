@@ -27,7 +27,6 @@ from yak.generation import (
     chat_messages,
     encode_chat,
     load_for_inference,
-    stop_token_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -381,9 +380,7 @@ def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
     if problems:
         raise YakError("; ".join(problems))
     model, tokenizer = load_for_inference(model_args)
-    engine = Engine(model, stop_token_ids(model, tokenizer), max_batch_size=gen_args.max_batch_size,
-                    max_total_tokens=gen_args.max_total_tokens, cuda_graphs=gen_args.cuda_graphs,
-                    max_queue=server_args.max_queue)
+    engine = gen_args.build_engine(model, tokenizer, max_queue=server_args.max_queue)
     name = server_args.model_name or os.path.basename(os.path.normpath(model_args.base_model))
     return ChatService(engine, tokenizer, defaults, gen_args.system_prompt, server_args, name)
 
