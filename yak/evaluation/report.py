@@ -53,27 +53,42 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _panels(results: dict) -> dict[str, list[tuple[str, str]]]:
+    """Chart panels: title -> [(bar label, metric key)]. ``file/metric`` keys get one panel per metric."""
+    panels: dict[str, list[tuple[str, str]]] = {}
+    for task, metric in metric_rows(results):
+        subject, _, name = metric.rpartition("/")
+        title = f"{task}: {name}" if subject else f"{task} ({results['tasks'][task]['kind']})"
+        panels.setdefault(title, []).append((subject or name, metric))
+    return panels
+
+
 def write_chart(path: Path, results: dict) -> None:
-    """A bar chart, one panel per task, models side by side for each metric."""
+    """A bar chart, one panel per task (or per task metric), models side by side, values on the bars."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     models = list(results["results"])
-    rows = metric_rows(results)
-    tasks = list(dict.fromkeys(t for t, _ in rows))
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(10, 2.6 * len(tasks)), squeeze=False)
+    panels = _panels(results)
+    cols = 2 if len(panels) > 1 else 1
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 3 * nrows), squeeze=False)
     width = 0.8 / len(models)
-    for ax, task in zip(axes[:, 0], tasks):
-        names = [m for t, m in rows if t == task]
+    for ax, (title, bars) in zip(axes.flat, panels.items()):
+        task = title.split(":")[0].split(" (")[0]
         for k, model in enumerate(models):
             res = results["results"][model].get(task, {})
-            xs = [i + k * width for i in range(len(names))]
-            ax.bar(xs, [res.get(n, 0.0) for n in names], width, label=model)
-        ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(names))])
-        ax.set_xticklabels([n.replace("/", "\n") for n in names], fontsize=7)
-        ax.set_title(f"{task} ({results['tasks'][task]['kind']})", fontsize=9)
+            values = [res.get(key) or 0.0 for _, key in bars]
+            drawn = ax.bar([i + k * width for i in range(len(bars))], values, width, label=model)
+            ax.bar_label(drawn, fmt="%.3g", fontsize=6)
+        ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(bars))])
+        ax.set_xticklabels([label.replace("_", " ") for label, _ in bars], fontsize=7, rotation=15)
+        ax.set_title(title, fontsize=9)
+        ax.margins(y=0.15)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -230,9 +230,10 @@ def _choice(scorer: Scorer, cfg: TaskConfig, examples) -> tuple[dict, list[dict]
     """Classification and multiple choice: the highest-likelihood continuation is the prediction."""
     pairs = [(ex.prompt, c) for ex in examples for c in ex.continuations]
     scores, truncated = scorer.loglikelihoods(pairs, desc=cfg.name)
-    preds, preds_norm, rows, k = [], [], [], 0
+    preds, preds_norm, rows, k, n_cut = [], [], [], 0, 0
     for ex in examples:
         s = scores[k : k + len(ex.continuations)]
+        n_cut += any(truncated[k : k + len(ex.continuations)])
         k += len(ex.continuations)
         per_byte = [v / max(1, len(c.encode("utf-8"))) for v, c in zip(s, ex.continuations)]
         preds.append(max(range(len(s)), key=s.__getitem__))
@@ -242,7 +243,7 @@ def _choice(scorer: Scorer, cfg: TaskConfig, examples) -> tuple[dict, list[dict]
     res = {"accuracy": 100 * metrics.accuracy(preds, golds)}
     if not (cfg.kind == "multiple_choice" and cfg.scoring == "letter"):  # letters all have one byte
         res["accuracy_norm"] = 100 * metrics.accuracy(preds_norm, golds)
-    res.update(n=len(examples), truncated=truncated, chance=100 / len(examples[0].continuations))
+    res.update(n=len(examples), truncated=n_cut, chance=100 / len(examples[0].continuations))
     return res, rows
 
 

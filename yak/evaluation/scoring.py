@@ -158,7 +158,9 @@ class Scorer:
                 out[i] = (logp.sum().item(), bool((pos.argmax(-1) == target).all()))
         return out
 
-    def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "scoring") -> tuple[list[float], int]:
+    def loglikelihoods(
+        self, pairs: list[tuple[str, str]], desc: str = "scoring"
+    ) -> tuple[list[float], list[bool]]:
         """Log-likelihood of each continuation given its context.
 
         The continuation's tokens are those of ``context + continuation`` beyond the context's own tokens, so
@@ -166,17 +168,17 @@ class Scorer:
         ``max_length`` are cut on the left.
 
         Returns:
-            ``(log-likelihoods in nats, number of truncated requests)``.
+            ``(log-likelihoods in nats, whether each context was cut)``.
         """
-        requests, truncated, cache = [], 0, {}
+        requests, truncated, cache = [], [], {}
         for context, continuation in pairs:
             if context not in cache:
                 cache[context] = self.encode_prompt(context)
             ctx = cache[context]
             whole = self.encode_prompt(context + continuation)
             n = max(1, len(whole) - len(ctx))
-            if len(whole) > self.max_length:
-                truncated += 1
+            truncated.append(len(whole) > self.max_length)
+            if truncated[-1]:
                 whole = whole[-self.max_length :]
                 n = min(n, len(whole) - 1)
             requests.append((whole, n))
