@@ -9,6 +9,7 @@ llama.cpp's ``llama-quantize`` binary when one is found, else llama-cpp-python's
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -105,7 +106,7 @@ def _download_sources(version: str | None, folder: Path) -> None:
             raise YakError(f"could not download {spec} with pip ({done.stderr.strip()[-500:]}); pass "
                            "--llama_cpp_dir with a llama.cpp checkout instead")
         with atomic_output_dir(folder, overwrite=True) as out, tarfile.open(archives[0]) as tar:
-            prefix = next(m.name for m in tar.getmembers() if m.name.endswith("vendor/llama.cpp"))
+            prefix = tar.getmembers()[0].name.split("/")[0] + "/vendor/llama.cpp"
             wanted = [m for m in tar.getmembers() if any(
                 m.name == f"{prefix}/{p}" or m.name.startswith(f"{prefix}/{p}/") for p in CONVERTER_PARTS)]
             for m in wanted:
@@ -182,13 +183,13 @@ def tokenizer_mismatches(gguf_file: Path, tokenizer_dir: Path, lines: list[str])
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    llm = llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)
     out = []
-    for line in lines:
-        ours, theirs = llm.tokenize(line.encode("utf-8"), add_bos=False, special=False), tok.encode(
-            line, add_special_tokens=False)
-        if ours != theirs:
-            out.append((line, ours, theirs))
+    with contextlib.closing(llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)) as llm:
+        for line in lines:
+            ours, theirs = llm.tokenize(line.encode("utf-8"), add_bos=False, special=False), tok.encode(
+                line, add_special_tokens=False)
+            if ours != theirs:
+                out.append((line, ours, theirs))
     return out
 
 
