@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,19 @@ def test_transformers_reads_the_f16_gguf(exported):
     ids = torch.tensor([tok.encode(heldout_lines()["mixed"][1][:150])])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=0.15, rtol=0)
+
+
+@pytest.mark.slow
+def test_run_merge_export_script(tiny_model_dir, tmp_path):
+    """The shipped shell script, end to end on the tiny model: merge, f16 GGUF, q4_0, tokenizer check."""
+    from tests.test_merge import tied_adapter
+
+    adapter, _, _ = tied_adapter(tiny_model_dir, tmp_path / "adapter", ensure_weight_tying=True)
+    env = {"base_model": str(tiny_model_dir), "lora_model": str(adapter), "output_dir": str(tmp_path / "hf"),
+           "gguf_dir": str(tmp_path / "gguf"), "output_dtype": "float32",
+           "check_file": str(HELDOUT / "bo_classical_kangyur_vol078_heldout.txt")}
+    done = subprocess.run(["bash", "run_merge_export.sh"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "llama.cpp equals Hugging Face on 177/177 lines" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["hf-f16.gguf", "hf-q4_0.gguf"]
