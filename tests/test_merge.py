@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import subprocess
 import sys
@@ -34,19 +33,10 @@ def real_lines(n: int = 2) -> list[str]:
     return lines
 
 
-def tibetan_syllables(n: int) -> list[str]:
-    """Distinct real Tibetan syllables (with their tsheg) from held-out text, to grow a vocabulary."""
-    text = (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text(encoding="utf-8")
-    seen = dict.fromkeys(re.findall(r"[\u0F40-\u0FBC]+\u0F0B", text))
-    return list(seen)[:n]
-
-
-def grown_tokenizer(tiny_model_dir: Path, out: Path, n_new: int = 40):
-    """stories260K's tokenizer plus real Tibetan syllables as added tokens (len 512 + n_new)."""
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.add_tokens(tibetan_syllables(n_new))
-    tok.save_pretrained(out)
-    return tok
+def merged_tokenizer(root: Path, out: Path):
+    """The shipped tiny merged tokenizer (stories260K's 512 pieces + Tibetan pieces), copied to ``out``."""
+    shutil.copytree(root / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf", out, dirs_exist_ok=True)
+    return AutoTokenizer.from_pretrained(out)
 
 
 def randomize_adapter(model, seed: int) -> None:
@@ -60,14 +50,13 @@ def randomize_adapter(model, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def make_adapter(model, out: Path, seed: int, modules_to_save=("embed_tokens", "lm_head"), tokenizer=None,
-                 safe=True, **lora):
-    """peft adapter on ``model`` (in place), randomized and saved; returns the peft model."""
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=list(modules_to_save),
+def make_adapter(model, out: Path, seed: int, tokenizer=None, safe=True, save_embedding_layers=False, **lora):
+    """peft adapter on ``model`` (in place), randomized and saved as training saves it (docs/formats.md)."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["embed_tokens", "lm_head"],
                      **lora)
     peft_model = get_peft_model(model, cfg)
     randomize_adapter(peft_model, seed)
-    peft_model.save_pretrained(out, safe_serialization=safe)
+    peft_model.save_pretrained(out, safe_serialization=safe, save_embedding_layers=save_embedding_layers)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return peft_model
@@ -99,27 +88,35 @@ def logits(model, tok, lines) -> list[torch.Tensor]:
         return [model(**tok(t, return_tensors="pt")).logits[0] for t in lines]
 
 
-@pytest.fixture(scope="module")
-def resized_adapter(tiny_model_dir, tmp_path_factory):
-    """A real peft adapter on stories260K with a vocabulary grown by real Tibetan syllables."""
-    out = tmp_path_factory.mktemp("adapter")
-    tok = grown_tokenizer(tiny_model_dir, out)
+def tied_adapter(tiny_model_dir: Path, out: Path, ensure_weight_tying: bool, **save):
+    """A real peft adapter on stories260K (tied) with its vocabulary resized for the merged tokenizer."""
+    tok = merged_tokenizer(ROOT, out)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.resize_token_embeddings(pad_vocab(len(tok)), mean_resizing=False)
-    peft_model = make_adapter(model, out, seed=0, tokenizer=tok)
+    peft_model = make_adapter(model, out, seed=0, tokenizer=tok, ensure_weight_tying=ensure_weight_tying, **save)
     return out, peft_model, tok
 
 
-def test_merge_equals_peft_merge_and_unload_resized_tied(tiny_model_dir, resized_adapter, tmp_path):
-    adapter, peft_model, tok = resized_adapter
+@pytest.fixture(scope="module")
+def resized_adapter(tiny_model_dir, tmp_path_factory):
+    """The adapter as stage 2 writes it for a tied model (docs/formats.md: ensure_weight_tying)."""
+    return tied_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), ensure_weight_tying=True)
+
+
+@pytest.mark.parametrize("tying", ["ensure_weight_tying", "separate copies"])
+def test_merge_equals_peft_merge_and_unload_resized_tied(tiny_model_dir, resized_adapter, tmp_path, tying):
+    if tying == "ensure_weight_tying":
+        adapter, peft_model, tok = resized_adapter
+    else:  # peft's default: embed_tokens and lm_head trained as two copies (and its extra embedding keys)
+        adapter, peft_model, tok = tied_adapter(tiny_model_dir, tmp_path / "adapter", False,
+                                                save_embedding_layers=True)
     out = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
                                output_dir=str(tmp_path / "merged"), max_shard_size="100KB"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3  # several shards, each written as it went
     config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] == pad_vocab(len(tok)) == 576
-    # peft trains separate embed_tokens and lm_head copies of a tied model: the merge unties them
-    assert config["tie_word_embeddings"] is False
+    assert config["vocab_size"] == pad_vocab(len(tok)) == 3520
+    assert config["tie_word_embeddings"] is (tying == "ensure_weight_tying")
     state = merged_state(out)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
 
@@ -138,7 +135,7 @@ def test_merge_equals_peft_merge_and_unload_resized_tied(tiny_model_dir, resized
 def test_merge_stage1_alone_tied(tiny_model_dir, tmp_path):
     """A stage-1 output (trained embeddings, tied) merges into a tied model with the new vocabulary."""
     stage1 = tmp_path / "stage1"
-    tok = grown_tokenizer(tiny_model_dir, stage1)
+    tok = merged_tokenizer(ROOT, stage1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.resize_token_embeddings(pad_vocab(len(tok)), mean_resizing=False)
     with torch.no_grad():
@@ -147,11 +144,11 @@ def test_merge_stage1_alone_tied(tiny_model_dir, tmp_path):
               stage1 / "embeddings.safetensors")
     (stage1 / "yak_adapter.json").write_text(json.dumps(
         {"format": "yak-embeddings", "version": 1, "base_model_name_or_path": str(tiny_model_dir),
-         "vocab_size": 576, "tie_word_embeddings": True}))
+         "vocab_size": 3520, "tie_word_embeddings": True}))
     out = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(stage1),
                                output_dir=str(tmp_path / "merged"), output_dtype="bfloat16"))
     config = json.loads((out / "config.json").read_text())
-    assert (config["vocab_size"], config["tie_word_embeddings"], config["dtype"]) == (576, True, "bfloat16")
+    assert (config["vocab_size"], config["tie_word_embeddings"], config["dtype"]) == (3520, True, "bfloat16")
     state = merged_state(out)
     assert "lm_head.weight" not in state
     assert all(t.dtype == torch.bfloat16 for t in state.values())
@@ -183,7 +180,7 @@ def test_merge_stage1_then_two_adapters_from_bin_shards(tiny_model_dir, tmp_path
     """base (.bin shards) -> stage 1 (untied) -> CPT adapter (.bin) -> SFT adapter, against peft in sequence."""
     base = untied_base(tmp_path / "base")
     stage1 = tmp_path / "stage1"
-    tok = grown_tokenizer(tiny_model_dir, stage1)
+    tok = merged_tokenizer(ROOT, stage1)
     model = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     model.resize_token_embeddings(pad_vocab(len(tok)), mean_resizing=False)
     with torch.no_grad():
@@ -192,7 +189,7 @@ def test_merge_stage1_then_two_adapters_from_bin_shards(tiny_model_dir, tmp_path
     save_file({"model.embed_tokens.weight": model.model.embed_tokens.weight.contiguous(),
                "lm_head.weight": model.lm_head.weight.contiguous()}, stage1 / "embeddings.safetensors")
     (stage1 / "yak_adapter.json").write_text(json.dumps(
-        {"format": "yak-embeddings", "version": 1, "base_model_name_or_path": "base", "vocab_size": 576,
+        {"format": "yak-embeddings", "version": 1, "base_model_name_or_path": "base", "vocab_size": 3520,
          "tie_word_embeddings": False}))
     cpt = make_adapter(model, tmp_path / "cpt", seed=1, safe=False, use_rslora=True,
                        alpha_pattern={"down_proj": 16}).merge_and_unload()
@@ -257,9 +254,11 @@ def test_pth_output_converts_back_to_the_huggingface_output(tiny_model_dir, resi
                                                          for i in range(num_shards or 1)]
     assert not list(out.glob(".*"))  # the streamed intermediates are gone
     params = json.loads((out / "params.json").read_text())
-    assert (params["vocab_size"], params["n_heads"], params["n_kv_heads"]) == (576, 8, 4)
+    assert (params["vocab_size"], params["n_heads"], params["n_kv_heads"]) == (3520, 8, 4)
     assert len(AutoTokenizer.from_pretrained(out)) == len(tok)
     back = meta_to_hf(out)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"]
+    hf["lm_head.weight"] = hf["model.embed_tokens.weight"]  # Meta's layout has no tying
     assert sorted(back) == sorted(hf)
     for k in hf:
         assert torch.equal(back[k], hf[k]), k
@@ -295,7 +294,7 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
                              tokenizer_path=str(other), output_dir=str(adapter), overwrite=True))
     msg = str(e.value)
     assert "neither tokenizer.model nor tokenizer.json" in msg and "is (or contains) the input" in msg
-    with pytest.raises(YakError, match=r"512 tokens .* 576 rows"):
+    with pytest.raises(YakError, match=r"512 tokens .* 3520 rows"):
         merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
                              tokenizer_path=str(tiny_model_dir), output_dir=str(out)))
     # too little disk space (the file system's free space, as the OS reports it, made small)

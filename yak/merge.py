@@ -368,7 +368,9 @@ def plan_merge(args: MergeArguments) -> _Plan:
     lm_follows = tied
     for step in steps:
         touched = list(step.replacements) + [k for k in step.loras if k not in step.replacements]
-        if lm_follows and (LM_HEAD in touched or (EMBED in touched and not step.ties_lm_head)):
+        if lm_follows and step.ties_lm_head:  # peft's ensure_weight_tying: one matrix serves both layers,
+            touched = [k for k in touched if k != LM_HEAD]  # stored twice; the embedding's copy is used
+        elif lm_follows and (LM_HEAD in touched or (EMBED in touched and not step.ties_lm_head)):
             # lm_head stops following the embedding here (peft trains a separate copy, or leaves the
             # original in place); it inherits the embedding's history so far.
             lm_follows = False
@@ -673,7 +675,9 @@ def _write_pth(plan: _Plan, out: Path, num_shards: int | None) -> list[str]:
     mp = num_shards or META_SHARDS_BY_HIDDEN.get(cfg["hidden_size"], 1)
     heads = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads") or heads
-    names = list(plan.order) + ([LM_HEAD] if plan.tied else [])  # Meta has no tying: write output.weight
+    names = list(plan.order)
+    if plan.tied:  # Meta has no tying: output.weight is written, right after the embedding it copies
+        names.insert(names.index(EMBED) + 1, LM_HEAD)
     specs: list[list] = [[] for _ in range(mp)]
     for name in names:
         meta, dim = meta_name(name)
