@@ -26,6 +26,11 @@ SFT_DATA = ROOT / "data" / "sft"
 MERGED_TINY = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"
 
 
+def sft_args(**kwargs) -> SFTDataArguments:
+    """Options without the on-disk cache (which defaults to ./data_cache), unless a test asks for one."""
+    return SFTDataArguments(**{"data_cache_dir": None, **kwargs})
+
+
 def _tiny_tokenizer(tiny_model_dir):
     """The tiny model's SFT tokenizer: the merged one once shipped, else the model's own + the template."""
     tok = AutoTokenizer.from_pretrained(MERGED_TINY if MERGED_TINY.is_dir() else tiny_model_dir)
@@ -113,9 +118,8 @@ def test_truncation_cuts_inputs_and_labels_together_and_is_logged(tok, tmp_path,
     assert n_short < first_answer - 2
 
     def build(max_len):
-        args = SFTDataArguments(
-            str(tmp_path), max_seq_length=max_len, validation_split_percentage=0, system_prompt=""
-        )
+        args = sft_args(dataset_dir=str(tmp_path), max_seq_length=max_len, validation_split_percentage=0,
+                        system_prompt="")  # fmt: skip
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="yak.sft"):
             return build_sft_datasets(tok, args)["train"]
@@ -166,7 +170,7 @@ def test_bad_records_are_all_reported_with_file_and_line(tok, tmp_path):
     bad_line = json.dumps(records, indent=2).splitlines().index("  {", 8) + 1
     (tmp_path / "c.json").write_text('[{"instruction": "a", "output": "b"}\n{"instruction": "a"}]')
     with pytest.raises(YakError) as e:
-        build_sft_datasets(tok, SFTDataArguments(dataset_dir=str(tmp_path)))
+        build_sft_datasets(tok, sft_args(dataset_dir=str(tmp_path)))
     msg = str(e.value)
     a = tmp_path / "a.jsonl"
     for line, text in [
@@ -210,7 +214,7 @@ def test_packed_batch_gives_the_same_logits_as_each_conversation_alone(tok, tiny
         if r["instruction"] == "Give the sentence that comes next in this text."
     ]
     (tmp_path / "short.json").write_text(json.dumps(records[:12]))
-    args = SFTDataArguments(
+    args = sft_args(
         dataset_dir=str(tmp_path),
         max_seq_length=400,
         packing=True,
@@ -241,7 +245,7 @@ def test_cache_is_keyed_by_content_and_tokenizer(tok, tiny_model_dir, tmp_path, 
     data = tmp_path / "data"
     shutil.copytree(SFT_DATA, data, ignore=shutil.ignore_patterns("*.py", "*.md"))
     cache = tmp_path / "cache"
-    args = SFTDataArguments(dataset_dir=str(data), data_cache_dir=str(cache), max_seq_length=256)
+    args = sft_args(dataset_dir=str(data), data_cache_dir=str(cache), max_seq_length=256)
 
     def build(tokenizer):
         caplog.clear()
@@ -265,18 +269,14 @@ def test_cache_is_keyed_by_content_and_tokenizer(tok, tiny_model_dir, tmp_path, 
 
 
 def test_validation_split_and_system_prompt(tok):
-    ds = build_sft_datasets(
-        tok, SFTDataArguments(validation_split_percentage=10, max_seq_length=2048), seed=1
-    )
+    ds = build_sft_datasets(tok, sft_args(validation_split_percentage=10, max_seq_length=2048), seed=1)
     train, val = ds["train"]["input_ids"], ds["validation"]["input_ids"]
     assert len(val) == 18 and len(train) == 162 and not {tuple(x) for x in val} & {tuple(x) for x in train}
-    again = build_sft_datasets(
-        tok, SFTDataArguments(validation_split_percentage=10, max_seq_length=2048), seed=1
-    )
+    again = build_sft_datasets(tok, sft_args(validation_split_percentage=10, max_seq_length=2048), seed=1)
     assert again["validation"]["input_ids"] == val
     # An empty system prompt removes the <<SYS>> block from conversations without their own system message.
     no_sys = build_sft_datasets(
-        tok, SFTDataArguments(validation_split_percentage=0, max_seq_length=2048, system_prompt="")
+        tok, sft_args(validation_split_percentage=0, max_seq_length=2048, system_prompt="")
     )["train"]
     texts = [tok.decode(ids) for ids in no_sys["input_ids"]]
     with_sys = [t for t in texts if "<<SYS>>" in t]
@@ -288,8 +288,8 @@ def test_validation_split_and_system_prompt(tok):
 
 def test_options_are_checked(tmp_path):
     with pytest.raises(YakError, match="validation_split_percentage.*max_seq_length"):
-        SFTDataArguments(validation_split_percentage=100, max_seq_length=4)
+        sft_args(validation_split_percentage=100, max_seq_length=4)
     with pytest.raises(YakError, match="does not exist"):
-        build_sft_datasets(None, SFTDataArguments(dataset_dir=str(tmp_path / "missing")))
+        build_sft_datasets(None, sft_args(dataset_dir=str(tmp_path / "missing")))
     with pytest.raises(YakError, match="no .json or .jsonl files"):
-        build_sft_datasets(None, SFTDataArguments(dataset_dir=str(tmp_path)))
+        build_sft_datasets(None, sft_args(dataset_dir=str(tmp_path)))

@@ -52,10 +52,11 @@ class SFTDataArguments:
         },
     )
     data_cache_dir: str | None = field(
-        default=None,
+        default="data_cache",
         metadata={
-            "help": "Folder for the tokenized dataset cache, keyed by the data files' content, the tokenizer "
-            "and these options (a changed tokenizer never reuses stale ids). Unset: no cache on disk."
+            "help": "Folder for the tokenized datasets, keyed by the data files' content, the tokenizer and "
+            "these options (a changed file or tokenizer is never served stale ids); old entries may be deleted "
+            "at any time. Empty: no cache on disk."
         },
     )
     validation_split_percentage: float = field(
