@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -293,3 +295,41 @@ def test_options_are_checked(tmp_path):
         build_sft_datasets(None, sft_args(dataset_dir=str(tmp_path / "missing")))
     with pytest.raises(YakError, match="no .json or .jsonl files"):
         build_sft_datasets(None, sft_args(dataset_dir=str(tmp_path)))
+
+
+@pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py (engineer M) is not merged yet")
+def test_short_sft_run_with_run_sft_sh_lowers_the_loss_on_the_training_answers(tiny_model_dir, tmp_path):
+    """run_sft.sh (torchrun, 1 CPU process) -> train.py --task sft on the tiny model and merged tokenizer."""
+    from yak.modeling import load_base_model, load_model_and_tokenizer, resize_and_init_embeddings
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    alpaca = json.loads((SFT_DATA / "alpaca.json").read_text())
+    chats = (SFT_DATA / "chat.jsonl").read_text().splitlines()
+    (data / "alpaca.json").write_text(json.dumps(alpaca[::10], ensure_ascii=False))  # 4 per language
+    (data / "chat.jsonl").write_text("\n".join(chats[::10]))  # 2 per language
+    settings = {
+        "pretrained_model": tiny_model_dir, "tokenizer_path": MERGED_TINY, "dataset_dir": data,
+        "data_cache": "", "validation_split_percentage": 0, "output_dir": out, "deepspeed_config_file": "",
+        "torch_dtype": "float32", "lora_rank": 8, "lora_alpha": 16, "lr": 5e-3,
+        "per_device_train_batch_size": 6, "gradient_accumulation_steps": 1, "max_seq_length": 256,
+        "preprocessing_num_workers": 1,
+    }  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in settings.items()}}
+    cmd = ["bash", "run_sft.sh", "--max_steps", "8", "--eval_strategy", "no", "--save_strategy", "no",
+           "--gradient_checkpointing", "false", "--plot_loss", "false"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    # The training answers' loss, before (the model as training starts from it) and after (the saved adapter).
+    trained, saved_tok = load_model_and_tokenizer(tiny_model_dir, adapters=[out], device="cpu")
+    assert saved_tok.chat_template == LLAMA2_CHAT_TEMPLATE  # the tokenizer saved with the adapter has it
+    rows = build_sft_datasets(saved_tok, sft_args(dataset_dir=str(data), max_seq_length=256,
+                                                  validation_split_percentage=0))["train"]  # fmt: skip
+    batch = SFTDataCollator(saved_tok)(list(rows))
+    start = load_base_model(tiny_model_dir, dtype="float32", device="cpu")
+    resize_and_init_embeddings(start, saved_tok, AutoTokenizer.from_pretrained(tiny_model_dir))
+    with torch.no_grad():
+        before, after = start.eval()(**batch).loss.item(), trained(**batch).loss.item()
+    print(f"answer loss before {before:.3f}, after {after:.3f}")
+    assert after < 0.7 * before, (before, after)
