@@ -143,7 +143,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, object]]:
     ``datasets``' JSON loader do not say on which line each record starts, and problems must name the line.
     Raises ``ValueError(line, message)`` on malformed JSON.
     """
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     decoder = json.JSONDecoder()
     pos = _WS.match(text).end()
     if not text.startswith("[", pos):  # JSON Lines, whatever the suffix
