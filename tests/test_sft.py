@@ -171,6 +171,7 @@ def test_bad_records_are_all_reported_with_file_and_line(tok, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(records, indent=2))  # each record spans 4-5 lines
     bad_line = json.dumps(records, indent=2).splitlines().index("  {", 8) + 1
     (tmp_path / "c.json").write_text('[{"instruction": "a", "output": "b"}\n{"instruction": "a"}]')
+    (tmp_path / "d.jsonl").write_bytes('{"instruction": "ས", "output": "b"}'.encode("utf-16"))
     with pytest.raises(YakError) as e:
         build_sft_datasets(tok, sft_args(dataset_dir=str(tmp_path)))
     msg = str(e.value)
@@ -194,7 +195,8 @@ def test_bad_records_are_all_reported_with_file_and_line(tok, tmp_path):
     assert f"{a}:13:" not in msg
     assert f"{tmp_path / 'b.json'}:{bad_line}: 'input' must be a string, found int" in msg
     assert f"{tmp_path / 'c.json'}:2: expected ','" in msg
-    assert msg.startswith("16 problem(s)")
+    assert f"{tmp_path / 'd.jsonl'}: not UTF-8 text (invalid start byte at byte 0)" in msg
+    assert msg.startswith("17 problem(s)")
 
 
 def test_collator_pads_right_with_unk_and_masks_labels(tok):

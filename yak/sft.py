@@ -295,10 +295,10 @@ def read_conversations(files: list[Path], special_tokens: tuple[str, ...] = ()) 
                 problems += [f"{path}:{line}: {p}" for p in record_problems]
                 if messages is not None:
                     conversations.append(messages)
+        except UnicodeDecodeError as e:  # (a ValueError too: caught first)
+            problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
         except ValueError as e:  # malformed JSON: the rest of this file cannot be read
             problems.append(f"{path}:{e.args[0]}: {e.args[1]}")
-        except UnicodeDecodeError as e:
-            problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
     if problems:
         shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = (
