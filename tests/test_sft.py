@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -24,6 +26,11 @@ from yak.template import LLAMA2_CHAT_TEMPLATE
 
 SFT_DATA = ROOT / "data" / "sft"
 MERGED_TINY = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"
+
+
+def sft_args(**kwargs) -> SFTDataArguments:
+    """Options without the on-disk cache (which defaults to ./data_cache), unless a test asks for one."""
+    return SFTDataArguments(**{"data_cache_dir": None, **kwargs})
 
 
 def _tiny_tokenizer(tiny_model_dir):
@@ -113,9 +120,8 @@ def test_truncation_cuts_inputs_and_labels_together_and_is_logged(tok, tmp_path,
     assert n_short < first_answer - 2
 
     def build(max_len):
-        args = SFTDataArguments(
-            str(tmp_path), max_seq_length=max_len, validation_split_percentage=0, system_prompt=""
-        )
+        args = sft_args(dataset_dir=str(tmp_path), max_seq_length=max_len, validation_split_percentage=0,
+                        system_prompt="")  # fmt: skip
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="yak.sft"):
             return build_sft_datasets(tok, args)["train"]
@@ -165,8 +171,9 @@ def test_bad_records_are_all_reported_with_file_and_line(tok, tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(records, indent=2))  # each record spans 4-5 lines
     bad_line = json.dumps(records, indent=2).splitlines().index("  {", 8) + 1
     (tmp_path / "c.json").write_text('[{"instruction": "a", "output": "b"}\n{"instruction": "a"}]')
+    (tmp_path / "d.jsonl").write_bytes('{"instruction": "ས", "output": "b"}'.encode("utf-16"))
     with pytest.raises(YakError) as e:
-        build_sft_datasets(tok, SFTDataArguments(dataset_dir=str(tmp_path)))
+        build_sft_datasets(tok, sft_args(dataset_dir=str(tmp_path)))
     msg = str(e.value)
     a = tmp_path / "a.jsonl"
     for line, text in [
@@ -188,7 +195,8 @@ def test_bad_records_are_all_reported_with_file_and_line(tok, tmp_path):
     assert f"{a}:13:" not in msg
     assert f"{tmp_path / 'b.json'}:{bad_line}: 'input' must be a string, found int" in msg
     assert f"{tmp_path / 'c.json'}:2: expected ','" in msg
-    assert msg.startswith("16 problem(s)")
+    assert f"{tmp_path / 'd.jsonl'}: not UTF-8 text (invalid start byte at byte 0)" in msg
+    assert msg.startswith("17 problem(s)")
 
 
 def test_collator_pads_right_with_unk_and_masks_labels(tok):
@@ -210,7 +218,7 @@ def test_packed_batch_gives_the_same_logits_as_each_conversation_alone(tok, tiny
         if r["instruction"] == "Give the sentence that comes next in this text."
     ]
     (tmp_path / "short.json").write_text(json.dumps(records[:12]))
-    args = SFTDataArguments(
+    args = sft_args(
         dataset_dir=str(tmp_path),
         max_seq_length=400,
         packing=True,
@@ -241,7 +249,7 @@ def test_cache_is_keyed_by_content_and_tokenizer(tok, tiny_model_dir, tmp_path, 
     data = tmp_path / "data"
     shutil.copytree(SFT_DATA, data, ignore=shutil.ignore_patterns("*.py", "*.md"))
     cache = tmp_path / "cache"
-    args = SFTDataArguments(dataset_dir=str(data), data_cache_dir=str(cache), max_seq_length=256)
+    args = sft_args(dataset_dir=str(data), data_cache_dir=str(cache), max_seq_length=256)
 
     def build(tokenizer):
         caplog.clear()
@@ -265,18 +273,14 @@ def test_cache_is_keyed_by_content_and_tokenizer(tok, tiny_model_dir, tmp_path, 
 
 
 def test_validation_split_and_system_prompt(tok):
-    ds = build_sft_datasets(
-        tok, SFTDataArguments(validation_split_percentage=10, max_seq_length=2048), seed=1
-    )
+    ds = build_sft_datasets(tok, sft_args(validation_split_percentage=10, max_seq_length=2048), seed=1)
     train, val = ds["train"]["input_ids"], ds["validation"]["input_ids"]
     assert len(val) == 18 and len(train) == 162 and not {tuple(x) for x in val} & {tuple(x) for x in train}
-    again = build_sft_datasets(
-        tok, SFTDataArguments(validation_split_percentage=10, max_seq_length=2048), seed=1
-    )
+    again = build_sft_datasets(tok, sft_args(validation_split_percentage=10, max_seq_length=2048), seed=1)
     assert again["validation"]["input_ids"] == val
     # An empty system prompt removes the <<SYS>> block from conversations without their own system message.
     no_sys = build_sft_datasets(
-        tok, SFTDataArguments(validation_split_percentage=0, max_seq_length=2048, system_prompt="")
+        tok, sft_args(validation_split_percentage=0, max_seq_length=2048, system_prompt="")
     )["train"]
     texts = [tok.decode(ids) for ids in no_sys["input_ids"]]
     with_sys = [t for t in texts if "<<SYS>>" in t]
@@ -288,8 +292,46 @@ def test_validation_split_and_system_prompt(tok):
 
 def test_options_are_checked(tmp_path):
     with pytest.raises(YakError, match="validation_split_percentage.*max_seq_length"):
-        SFTDataArguments(validation_split_percentage=100, max_seq_length=4)
+        sft_args(validation_split_percentage=100, max_seq_length=4)
     with pytest.raises(YakError, match="does not exist"):
-        build_sft_datasets(None, SFTDataArguments(dataset_dir=str(tmp_path / "missing")))
+        build_sft_datasets(None, sft_args(dataset_dir=str(tmp_path / "missing")))
     with pytest.raises(YakError, match="no .json or .jsonl files"):
-        build_sft_datasets(None, SFTDataArguments(dataset_dir=str(tmp_path)))
+        build_sft_datasets(None, sft_args(dataset_dir=str(tmp_path)))
+
+
+@pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py (engineer M) is not merged yet")
+def test_short_sft_run_with_run_sft_sh_lowers_the_loss_on_the_training_answers(tiny_model_dir, tmp_path):
+    """run_sft.sh (torchrun, 1 CPU process) -> train.py --task sft on the tiny model and merged tokenizer."""
+    from yak.modeling import load_base_model, load_model_and_tokenizer, resize_and_init_embeddings
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    alpaca = json.loads((SFT_DATA / "alpaca.json").read_text())
+    chats = (SFT_DATA / "chat.jsonl").read_text().splitlines()
+    (data / "alpaca.json").write_text(json.dumps(alpaca[::10], ensure_ascii=False))  # 4 per language
+    (data / "chat.jsonl").write_text("\n".join(chats[::10]))  # 2 per language
+    settings = {
+        "pretrained_model": tiny_model_dir, "tokenizer_path": MERGED_TINY, "dataset_dir": data,
+        "data_cache": "", "validation_split_percentage": 0, "output_dir": out, "deepspeed_config_file": "",
+        "torch_dtype": "float32", "lora_rank": 8, "lora_alpha": 16, "lr": 5e-3,
+        "per_device_train_batch_size": 6, "gradient_accumulation_steps": 1, "max_seq_length": 256,
+        "preprocessing_num_workers": 1,
+    }  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in settings.items()}}
+    cmd = ["bash", "run_sft.sh", "--max_steps", "8", "--eval_strategy", "no", "--save_strategy", "no",
+           "--gradient_checkpointing", "false", "--plot_loss", "false"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    # The training answers' loss, before (the model as training starts from it) and after (the saved adapter).
+    trained, saved_tok = load_model_and_tokenizer(tiny_model_dir, adapters=[out], device="cpu")
+    assert saved_tok.chat_template == LLAMA2_CHAT_TEMPLATE  # the tokenizer saved with the adapter has it
+    rows = build_sft_datasets(saved_tok, sft_args(dataset_dir=str(data), max_seq_length=256,
+                                                  validation_split_percentage=0))["train"]  # fmt: skip
+    batch = SFTDataCollator(saved_tok)(list(rows))
+    start = load_base_model(tiny_model_dir, dtype="float32", device="cpu")
+    resize_and_init_embeddings(start, saved_tok, AutoTokenizer.from_pretrained(tiny_model_dir))
+    with torch.no_grad():
+        before, after = start.eval()(**batch).loss.item(), trained(**batch).loss.item()
+    print(f"answer loss before {before:.3f}, after {after:.3f}")
+    assert after < 0.7 * before, (before, after)

@@ -52,10 +52,11 @@ class SFTDataArguments:
         },
     )
     data_cache_dir: str | None = field(
-        default=None,
+        default="data_cache",
         metadata={
-            "help": "Folder for the tokenized dataset cache, keyed by the data files' content, the tokenizer "
-            "and these options (a changed tokenizer never reuses stale ids). Unset: no cache on disk."
+            "help": "Folder for the tokenized datasets, keyed by the data files' content, the tokenizer and "
+            "these options (a changed file or tokenizer is never served stale ids); old entries may be deleted "
+            "at any time. Empty: no cache on disk."
         },
     )
     validation_split_percentage: float = field(
@@ -142,7 +143,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, object]]:
     ``datasets``' JSON loader do not say on which line each record starts, and problems must name the line.
     Raises ``ValueError(line, message)`` on malformed JSON.
     """
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
     decoder = json.JSONDecoder()
     pos = _WS.match(text).end()
     if not text.startswith("[", pos):  # JSON Lines, whatever the suffix
@@ -294,10 +295,10 @@ def read_conversations(files: list[Path], special_tokens: tuple[str, ...] = ()) 
                 problems += [f"{path}:{line}: {p}" for p in record_problems]
                 if messages is not None:
                     conversations.append(messages)
+        except UnicodeDecodeError as e:  # (a ValueError too: caught first)
+            problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
         except ValueError as e:  # malformed JSON: the rest of this file cannot be read
             problems.append(f"{path}:{e.args[0]}: {e.args[1]}")
-        except UnicodeDecodeError as e:
-            problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
     if problems:
         shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = (
