@@ -286,6 +286,9 @@ def train_sentencepiece(files: Sequence[Path], args: TokenizerArguments, vocab_s
         input_sentence_size=args.input_sentence_size,
         shuffle_input_sentence=True,
         split_by_whitespace=args.split_by_whitespace,
+        # Learn pieces of the raw text, as the merged (identity-normalizing) tokenizer will see it; the
+        # default NFKC would learn e.g. U+0F0B where the text has U+0F0C.
+        normalization_rule_name="identity",
         seed_sentencepiece_size=1_000_000,
         num_threads=os.cpu_count() or 1,
         bos_id=-1,

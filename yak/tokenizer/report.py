@@ -89,19 +89,22 @@ def tokenizer_stats(tokenizer, texts: Sequence[str], reference=None,
     return stats
 
 
-def encode_speed(tokenizer, texts: Sequence[str]) -> float:
+def encode_speed(tokenizer, texts: Sequence[str], repeats: int = 3) -> float:
     """Encoding speed of a fast tokenizer in MB/s of UTF-8 text on one core (text by text, CPU time).
 
     Args:
         tokenizer: a transformers tokenizer backed by ``tokenizers``.
         texts: the texts.
+        repeats: measure this many times and keep the fastest.
     """
     backend = tokenizer.backend_tokenizer
-    start = time.process_time()
-    for text in texts:
-        backend.encode(text, add_special_tokens=False)
-    seconds = time.process_time() - start
-    return sum(len(t.encode("utf-8")) for t in texts) / 1e6 / max(seconds, 1e-9)
+    best = float("inf")
+    for _ in range(repeats):  # the best of a few runs: other processes slow a shared machine down
+        start = time.process_time()
+        for text in texts:
+            backend.encode(text, add_special_tokens=False)
+        best = min(best, time.process_time() - start)
+    return sum(len(t.encode("utf-8")) for t in texts) / 1e6 / max(best, 1e-9)
 
 
 def script_spans(texts: Sequence[str], ranges) -> list[str]:
