@@ -81,7 +81,7 @@ class TokenizerArguments:
     script_ranges: str = field(
         default=TIBETAN_RANGES,
         metadata={"help": "Unicode ranges of the new script, e.g. '0F00-0FFF' or '0F00-0FFF,0020-0020'; only "
-                          "pieces made of these characters (plus an optional leading word boundary) are added."},
+                          "pieces made of these characters (and word boundaries) are added."},
     )
     script_characters: bool = field(
         default=True,
@@ -503,7 +503,8 @@ def export_tokenizer(proto, out_dir: Path, model_max_length: int | None = None,
     # "add_bos_token" documents what the post-processor does, for readers of the config.
     # PreTrainedTokenizerFast (= TokenizersBackend in transformers 5) loads tokenizer.json as it is, in
     # transformers 4 and 5, vLLM and TGI alike.
-    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False, pad_token=None)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False,
+                  pad_token=None)
     (hf / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
     (hf / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     for f in licence_files:
@@ -561,10 +562,18 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
     Returns:
         A summary: sizes, number of added and dropped pieces, the output paths.
     """
-    ranges = parse_script_ranges(args.script_ranges)
     problems = []
+    ranges = []
+    try:
+        ranges = parse_script_ranges(args.script_ranges)
+    except YakError as e:
+        problems.append(str(e))
     if args.num_pieces < 1:
         problems.append(f"--num_pieces must be at least 1 (got {args.num_pieces})")
+    if not 0 < args.character_coverage <= 1:
+        problems.append(f"--character_coverage must be in (0, 1] (got {args.character_coverage})")
+    if args.max_sentence_length < 256:
+        problems.append(f"--max_sentence_length must be at least 256 bytes (got {args.max_sentence_length})")
     if Path(args.output_dir).exists() and not args.overwrite:
         problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
     if args.tibetan_sp_model is None and not args.corpus:
@@ -577,9 +586,9 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
     base = None
     try:
         base = load_sp_model(args.base_tokenizer)
-        if base.trainer_spec.model_type != 2:  # BPE
-            problems.append(f"--base_tokenizer {args.base_tokenizer}: not a BPE SentencePiece model; the merge "
-                            "needs a Llama-family (BPE) base")
+        if base.trainer_spec.model_type != 2 or not base.trainer_spec.byte_fallback:  # 2: BPE
+            problems.append(f"--base_tokenizer {args.base_tokenizer}: not a BPE SentencePiece model with "
+                            "byte fallback; the merge needs a Llama-family base")
     except YakError as e:
         problems.append(str(e))
     source = None
@@ -597,8 +606,10 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
     merged, added, dropped = merge_pieces(base, source, args.num_pieces, ranges, args.script_characters)
     if len(added) < args.num_pieces:
         raise YakError(f"--num_pieces {args.num_pieces}: only {len(added)} reachable pieces of the script "
-                       f"{args.script_ranges} are available from the new model; ask for at most {len(added)}")
-    base_dir = Path(args.base_tokenizer) if Path(args.base_tokenizer).is_dir() else Path(args.base_tokenizer).parent
+                       f"{args.script_ranges} are available from the new model; ask for at most {len(added)},"
+                       " give more text, or check that the text is in the script of --script_ranges")
+    base_dir = Path(args.base_tokenizer)
+    base_dir = base_dir if base_dir.is_dir() else base_dir.parent
     base_config_path = base_dir / "tokenizer_config.json"
     base_config = json.loads(base_config_path.read_text()) if base_config_path.is_file() else {}
     licences = [base_dir / name for name in LICENCE_FILES if (base_dir / name).is_file()]

@@ -196,8 +196,8 @@ def measure_candidate(c: Candidate, reference, reference_size: int, heldout: dic
         bad = unreachable_pieces(c.proto, added)
         result["reachable"] = 1 - len(bad) / len(added) if added else None
         fast_ids = encode_texts(c.fast, everything)
-        result["fast_slow_agreement"] = sum(a == b for a, b in zip(fast_ids, c.slow.encode(everything))) / len(
-            everything)
+        same = sum(a == b for a, b in zip(fast_ids, c.slow.encode(everything)))
+        result["fast_slow_agreement"] = same / len(everything)
     plain = [x for lines in other.values() for x in lines if not has_script(x, ranges)]
     if plain:
         same = sum(a == b for a, b in zip(encode_texts(c.fast, plain), encode_texts(reference, plain)))
@@ -274,7 +274,7 @@ def plot_report(results: list[dict], path: Path) -> None:
 
 
 def run_report(args: ReportArguments) -> list[dict]:
-    """Compare candidate tokenizers; print the tables and write ``report.json``, ``report.md``, ``report.png``.
+    """Compare candidate tokenizers; print two tables, write ``report.json``, ``report.md``, ``report.png``.
 
     Measures, per candidate: tokens per syllable, bytes per token and sequence-length reduction against the
     reference on each held-out file; the share of added pieces that are reachable; the share of lines on
