@@ -17,6 +17,7 @@ vocabulary piece with the highest score (ties: leftmost pair). So
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -174,20 +175,34 @@ def find_corpus_files(paths: Iterable[str], option: str = "--corpus") -> list[Pa
         else:
             problems.append(f"{p}: no such file or folder")
     for f in files:
-        data = f.read_bytes()
-        if not data.strip():
-            problems.append(f"{f}: file is empty")
-            continue
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            problems.append(f"{f}: not UTF-8 (byte {e.start}, line {line}: {e.reason}); convert it to UTF-8")
+        problem = _check_utf8_text(f)
+        if problem:
+            problems.append(f"{f}: {problem}")
     if not paths:
         problems.append("no files given")
     if problems:
         raise YakError(f"{option}: " + "; ".join(problems))
     return files
+
+
+def _check_utf8_text(path: Path, chunk: int = 1 << 20) -> str | None:
+    """What is wrong with ``path`` as UTF-8 text (empty, or not UTF-8 and where), read in chunks; or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, newlines, blank = 0, 0, True
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk)
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line = newlines + data[: e.start].count(b"\n") + 1
+                return f"not UTF-8 (near byte {at}, line {line}: {e.reason}); convert it to UTF-8"
+            blank = blank and not text.strip()
+            if not data:
+                return "file is empty" if blank else None
+            offset += len(data)
+            newlines += data.count(b"\n")
 
 
 def iter_sentences(files: Iterable[Path], max_bytes: int = 8192) -> Iterator[str]:
