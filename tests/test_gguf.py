@@ -1,0 +1,147 @@
+"""GGUF export: llama.cpp's converter and quantizer on a merged tiny model, checked by llama.cpp itself
+(llama-cpp-python) and by transformers' independent GGUF reader against the Hugging Face model."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import HELDOUT, ROOT
+from yak import YakError
+from yak.gguf import GGUFArguments, export_gguf, llama_cpp_sources, tokenizer_mismatches
+from yak.merge import MergeArguments, merge
+
+
+def heldout_lines() -> dict[str, list[str]]:
+    """Held-out Tibetan (classical and modern), English, Chinese, and mixed Tibetan + English lines."""
+
+    def read(name, n, cut):
+        return [t[:cut] for t in (HELDOUT / name).read_text(encoding="utf-8").splitlines() if len(t) > 20][:n]
+
+    bo = read("bo_classical_kangyur_vol078_heldout.txt", 15, 300) + read("bo_modern_nanhai_deseg_heldout.txt",
+                                                                          15, 300)
+    en = read("en_moby_dick_heldout.txt", 30, 300)
+    return {"bo": bo, "en": en, "zh": read("zh_hongloumeng_ch81-120_heldout.txt", 5, 200),
+            "mixed": [f"{b[:80]} {e}" for b, e in zip(bo, en)]}
+
+
+def test_export_script_help():
+    done = subprocess.run([sys.executable, str(ROOT / "export_gguf.py"), "--help"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 0 and "--llama_cpp_dir" in done.stdout and "q4_0" in done.stdout
+
+
+def test_bad_export_inputs_are_reported(tmp_path):
+    with pytest.raises(YakError, match="expected a llama.cpp checkout"):
+        llama_cpp_sources(tmp_path)
+    with pytest.raises(YakError) as e:
+        export_gguf(GGUFArguments(model_dir=str(tmp_path), output_dir=str(tmp_path / "o"), outtype="f8",
+                                  check_file=str(tmp_path / "missing.txt")))
+    assert all(s in str(e.value) for s in ("no config.json", "no tokenizer files", "--outtype", "--check_file"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory):
+    """stories260K + a real peft adapter on the shipped merged tokenizer (3,512 tokens -> 3,520 rows), merged,
+    converted to f16 GGUF and quantized to q4_0, with llama.cpp's tokenization checked on held-out lines."""
+    from tests.test_merge import tied_adapter
+
+    work = tmp_path_factory.mktemp("gguf")
+    adapter, _, _ = tied_adapter(tiny_model_dir, work / "adapter", ensure_weight_tying=True)
+    merged = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
+                                  output_dir=str(work / "merged")))
+    check = work / "check.txt"
+    check.write_text("\n".join(sum(heldout_lines().values(), [])), encoding="utf-8")
+    files = export_gguf(GGUFArguments(model_dir=str(merged), output_dir=str(work / "gguf"), quant_types="q4_0",
+                                      check_file=str(check)))
+    return merged, {f.stem.rsplit("-", 1)[1]: f for f in files}
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_as_hugging_face(exported):
+    merged, files = exported
+    for lines in heldout_lines().values():
+        assert len(lines) >= 5
+        assert tokenizer_mismatches(files["f16"], merged, lines) == []
+
+
+@pytest.mark.slow
+def test_llama_cpp_f16_logits_and_greedy_generation_match(exported):
+    import llama_cpp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged, files = exported
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    lines = heldout_lines()
+    with contextlib.closing(llama_cpp.Llama(str(files["f16"]), logits_all=True, n_ctx=256, verbose=False)) as llm:
+        assert llm.n_vocab() == 3520
+        for text in (lines["bo"][0][:100], lines["en"][0], lines["mixed"][0][:120]):
+            ids = tok.encode(text)
+            with torch.no_grad():
+                want = model(torch.tensor([ids])).logits[0].numpy()  # (T, V)
+            llm.reset()
+            llm.eval(ids)
+            got = np.asarray(llm.scores[: len(ids)])
+            assert np.abs(got - want).max() < 0.15, text  # f16 weights; logits reach about 20
+        ids = tok.encode("Once upon a time")
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()
+        llm.reset()
+        got = []
+        for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            got.append(t)
+            if len(got) == len(want) or t == llm.token_eos():
+                break
+        assert got == want
+
+
+@pytest.mark.slow
+def test_q4_0_file_loads_and_generates(exported):
+    import llama_cpp
+
+    _, files = exported
+    assert files["q4_0"].stat().st_size < 0.7 * files["f16"].stat().st_size
+    with contextlib.closing(llama_cpp.Llama(str(files["q4_0"]), n_ctx=128, verbose=False)) as llm:
+        text = llm.create_completion("Once upon a time", max_tokens=12, temperature=0)["choices"][0]["text"]
+    assert len(text.split()) >= 3
+
+
+@pytest.mark.slow
+def test_transformers_reads_the_f16_gguf(exported):
+    """An independent reader: transformers' GGUF loader gives back the merged model's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged, files = exported
+    tok = AutoTokenizer.from_pretrained(merged)
+    ours = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(files["f16"].parent, gguf_file=files["f16"].name,
+                                                  dtype=torch.float32).eval()
+    assert theirs.config.vocab_size == 3520
+    ids = torch.tensor([tok.encode(heldout_lines()["mixed"][1][:150])])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=0.15, rtol=0)
+
+
+@pytest.mark.slow
+def test_run_merge_export_script(tiny_model_dir, tmp_path):
+    """The shipped shell script, end to end on the tiny model: merge, f16 GGUF, q4_0, tokenizer check."""
+    from tests.test_merge import tied_adapter
+
+    adapter, _, _ = tied_adapter(tiny_model_dir, tmp_path / "adapter", ensure_weight_tying=True)
+    env = {"base_model": str(tiny_model_dir), "lora_model": str(adapter), "output_dir": str(tmp_path / "hf"),
+           "gguf_dir": str(tmp_path / "gguf"), "output_dtype": "float32",
+           "check_file": str(HELDOUT / "bo_classical_kangyur_vol078_heldout.txt")}
+    done = subprocess.run(["bash", "run_merge_export.sh"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "llama.cpp equals Hugging Face on 177/177 lines" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["hf-f16.gguf", "hf-q4_0.gguf"]

@@ -1,0 +1,226 @@
+"""Model loading, vocabulary resize with mean initialisation, stage-1 / LoRA output formats, on the real tiny model."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from tests.conftest import PT_DATA
+from yak import YakError
+from yak.modeling import (
+    EMBED_KEY,
+    LM_HEAD_KEY,
+    PEFT_EMBED_KEY,
+    PEFT_LM_HEAD_KEY,
+    load_base_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    padded_vocab_size,
+    prepare_lora,
+    prepare_stage1,
+    resize_and_init_embeddings,
+    save_embeddings,
+)
+
+ENGLISH = "Once upon a time, there was a little girl named Lily. She loved to play outside."
+
+
+def tibetan_lines(n: int = 40) -> list[str]:
+    lines = (PT_DATA / "bo" / "nanhai_modern_deseg.txt").read_text(encoding="utf-8").splitlines()
+    return [line[:400] for line in lines[:n] if line.strip()]
+
+
+def make_merged_tokenizer(base_dir, out_dir, n_new: int = 150):
+    """A real tokenizer with extra pieces: the tiny model's tokenizer + frequent Tibetan syllables of data/pt."""
+    counts = collections.Counter(
+        s for line in tibetan_lines(200) for s in re.split(r"[་།\s]+", line) if len(s) > 1
+    )
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    tok.add_tokens([s for s, _ in counts.most_common(n_new)])
+    tok.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def merged_tok_dir(tiny_model_dir, tmp_path_factory):
+    return make_merged_tokenizer(tiny_model_dir, tmp_path_factory.mktemp("merged_tok"))
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tiny_model_dir, tmp_path_factory):
+    """A small untied Llama (random weights) sharing the tiny model's tokenizer."""
+    out = tmp_path_factory.mktemp("untied")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model_dir / name, out / name)
+    return out
+
+
+def _logits(model, tokenizer, text):
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits  # (1, T, V)
+
+
+@pytest.mark.parametrize("which", ["tied", "untied"])
+def test_resize_initialises_new_rows_as_mean_of_base_pieces(which, tiny_model_dir, untied_model_dir,
+                                                            merged_tok_dir):
+    model_dir = tiny_model_dir if which == "tied" else untied_model_dir
+    model = load_base_model(model_dir, dtype="float32")
+    base_tok, tok = load_tokenizer(model_dir), load_tokenizer(merged_tok_dir)
+    before = _logits(model, base_tok, ENGLISH)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+
+    rows = resize_and_init_embeddings(model, tok, base_tok)
+
+    assert rows == padded_vocab_size(len(tok)) and rows % 64 == 0 and rows > len(tok)
+    assert model.get_input_embeddings().weight.shape[0] == rows
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == (which == "tied")
+    # output on text without new tokens: identical logits over the old vocabulary
+    after = _logits(model, tok, ENGLISH)
+    assert torch.equal(after[..., :512], before)
+    # oracle independent of the code: a Tibetan syllable that is not a word start falls back to its UTF-8
+    # bytes in the base tokenizer, so its row is the mean of those byte pieces' rows
+    for weight, old in ((model.get_input_embeddings().weight, old_in), (model.get_output_embeddings().weight,
+                                                                        old_out)):
+        for new_id in (512, 512 + 77, len(tok) - 1):
+            text = tok.convert_ids_to_tokens(new_id)
+            byte_ids = base_tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in text.encode("utf-8")])
+            torch.testing.assert_close(weight[new_id], old[byte_ids].mean(0))
+        torch.testing.assert_close(weight[len(tok)], old.mean(0))  # padding rows
+        assert torch.equal(weight[:512], old)
+
+
+def test_resize_refuses_a_tokenizer_that_is_not_an_extension(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_base_model(tiny_model_dir)
+    base = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    base.add_tokens(["ཀཀཀ"])
+    with pytest.raises(YakError, match="has 512 tokens, fewer than the 513"):
+        resize_and_init_embeddings(model, tok, base)
+
+
+def test_load_model_and_tokenizer_applies_stage1_then_lora(tiny_model_dir, merged_tok_dir, tmp_path):
+    base_tok, tok = load_tokenizer(tiny_model_dir), load_tokenizer(merged_tok_dir)
+    model = load_base_model(tiny_model_dir, dtype="float32")
+    resize_and_init_embeddings(model, tok, base_tok)
+    prepare_stage1(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[512:].mul_(2.0)  # "training"
+    stage1 = tmp_path / "stage1"
+    save_embeddings(model, stage1, str(tiny_model_dir))
+    tok.save_pretrained(str(stage1))
+    info = json.loads((stage1 / "yak_adapter.json").read_text())
+    assert info == {"format": "yak-embeddings", "version": 1, "base_model_name_or_path": str(tiny_model_dir),
+                    "vocab_size": padded_vocab_size(len(tok)), "tie_word_embeddings": True}
+    assert set(load_file(str(stage1 / "embeddings.safetensors"))) == {EMBED_KEY}
+
+    m1, t1 = load_model_and_tokenizer(tiny_model_dir, [stage1], dtype="float32", device="cpu")
+    assert len(t1) == len(tok)
+    assert torch.equal(m1.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+    peft_model = prepare_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                              modules_to_save=["embed_tokens", "lm_head"])
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    stage2 = tmp_path / "stage2"
+    peft_model.save_pretrained(str(stage2), save_embedding_layers=False)
+    saved = load_file(str(stage2 / "adapter_model.safetensors"))
+    # tied model: one trained matrix, saved under both keys (docs/formats.md)
+    assert torch.equal(saved[PEFT_EMBED_KEY], saved[PEFT_LM_HEAD_KEY])
+    assert {k for k in saved if "lora_" not in k} == {PEFT_EMBED_KEY, PEFT_LM_HEAD_KEY}
+    reference = peft_model.merge_and_unload()
+    ids = tok(tibetan_lines(1)[0][:100], return_tensors="pt").input_ids
+    assert (ids >= 512).any()
+
+    m2, t2 = load_model_and_tokenizer(tiny_model_dir, [stage1, stage2], dtype="float32", device="cpu")
+    assert t2.name_or_path == str(stage1)  # stage2 has no tokenizer files here: the last folder that has one
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids).logits, reference(ids).logits)
+    assert m2.lm_head.weight is m2.model.embed_tokens.weight
+
+
+def test_untied_lora_adapter_carries_both_matrices(untied_model_dir, merged_tok_dir, tmp_path):
+    base_tok, tok = load_tokenizer(untied_model_dir), load_tokenizer(merged_tok_dir)
+    model = load_base_model(untied_model_dir, dtype="float32")
+    resize_and_init_embeddings(model, tok, base_tok)
+    peft_model = prepare_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj"],
+                              modules_to_save=["embed_tokens", "lm_head"])
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    out = tmp_path / "adapter"
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
+    tok.save_pretrained(str(out))
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert not torch.equal(saved[PEFT_EMBED_KEY], saved[PEFT_LM_HEAD_KEY])
+    reference = peft_model.merge_and_unload()
+    m, t = load_model_and_tokenizer(untied_model_dir, [out], dtype="float32", device="cpu")
+    assert t.name_or_path == str(out)
+    assert torch.equal(m.lm_head.weight, reference.lm_head.weight)
+    assert torch.equal(m.model.embed_tokens.weight, reference.model.embed_tokens.weight)
+
+
+def test_dtype_option(tiny_model_dir):
+    assert next(load_base_model(tiny_model_dir, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    assert next(load_base_model(tiny_model_dir, dtype="auto").parameters()).dtype == torch.float32
+    m, _ = load_model_and_tokenizer(tiny_model_dir, dtype="bfloat16", device="cpu")
+    assert m.dtype == torch.bfloat16 and not m.training
+
+
+def test_bad_inputs_are_explained(tiny_model_dir, merged_tok_dir, tmp_path):
+    # a tokenizer bigger than the model, with nothing that brings the new rows
+    with pytest.raises(YakError, match=r"has 6\d\d tokens but the model has only 512 embedding rows"):
+        load_model_and_tokenizer(tiny_model_dir, tokenizer_path=merged_tok_dir, device="cpu")
+    # an adapter trained for another vocabulary size
+    model = load_base_model(tiny_model_dir)
+    stage1 = tmp_path / "stage1"
+    save_embeddings(model, stage1, str(tiny_model_dir))  # 512 rows
+    with pytest.raises(YakError, match=r"resized to 704 rows .* carries embeddings of 512 rows"):
+        load_model_and_tokenizer(tiny_model_dir, [stage1], tokenizer_path=merged_tok_dir, device="cpu")
+    # pickled weights only
+    bin_only = tmp_path / "bin_only"
+    bin_only.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", bin_only)
+    (bin_only / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(YakError, match="no \\*.safetensors weights"):
+        load_base_model(bin_only)
+    with pytest.raises(YakError, match="neither a stage-1 output"):
+        load_model_and_tokenizer(tiny_model_dir, [tmp_path])
+    # a peft adapter without safetensors
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text("{}")
+    with pytest.raises(YakError, match="no adapter_model.safetensors"):
+        load_model_and_tokenizer(tiny_model_dir, [tmp_path / "ad"])
+
+
+def test_load_in_kbits_without_bitsandbytes_is_a_clear_error(tiny_model_dir):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(YakError, match="needs the bitsandbytes package"):
+        load_base_model(tiny_model_dir, load_in_kbits=4)
+
+
+def test_stage1_freezes_all_but_embeddings(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    prepare_stage1(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["model.embed_tokens.weight"]  # lm_head is the same tensor (tied)

@@ -1,0 +1,233 @@
+"""Export a merged Hugging Face model to GGUF for llama.cpp: f16 conversion, quantization, tokenizer check.
+
+The conversion is llama.cpp's own ``convert_hf_to_gguf.py`` (with its sibling ``conversion/`` package and
+``gguf-py``), taken from a llama.cpp checkout (``--llama_cpp_dir``) or, by default, from the llama.cpp sources
+that the llama-cpp-python source package on PyPI carries (downloaded once with pip into a cache folder, the
+same version as an installed llama-cpp-python, so that converter and runtime agree). Quantization uses
+llama.cpp's ``llama-quantize`` binary when one is found, else llama-cpp-python's ``llama_model_quantize``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from yak import YakError
+from yak.io import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+CONVERTER = "convert_hf_to_gguf.py"
+# What the converter needs from a llama.cpp source tree (FACTS: the script alone fails without them).
+CONVERTER_PARTS = (CONVERTER, "conversion", "gguf-py")
+CONVERT_TYPES = ("f16", "bf16", "f32", "q8_0")
+QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded llama.cpp sources are kept: ``$YAK_CACHE_DIR`` or ``~/.cache/yak``."""
+    return Path(os.environ.get("YAK_CACHE_DIR") or Path.home() / ".cache" / "yak")
+
+
+@dataclass
+class GGUFArguments:
+    model_dir: str = field(metadata={"help": "Merged model folder in Hugging Face layout (from "
+                                             "merge_lora_low_mem.py --output_type huggingface)."})
+    output_dir: str = field(metadata={"help": "Folder for the .gguf files (written atomically)."})
+    outtype: str = field(default="f16", metadata={"help": f"Type of the converted file: {', '.join(CONVERT_TYPES)}."})
+    quant_types: str = field(default="q4_0", metadata={
+        "help": f"Comma-separated llama.cpp quantization types made from the converted file ({', '.join(QUANT_TYPES)}, "
+                "...); empty for none."})
+    llama_cpp_dir: str | None = field(default=None, metadata={
+        "help": "A llama.cpp checkout (with convert_hf_to_gguf.py, conversion/, gguf-py/; build/bin/llama-quantize "
+                "is used if built). Default: the llama.cpp sources of the llama-cpp-python source package, "
+                "downloaded once with pip into $YAK_CACHE_DIR (~/.cache/yak)."})
+    check_file: str | None = field(default=None, metadata={
+        "help": "Text file (one sample a line): check that llama.cpp tokenizes each line as the Hugging Face "
+                "tokenizer does (needs llama-cpp-python)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+
+
+def _has_converter(folder: Path) -> bool:
+    return all((folder / part).exists() for part in CONVERTER_PARTS)
+
+
+def llama_cpp_sources(llama_cpp_dir: str | os.PathLike | None = None, cache_dir: Path | None = None,
+                      download: bool = True) -> Path:
+    """A llama.cpp source folder holding the GGUF converter.
+
+    Args:
+        llama_cpp_dir: a llama.cpp checkout given by the user; used as is.
+        cache_dir: where downloaded sources live (default :func:`default_cache_dir`).
+        download: fetch the llama-cpp-python source package with pip when the cache lacks it.
+
+    Raises:
+        YakError: when the given checkout lacks the converter or the sources cannot be fetched.
+    """
+    if llama_cpp_dir is not None:
+        folder = Path(llama_cpp_dir)
+        if not _has_converter(folder):
+            raise YakError(f"--llama_cpp_dir {folder}: expected a llama.cpp checkout with "
+                           f"{', '.join(CONVERTER_PARTS)}; missing "
+                           f"{[p for p in CONVERTER_PARTS if not (folder / p).exists()]}")
+        return folder
+    try:
+        version = metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        version = None
+    folder = (cache_dir or default_cache_dir()) / f"llama.cpp-from-llama-cpp-python-{version or 'latest'}"
+    if _has_converter(folder):
+        return folder
+    if not download:
+        raise YakError(f"no llama.cpp converter in {folder}; pass --llama_cpp_dir or allow the download")
+    _download_sources(version, folder)
+    return folder
+
+
+def _download_sources(version: str | None, folder: Path) -> None:
+    """Fetch llama-cpp-python's source package with pip and keep only the converter's parts of it."""
+    spec = f"llama-cpp-python=={version}" if version else "llama-cpp-python"
+    logger.info("downloading the llama.cpp sources of %s (about 76 MB, once) into %s", spec, folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                               "-d", tmp, spec], capture_output=True, text=True)
+        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if done.returncode or not archives:
+            raise YakError(f"could not download {spec} with pip ({done.stderr.strip()[-500:]}); pass "
+                           "--llama_cpp_dir with a llama.cpp checkout instead")
+        with atomic_output_dir(folder, overwrite=True) as out, tarfile.open(archives[0]) as tar:
+            prefix = tar.getmembers()[0].name.split("/")[0] + "/vendor/llama.cpp"
+            wanted = [m for m in tar.getmembers() if any(
+                m.name == f"{prefix}/{p}" or m.name.startswith(f"{prefix}/{p}/") for p in CONVERTER_PARTS)]
+            for m in wanted:
+                m.name = m.name[len(prefix) + 1:]
+            tar.extractall(out, members=wanted, filter="data")  # "data": no links or paths out of the folder
+
+
+def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16",
+                    llama_cpp_dir: str | os.PathLike | None = None) -> Path:
+    """Run llama.cpp's ``convert_hf_to_gguf.py`` on a merged model folder.
+
+    Args:
+        model_dir: Hugging Face model folder with config.json, weights and tokenizer files.
+        outfile: the .gguf file to write.
+        outtype: f16, bf16, f32 or q8_0.
+        llama_cpp_dir: a llama.cpp checkout, else the cached sources (see :func:`llama_cpp_sources`).
+    """
+    src = llama_cpp_sources(llama_cpp_dir)
+    # the converter's own gguf-py, which may be newer than the installed gguf package
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(src / CONVERTER), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    logger.info("converting: %s", " ".join(cmd))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode or not outfile.is_file():
+        raise YakError(f"llama.cpp's converter failed on {model_dir}:\n{done.stderr.strip()[-2000:]}")
+    return outfile
+
+
+def _quantize_binary(llama_cpp_dir: str | os.PathLike | None) -> str | None:
+    if llama_cpp_dir is not None:
+        for sub in ("build/bin/llama-quantize", "llama-quantize"):
+            if (Path(llama_cpp_dir) / sub).is_file():
+                return str(Path(llama_cpp_dir) / sub)
+    return shutil.which("llama-quantize")
+
+
+def quantize(src: Path, dst: Path, qtype: str, llama_cpp_dir: str | os.PathLike | None = None) -> Path:
+    """Quantize a GGUF file with llama.cpp (``llama-quantize`` if found, else llama-cpp-python's bindings).
+
+    Args:
+        src: the f16/bf16/f32 GGUF file.
+        dst: the quantized file to write.
+        qtype: llama.cpp's type name, e.g. ``q4_0`` or ``q4_k_m``.
+        llama_cpp_dir: a llama.cpp checkout whose ``build/bin/llama-quantize`` to use.
+    """
+    binary = _quantize_binary(llama_cpp_dir)
+    if binary:
+        done = subprocess.run([binary, str(src), str(dst), qtype.upper()], capture_output=True, text=True)
+        if done.returncode:
+            raise YakError(f"llama-quantize {qtype} failed:\n{done.stderr.strip()[-2000:]}")
+        return dst
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise YakError("quantizing needs llama.cpp's llama-quantize (build llama.cpp and pass --llama_cpp_dir) "
+                       "or llama-cpp-python (pip install llama-cpp-python)") from e
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
+    if ftype is None:
+        raise YakError(f"unknown quantization type {qtype!r}; llama.cpp knows e.g. {', '.join(QUANT_TYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise YakError(f"llama.cpp could not quantize {src} to {qtype}")
+    return dst
+
+
+def tokenizer_mismatches(gguf_file: Path, tokenizer_dir: Path, lines: list[str]) -> list[tuple[str, list, list]]:
+    """Lines that llama.cpp (reading the GGUF vocabulary) tokenizes differently from the Hugging Face tokenizer.
+
+    Returns:
+        ``(line, llama.cpp ids, Hugging Face ids)`` for every line that differs; empty when all agree.
+    """
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = []
+    with contextlib.closing(llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)) as llm:
+        for line in lines:
+            ours, theirs = llm.tokenize(line.encode("utf-8"), add_bos=False, special=False), tok.encode(
+                line, add_special_tokens=False)
+            if ours != theirs:
+                out.append((line, ours, theirs))
+    return out
+
+
+def export_gguf(args: GGUFArguments) -> list[Path]:
+    """Convert ``args.model_dir`` to GGUF and quantize it; returns the written files.
+
+    Args:
+        args: the export options (see :class:`GGUFArguments`).
+    """
+    model_dir = Path(args.model_dir)
+    qtypes = [q.strip().lower() for q in args.quant_types.split(",") if q.strip()]
+    problems = []
+    if not (model_dir / "config.json").is_file():
+        problems.append(f"--model_dir {model_dir}: no config.json; give a merged Hugging Face model folder")
+    if not any((model_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+        problems.append(f"--model_dir {model_dir}: no tokenizer files; merge with the tokenizer copied")
+    if args.outtype not in CONVERT_TYPES:
+        problems.append(f"--outtype {args.outtype!r}: choose one of {', '.join(CONVERT_TYPES)}")
+    if args.check_file and not Path(args.check_file).is_file():
+        problems.append(f"--check_file {args.check_file}: no such file")
+    if Path(args.output_dir).exists() and not args.overwrite:
+        problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
+    if problems:
+        raise YakError("cannot export:\n  - " + "\n  - ".join(problems))
+    name = model_dir.resolve().name
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        converted = convert_to_gguf(model_dir, tmp / f"{name}-{args.outtype}.gguf", args.outtype, args.llama_cpp_dir)
+        files = [converted] + [quantize(converted, tmp / f"{name}-{q}.gguf", q, args.llama_cpp_dir) for q in qtypes]
+        if args.check_file:
+            lines = [t for t in Path(args.check_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+            bad = tokenizer_mismatches(converted, model_dir, lines)
+            logger.info("tokenizer check: llama.cpp equals Hugging Face on %d/%d lines", len(lines) - len(bad),
+                        len(lines))
+            if bad:
+                raise YakError(f"llama.cpp tokenizes {len(bad)}/{len(lines)} lines of {args.check_file} "
+                               f"differently from the Hugging Face tokenizer, e.g. {bad[0][0][:80]!r}: "
+                               f"{bad[0][1][:12]} vs {bad[0][2][:12]}")
+    files = [Path(args.output_dir) / f.name for f in files]
+    for f in files:
+        logger.info("%-40s %8.1f MiB", f.name, f.stat().st_size / 2**20)
+    return files

@@ -1,0 +1,770 @@
+"""Low-memory merge of stage-1 embeddings and LoRA adapters into a Llama base model.
+
+The merge streams: every output tensor is computed on its own (in float32, from memory-mapped base and
+adapter files), checked for NaN/inf, cast to the output dtype and appended to the output file, so the
+resident memory stays near one base shard plus one tensor, whatever the model size. Two layouts are written:
+
+* ``huggingface``: ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``,
+  ``config.json`` (with the merged ``vocab_size`` and tying), the generation config and the tokenizer;
+* ``pth``: Meta's layout, ``consolidated.NN.pth`` split for model parallelism as Meta splits 7B/13B/70B,
+  ``params.json``, the q/k rotary permutation of the Hugging Face conversion undone, and the tokenizer.
+
+Inputs apply in order, as training produced them: base -> resized vocabulary -> stage-1 embeddings
+(``yak_adapter.json`` + ``embeddings.safetensors``) -> peft LoRA adapters (CPT, then SFT), whose
+``modules_to_save`` carry the full trained embeddings. Everything is validated before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import re
+import shutil
+import time
+import warnings
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from yak import YakError
+from yak.io import atomic_output_dir, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+PEFT_PREFIX = "base_model.model."
+STAGE1_FORMAT = "yak-embeddings"
+VOCAB_MULTIPLE = 64
+# Files that make up a tokenizer folder; copied verbatim so that llama.cpp's converter sees exactly what
+# transformers sees (tokenizer.model for the SentencePiece vocabulary, tokenizer.json for the fast one).
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# safetensors' dtype names (its format spec); only what Llama checkpoints hold.
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+SAFETENSORS_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# Meta splits its checkpoints for model parallelism by size: 7B -> 1 file, 13B -> 2, 33/34B -> 4, 65/70B -> 8.
+META_SHARDS_BY_HIDDEN = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
+# Hugging Face name (after "model.layers.N.") -> Meta name (after "layers.N.") and the dimension Meta splits
+# it along (0: column parallel, 1: row parallel, None: replicated).
+META_LAYER_NAMES = {
+    "self_attn.q_proj.weight": ("attention.wq.weight", 0),
+    "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+    "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+    "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+    "input_layernorm.weight": ("attention_norm.weight", None),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+}
+META_TOP_NAMES = {EMBED: ("tok_embeddings.weight", 1), "model.norm.weight": ("norm.weight", None),
+                  LM_HEAD: ("output.weight", 0)}
+
+
+@dataclass
+class MergeArguments:
+    base_model: str = field(metadata={"help": "Base model folder in Hugging Face layout (safetensors or .bin "
+                                              "shards, with or without an index)."})
+    lora_model: str = field(metadata={"help": "Comma-separated folders applied in order: a stage-1 output "
+                                              "(yak_adapter.json + embeddings.safetensors) and/or peft LoRA "
+                                              "adapters (e.g. stage1_dir,cpt_adapter,sft_adapter)."})
+    output_dir: str = field(metadata={"help": "Folder to write; created atomically (nothing is left behind "
+                                              "on failure)."})
+    output_type: str = field(default="huggingface", metadata={
+        "help": "huggingface (safetensors shards) or pth (Meta's consolidated.NN.pth + params.json)."})
+    output_dtype: str = field(default="auto", metadata={
+        "help": "float16, bfloat16, float32, or auto (the base model's dtype)."})
+    max_shard_size: str = field(default="5GB", metadata={
+        "help": "Largest Hugging Face output shard, e.g. 2GB or 500MB."})
+    num_shards: int | None = field(default=None, metadata={
+        "help": "pth only: number of consolidated.NN.pth files (model-parallel parts). Default: as Meta "
+                "splits its models (hidden size 4096 -> 1, 5120 -> 2, 6656 -> 4, 8192 -> 8; else 1)."})
+    tokenizer_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer folder to copy into the output. Default: the last --lora_model folder that has "
+                "tokenizer files, else the base model's."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+class _Checkpoint:
+    """Names, shapes and lazy, memory-mapped access to the tensors of one or more weight files."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.file_of: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for f in files:
+            with _open_weights(f) as h:
+                for k in h.keys():
+                    self.file_of[k] = f
+                    self.shapes[k], self.dtypes[k] = h.shape_dtype(k)
+
+    def keys_in(self, f: Path) -> list[str]:
+        return [k for k, v in self.file_of.items() if v == f]
+
+
+class _Handle:
+    """One open weight file: safetensors through ``safe_open`` or a .bin through ``torch.load(mmap=True)``."""
+
+    def __init__(self, st=None, sd: dict | None = None):
+        self._st, self._sd = st, sd
+
+    def keys(self) -> list[str]:
+        return list(self._st.keys()) if self._st is not None else list(self._sd)
+
+    def shape_dtype(self, k: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if self._st is not None:
+            s = self._st.get_slice(k)
+            return tuple(s.get_shape()), SAFETENSORS_TORCH.get(s.get_dtype(), torch.float32)
+        t = self._sd[k]
+        return tuple(t.shape), t.dtype
+
+    def get(self, k: str) -> torch.Tensor:
+        return self._st.get_tensor(k) if self._st is not None else self._sd[k]
+
+
+@contextmanager
+def _open_weights(path: Path) -> Iterator[_Handle]:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as st:
+            yield _Handle(st=st)
+        return
+    try:  # zip-format .bin files map lazily; legacy pickles must be read whole
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    yield _Handle(sd=sd)
+    del sd
+
+
+def _weight_files(folder: Path, stems: tuple[str, ...]) -> list[Path] | None:
+    """The weight files of ``folder``: the first of ``stems`` (e.g. ``model.safetensors``) found alone or
+    through its ``.index.json``."""
+    for stem in stems:
+        index = folder / f"{stem}.index.json"
+        if index.is_file():
+            return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        if (folder / stem).is_file():
+            return [folder / stem]
+    return None
+
+
+BASE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Step:
+    """One input folder applied on top of the base: full replacements, then LoRA deltas."""
+
+    path: Path
+    kind: str  # "stage1" or "lora"
+    weights: _Checkpoint
+    replacements: dict[str, str] = field(default_factory=dict)  # base name -> key in weights
+    loras: dict[str, tuple[str, str, float, bool]] = field(default_factory=dict)  # name -> (A, B, scale, emb)
+    ties_lm_head: bool = False  # when given the embedding only, lm_head keeps following it
+
+
+@dataclass
+class _Op:
+    step: _Step
+    kind: str  # "replace" or "lora"
+
+
+@dataclass
+class _Plan:
+    base: _Checkpoint
+    steps: list[_Step]
+    ops: dict[str, list[_Op]]  # output name -> ops, in order
+    source: dict[str, str]  # output name -> base tensor it starts from
+    shapes: dict[str, tuple[int, ...]]
+    order: list[str]  # output names, grouped by base file
+    group: dict[str, Path]  # output name -> base file to open for it
+    vocab_size: int
+    tied: bool
+    config: dict
+    dtype: torch.dtype
+    tokenizer_dir: Path
+    base_dir: Path
+    shard_bytes: int
+
+
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        problems.append(f"{path}: cannot read ({e})")
+        return None
+
+
+def _load_step(path: Path, problems: list[str]) -> _Step | None:
+    """Read one --lora_model folder (stage-1 output or peft LoRA adapter); report what is wrong with it."""
+    if not path.is_dir():
+        problems.append(f"--lora_model {path}: not a folder")
+        return None
+    if (path / "yak_adapter.json").is_file():
+        meta = _read_json(path / "yak_adapter.json", problems)
+        emb = path / "embeddings.safetensors"
+        if meta is None:
+            return None
+        if meta.get("format") != STAGE1_FORMAT or meta.get("version") != 1:
+            problems.append(f"{path / 'yak_adapter.json'}: format {meta.get('format')!r} version "
+                            f"{meta.get('version')!r}; expected {STAGE1_FORMAT!r} version 1")
+            return None
+        if not emb.is_file():
+            problems.append(f"{path}: stage-1 output without embeddings.safetensors")
+            return None
+        w = _Checkpoint([emb])
+        extra = set(w.shapes) - {EMBED, LM_HEAD}
+        if extra or EMBED not in w.shapes:
+            problems.append(f"{emb}: expected {EMBED} (and {LM_HEAD} when untied), found {sorted(w.shapes)}")
+            return None
+        return _Step(path, "stage1", w, replacements={k: k for k in w.shapes},
+                     ties_lm_head=bool(meta.get("tie_word_embeddings", False)))
+    if not (path / "adapter_config.json").is_file():
+        have = sorted(p.name for p in path.iterdir())[:12]
+        problems.append(f"--lora_model {path}: neither adapter_config.json (peft LoRA adapter) nor "
+                        f"yak_adapter.json (stage-1 output); found {have}")
+        return None
+    cfg = _read_json(path / "adapter_config.json", problems)
+    files = _weight_files(path, ADAPTER_WEIGHTS)
+    if cfg is None:
+        return None
+    if files is None:
+        problems.append(f"{path}: adapter_config.json without adapter_model.safetensors or adapter_model.bin")
+        return None
+    unsupported = [name for name, bad in [
+        (f"peft_type={cfg.get('peft_type')}", cfg.get("peft_type", "LORA") != "LORA"),
+        ("use_dora", bool(cfg.get("use_dora"))),
+        (f"bias={cfg.get('bias')}", cfg.get("bias", "none") != "none"),
+        ("lora_bias", bool(cfg.get("lora_bias"))),
+        ("fan_in_fan_out", bool(cfg.get("fan_in_fan_out"))),
+        ("layer_replication", bool(cfg.get("layer_replication"))),
+        ("trainable_token_indices", bool(cfg.get("trainable_token_indices"))),
+    ] if bad]
+    if unsupported:
+        problems.append(f"{path / 'adapter_config.json'}: unsupported settings {unsupported}; merge this "
+                        "adapter with peft's merge_and_unload() instead")
+        return None
+    w = _Checkpoint(files)
+    step = _Step(path, "lora", w, ties_lm_head=bool(cfg.get("ensure_weight_tying", False)))
+    halves: dict[str, dict[str, str]] = {}
+    for key in w.shapes:
+        if not key.startswith(PEFT_PREFIX):
+            problems.append(f"{path}: tensor {key} does not start with {PEFT_PREFIX!r}; not a peft adapter "
+                            "of a causal LM")
+            continue
+        name = key[len(PEFT_PREFIX):]
+        # peft's save_embedding_layers also stores these duplicates of the trained and the original module
+        if ".original_module." in name or ".modules_to_save." in name:
+            continue
+        m = re.fullmatch(r"(.+)\.lora_(A|B)\.weight|(.+)\.lora_embedding_(A|B)", name)
+        if m:
+            module = m[1] or m[3]
+            halves.setdefault(module, {})[("emb_" if m[3] else "") + (m[2] or m[4])] = key
+        else:  # modules_to_save, or a full layer stored by save_embedding_layers
+            step.replacements[name.replace(".base_layer.weight", ".weight")] = key
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    for module, h in halves.items():
+        emb = "emb_A" in h or "emb_B" in h
+        a, b = (h.get("emb_A"), h.get("emb_B")) if emb else (h.get("A"), h.get("B"))
+        if a is None or b is None:
+            problems.append(f"{path}: LoRA module {module} has only one of its A/B matrices")
+            continue
+        r = w.shapes[a][0]
+        pattern = next((p for p in alpha_pattern if re.match(rf"(.*\.)?({p})$", module)), None)
+        alpha = alpha_pattern[pattern] if pattern else cfg.get("lora_alpha", 8)
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        step.loras[f"{module}.weight"] = (a, b, scale, emb)
+    return step
+
+
+def _delta_shape(step: _Step, name: str) -> tuple[int, ...]:
+    a, b, _, emb = step.loras[name]
+    out = (step.weights.shapes[b][0], step.weights.shapes[a][1])
+    return out[::-1] if emb else out  # peft's embedding LoRA stores the transposed factors
+
+
+def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The vocabulary size training resizes to: the tokenizer's length padded up to ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
+    if not m:
+        raise YakError(f"--max_shard_size {text!r}: expected a size such as 2GB or 500MB")
+    return int(float(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2]])
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.model", "tokenizer.json"))
+
+
+def plan_merge(args: MergeArguments) -> _Plan:
+    """Read every input's names and shapes (no tensor data), check them, and plan every output tensor.
+
+    Raises:
+        YakError: listing every problem found (missing files, an adapter made for another base, a tokenizer
+            whose size disagrees with the embeddings, an output folder that is an input, too little disk).
+    """
+    problems: list[str] = []
+    base_dir = Path(args.base_model)
+    if args.output_type not in ("huggingface", "pth"):
+        problems.append(f"--output_type {args.output_type!r}: choose huggingface or pth")
+    if args.output_dtype not in ("auto", *DTYPES):
+        problems.append(f"--output_dtype {args.output_dtype!r}: choose auto, {', '.join(DTYPES)}")
+    config = _read_json(base_dir / "config.json", problems) if base_dir.is_dir() else None
+    files = _weight_files(base_dir, BASE_WEIGHTS) if base_dir.is_dir() else None
+    if not base_dir.is_dir():
+        problems.append(f"--base_model {base_dir}: not a folder")
+    elif files is None:
+        problems.append(f"--base_model {base_dir}: no model.safetensors, pytorch_model.bin or their "
+                        f"index; found {sorted(p.name for p in base_dir.iterdir())[:12]}")
+    elif missing := [str(f) for f in files if not f.is_file()]:
+        problems.append(f"--base_model: the index names shards that are missing: {missing}")
+        files = None
+    lora_dirs = [Path(p) for p in args.lora_model.split(",") if p.strip()]
+    if not lora_dirs:
+        problems.append("--lora_model: give at least one adapter or stage-1 folder")
+    steps = [s for s in (_load_step(p, problems) for p in lora_dirs) if s is not None]
+    if config is not None and config.get("model_type") not in ("llama", None):
+        problems.append(f"{base_dir / 'config.json'}: model_type {config.get('model_type')!r}; only Llama "
+                        "models are supported")
+    if files is None or config is None:  # nothing more can be checked without the base
+        raise YakError("cannot merge:\n  - " + "\n  - ".join(problems))
+
+    base = _Checkpoint(files)
+    tied = bool(config.get("tie_word_embeddings", False))
+    names = [k for k in base.shapes if not k.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
+    if tied:
+        names = [k for k in names if k != LM_HEAD]
+    if EMBED not in base.shapes:
+        raise YakError(f"--base_model {base_dir}: no {EMBED}; not a Llama causal LM checkpoint")
+    shapes = {k: base.shapes[k] for k in names}
+    ops: dict[str, list[_Op]] = {k: [] for k in names}
+    source = {k: k for k in names}
+    lm_follows = tied
+    for step in steps:
+        touched = list(step.replacements) + [k for k in step.loras if k not in step.replacements]
+        if lm_follows and step.ties_lm_head:  # peft's ensure_weight_tying: one matrix serves both layers,
+            touched = [k for k in touched if k != LM_HEAD]  # stored twice; the embedding's copy is used
+        elif lm_follows and (LM_HEAD in touched or (EMBED in touched and not step.ties_lm_head)):
+            # lm_head stops following the embedding here (peft trains a separate copy, or leaves the
+            # original in place); it inherits the embedding's history so far.
+            lm_follows = False
+            ops[LM_HEAD], shapes[LM_HEAD], source[LM_HEAD] = list(ops[EMBED]), shapes[EMBED], EMBED
+            names.insert(names.index(EMBED) + 1, LM_HEAD)
+        elif step.kind == "stage1" and not tied and step.ties_lm_head:
+            problems.append(f"{step.path / 'yak_adapter.json'}: tie_word_embeddings is true but the base "
+                            f"model's embeddings are untied; this stage-1 output was made for another base")
+        for name in touched:
+            if name not in shapes:
+                problems.append(f"{step.path}: tensor {name} does not exist in the base model (found "
+                                f"{len(shapes)} tensors such as {names[1]}); the adapter was made for "
+                                "another base model")
+                continue
+            if name in step.replacements:
+                new = step.weights.shapes[step.replacements[name]]
+                resizable = name in (EMBED, LM_HEAD) and len(new) == 2 and new[1] == shapes[name][1]
+                if new != shapes[name] and not resizable:
+                    problems.append(f"{step.path}: {name} has shape {list(new)}, the base model's "
+                                    f"{list(shapes[name])}; the adapter was made for another base model")
+                    continue
+                shapes[name] = new
+                ops[name].append(_Op(step, "replace"))
+            if name in step.loras:
+                d = _delta_shape(step, name)
+                if d != shapes[name]:
+                    hint = ("the vocabulary was resized but no stage-1 output or modules_to_save supplies "
+                            "the resized embedding" if name in (EMBED, LM_HEAD)
+                            else "the adapter was made for another base model")
+                    problems.append(f"{step.path}: LoRA update of {name} has shape {list(d)}, the weight "
+                                    f"{list(shapes[name])}; {hint}")
+                    continue
+                ops[name].append(_Op(step, "lora"))
+    vocab = shapes[EMBED][0]
+    if not lm_follows and shapes[LM_HEAD][0] != vocab:
+        problems.append(f"lm_head keeps {shapes[LM_HEAD][0]} rows while the embedding has {vocab}: the "
+                        "adapters must carry lm_head too (modules_to_save) or keep it tied")
+
+    tok_dir = Path(args.tokenizer_path) if args.tokenizer_path else next(
+        (s.path for s in reversed(steps) if _has_tokenizer(s.path)), base_dir)
+    n_tok = _tokenizer_length(tok_dir, problems)
+    base_vocab = config.get("vocab_size", base.shapes[EMBED][0])
+    if n_tok is not None:
+        if n_tok > vocab:
+            problems.append(f"tokenizer {tok_dir} has {n_tok} tokens but the merged embeddings have {vocab} "
+                            "rows: tokens without embeddings. Give the adapter's own tokenizer "
+                            "(--tokenizer_path) or the adapter that carries the resized embeddings")
+        elif vocab != base_vocab and vocab != pad_vocab(n_tok):
+            problems.append(f"tokenizer {tok_dir} has {n_tok} tokens (padded to {pad_vocab(n_tok)}) but the "
+                            f"merged embeddings have {vocab} rows; the adapters were trained with another "
+                            "tokenizer: pass it with --tokenizer_path")
+
+    if args.output_dtype == "auto":
+        dtype = DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or ""),
+                           base.dtypes[EMBED] if base.dtypes[EMBED] in SAFETENSORS_DTYPES else torch.float32)
+    else:
+        dtype = DTYPES.get(args.output_dtype, torch.float16)
+    out = Path(args.output_dir).resolve()
+    for p in [base_dir, *lora_dirs, tok_dir]:
+        p = p.resolve()
+        if out == p or out in p.parents:
+            problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
+                            "choose a new folder")
+    if out.exists() and not args.overwrite:
+        problems.append(f"--output_dir {out} already exists; choose another folder or pass --overwrite")
+    if args.output_type == "pth":
+        _check_pth(config, shapes, args, problems)
+    group = {k: base.file_of[source[k]] for k in names}
+    order = sorted(names, key=lambda k: files.index(group[k]))  # stable: keeps each file's order
+    plan = _Plan(base, steps, {k: ops[k] for k in order}, source, shapes, order, group, vocab,
+                 lm_follows, config, dtype, tok_dir, base_dir,
+                 _parse_size(args.max_shard_size) if args.output_type == "huggingface" else 0)
+    needed = _output_bytes(plan) * (2 if args.output_type == "pth" else 1) + (16 << 20)
+    anchor = next(p for p in [out, *out.parents] if p.exists())
+    free = shutil.disk_usage(anchor).free
+    if free < needed:
+        problems.append(f"--output_dir {out}: needs about {needed / 2**30:.2f} GiB but {anchor} has only "
+                        f"{free / 2**30:.2f} GiB free; free some space or write elsewhere")
+    if problems:
+        raise YakError("cannot merge:\n  - " + "\n  - ".join(problems))
+    return plan
+
+
+def _tokenizer_length(folder: Path, problems: list[str]) -> int | None:
+    from transformers import AutoTokenizer
+
+    if not _has_tokenizer(folder):
+        problems.append(f"tokenizer folder {folder} has neither tokenizer.model nor tokenizer.json; "
+                        "pass --tokenizer_path")
+        return None
+    try:
+        return len(AutoTokenizer.from_pretrained(folder))
+    except Exception as e:  # noqa: BLE001 - any loading failure is reported to the user
+        problems.append(f"tokenizer {folder}: cannot load ({e})")
+        return None
+
+
+def _output_bytes(plan: _Plan) -> int:
+    size = plan.dtype.itemsize
+    return sum(math.prod(plan.shapes[k]) * size for k in plan.order)
+
+
+# ----------------------------------------------------------------------------------------------- computing
+
+
+class _Inputs:
+    """The open adapter files (kept open: they are small next to the base) and one open base file."""
+
+    def __init__(self, plan: _Plan, stack: ExitStack):
+        self.plan = plan
+        self.steps: dict[Path, dict[Path, _Handle]] = {
+            s.path: {f: stack.enter_context(_open_weights(f)) for f in s.weights.files} for s in plan.steps}
+
+    def adapter_tensor(self, step: _Step, key: str) -> torch.Tensor:
+        return self.steps[step.path][step.weights.file_of[key]].get(key)
+
+    def compute(self, name: str, base: _Handle) -> torch.Tensor:
+        """The merged tensor ``name`` in the output dtype (float32 arithmetic)."""
+        ops = self.plan.ops[name]
+        last = max((i for i, op in enumerate(ops) if op.kind == "replace"), default=None)
+        if last is None:
+            w = base.get(self.plan.source[name])
+        else:  # the base (or an earlier replacement) would be overwritten: never read it
+            step = ops[last].step
+            w = self.adapter_tensor(step, step.replacements[name])
+        w = w.to(torch.float32, copy=True)  # updated in place below; inputs may be shared or mapped
+        for op in ops[(last + 1) if last is not None else 0:]:
+            a_key, b_key, scale, emb = op.step.loras[name]
+            a = self.adapter_tensor(op.step, a_key).to(torch.float32)  # (r, in)
+            b = self.adapter_tensor(op.step, b_key).to(torch.float32)  # (out, r)
+            if emb:
+                w.addmm_(a.T, b.T, alpha=scale)  # peft's embedding delta is (B @ A).T
+            else:
+                w.addmm_(b, a, alpha=scale)
+        out = w.to(self.plan.dtype) if w.is_floating_point() else w
+        if out.is_floating_point() and not torch.isfinite(out).all():
+            raise YakError(f"merged tensor {name} has NaN or inf values in {self.plan.dtype} (from "
+                           f"{[str(op.step.path) for op in ops] or 'the base model'}); nothing was written. "
+                           "Check the adapters, or try --output_dtype bfloat16/float32")
+        return out
+
+
+def _iter_merged(plan: _Plan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every output tensor in order, one base file open at a time."""
+    with ExitStack() as stack:
+        inputs = _Inputs(plan, stack)
+        bar = tqdm(total=len(plan.order), desc="merge", unit="tensor")
+        for f in plan.base.files:
+            names = [k for k in plan.order if plan.group[k] == f]
+            if not names:
+                continue
+            with _open_weights(f) as base:
+                for name in names:
+                    yield name, inputs.compute(name, base)
+                    bar.update()
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file one tensor at a time.
+
+    ``safetensors.torch.save_file`` needs every tensor of a file in memory at once; here the header (names,
+    dtypes, shapes, offsets) is written first from the plan, and each tensor's bytes are appended as it is
+    computed, so a shard never has to be held in memory. The layout is safetensors' spec: an 8-byte
+    little-endian header length, the JSON header padded with spaces to 8 bytes, then the data.
+    """
+
+    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in specs:
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.expected = [(n, tuple(s), d) for n, s, d in specs]
+        self.path, self.pos = path, 0
+        self.file = open(path, "wb")
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        assert (name, tuple(tensor.shape), tensor.dtype) == self.expected[self.pos], (name, self.pos)
+        self.file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        self.pos += 1
+
+    def close(self) -> None:
+        assert self.pos == len(self.expected), f"{self.path}: {self.pos}/{len(self.expected)} tensors"
+        self.file.close()
+
+
+def _shard_specs(plan: _Plan, max_bytes: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    shards, size = [[]], 0
+    for name in plan.order:
+        n = math.prod(plan.shapes[name]) * plan.dtype.itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, plan.shapes[name], plan.dtype))
+        size += n
+    return shards
+
+
+def _write_huggingface(plan: _Plan, out: Path) -> list[str]:
+    shards = _shard_specs(plan, plan.shard_bytes)
+    n = len(shards)
+    file_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                       for i in range(n)]
+    weight_map = {}
+    merged = _iter_merged(plan)
+    for specs, fname in zip(shards, file_names):
+        writer = StreamingSafetensorsWriter(out / fname, specs)
+        for spec in specs:
+            name, tensor = next(merged)
+            writer.write(name, tensor)
+            weight_map[name] = fname
+        writer.close()
+    if n > 1:
+        atomic_write_json(out / "model.safetensors.index.json",
+                          {"metadata": {"total_size": _output_bytes(plan)}, "weight_map": weight_map})
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(plan.base_dir)
+    config.vocab_size = plan.vocab_size
+    config.tie_word_embeddings = plan.tied
+    config.dtype = plan.dtype
+    config.save_pretrained(out)
+    gen = plan.base_dir / "generation_config.json"
+    if gen.is_file():
+        shutil.copy2(gen, out / gen.name)
+    return file_names
+
+
+# ----------------------------------------------------------------------------------------------- Meta .pth
+
+
+def _check_pth(config: dict, shapes: dict, args: MergeArguments, problems: list[str]) -> None:
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        problems.append("--output_type pth: Meta's layout has no biases, but the base model has some")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    mp = args.num_shards or META_SHARDS_BY_HIDDEN.get(hidden, 1)
+    vocab = shapes[EMBED][0]
+    for what, n in [("hidden_size", hidden), ("num_key_value_heads", kv), ("intermediate_size",
+                    config["intermediate_size"]), ("vocab_size", vocab)]:
+        if n % mp:
+            problems.append(f"--output_type pth: {what} {n} is not divisible by {mp} shards; choose "
+                            "--num_shards accordingly")
+    unknown = [k for k in shapes if k not in META_TOP_NAMES and _meta_layer_name(k) is None]
+    if unknown:
+        problems.append(f"--output_type pth: tensors without a Meta name: {unknown[:5]}")
+
+
+def _meta_layer_name(name: str) -> tuple[str, int | None] | None:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if not m or m[2] not in META_LAYER_NAMES:
+        return None
+    meta, dim = META_LAYER_NAMES[m[2]]
+    return f"layers.{m[1]}.{meta}", dim
+
+
+def meta_name(name: str) -> tuple[str, int | None]:
+    """Meta's name for a Hugging Face Llama tensor, and the dimension Meta splits it along."""
+    return META_TOP_NAMES.get(name) or _meta_layer_name(name)
+
+
+def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo the rotary permutation that transformers' Llama conversion applies to q/k projections.
+
+    Meta's checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...; the Hugging Face layout rotates
+    the two halves of each head. ``permute`` there is ``view(heads, d/heads/2, 2, in).transpose(1, 2)``.
+    """
+    out, inp = w.shape  # (heads * head_dim, hidden)
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def meta_params(config: dict, vocab_size: int) -> dict:
+    """Meta's ``params.json`` for a Llama config; ``multiple_of``/``ffn_dim_multiplier`` reproduce its FFN."""
+    dim, ffn = config["hidden_size"], config["intermediate_size"]
+    base = int(2 * 4 * dim / 3)
+
+    def meta_ffn(multiple_of: int, mult: float | None) -> int:  # Meta's FeedForward sizing
+        h = int(mult * base) if mult is not None else base
+        return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+    candidates = [(2**k, None) for k in range(12, -1, -1)] + [(2**k, ffn / base) for k in range(12, -1, -1)]
+    multiple_of, mult = next(((m, f) for m, f in candidates if meta_ffn(m, f) == ffn), (1, (ffn + 0.5) / base))
+    params = {"dim": dim, "n_layers": config["num_hidden_layers"], "n_heads": config["num_attention_heads"],
+              "n_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
+              "vocab_size": vocab_size, "multiple_of": multiple_of, "norm_eps": config["rms_norm_eps"],
+              "rope_theta": config.get("rope_theta", 10000.0)}
+    if mult is not None:
+        params["ffn_dim_multiplier"] = mult
+    return params
+
+
+def _write_pth(plan: _Plan, out: Path, num_shards: int | None) -> list[str]:
+    cfg = plan.config
+    mp = num_shards or META_SHARDS_BY_HIDDEN.get(cfg["hidden_size"], 1)
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    names = list(plan.order)
+    if plan.tied:  # Meta has no tying: output.weight is written, right after the embedding it copies
+        names.insert(names.index(EMBED) + 1, LM_HEAD)
+    specs: list[list] = [[] for _ in range(mp)]
+    for name in names:
+        meta, dim = meta_name(name)
+        shape = list(plan.shapes[EMBED if name == LM_HEAD and plan.tied else name])
+        if dim is not None:
+            shape[dim] //= mp
+        for s in specs:
+            s.append((meta, tuple(shape), plan.dtype))
+    # Stream the pieces into one safetensors file per part, then re-save each part as Meta's pickle from
+    # memory-mapped tensors, so that not even one part has to fit in memory.
+    parts = [out / f".consolidated.{i:02d}.safetensors" for i in range(mp)]
+    writers = [StreamingSafetensorsWriter(p, s) for p, s in zip(parts, specs)]
+    for name, tensor in _iter_merged(plan):
+        for hf_name in [name, LM_HEAD] if plan.tied and name == EMBED else [name]:
+            meta, dim = meta_name(hf_name)
+            if hf_name.endswith("q_proj.weight"):
+                tensor = unpermute(tensor, heads)
+            elif hf_name.endswith("k_proj.weight"):
+                tensor = unpermute(tensor, kv)
+            pieces = tensor.chunk(mp, dim) if dim is not None else [tensor] * mp
+            for w, piece in zip(writers, pieces):
+                w.write(meta, piece)
+    files = []
+    for i, (w, part) in enumerate(zip(writers, parts)):
+        w.close()
+        with _mmap_safetensors(part) as tensors:
+            torch.save(tensors, out / f"consolidated.{i:02d}.pth")
+        part.unlink()
+        files.append(f"consolidated.{i:02d}.pth")
+    atomic_write_json(out / "params.json", meta_params(cfg, plan.vocab_size))
+    return files
+
+
+@contextmanager
+def _mmap_safetensors(path: Path) -> Iterator[dict[str, torch.Tensor]]:
+    """Tensors of a safetensors file that share the file's pages (``torch.frombuffer`` over an mmap)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        n = int.from_bytes(mm[:8], "little")
+        header = json.loads(mm[8:8 + n])
+        header.pop("__metadata__", None)
+        tensors = {}
+        with warnings.catch_warnings():  # read-only buffer: the tensors are only read
+            warnings.simplefilter("ignore", UserWarning)
+            for name, h in header.items():
+                dtype = SAFETENSORS_TORCH[h["dtype"]]
+                begin, end = h["data_offsets"]
+                tensors[name] = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                                 offset=8 + n + begin).view(h["shape"])
+        yield tensors
+        del tensors
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def merge(args: MergeArguments) -> Path:
+    """Merge ``args.lora_model`` (in order) into ``args.base_model`` and write ``args.output_dir``.
+
+    Args:
+        args: the merge options (see :class:`MergeArguments`).
+
+    Returns:
+        The output folder.
+    """
+    start = time.time()
+    plan = plan_merge(args)
+    logger.info("merging %s into %s -> %s (%s, %s)", [str(s.path) for s in plan.steps], args.base_model,
+                args.output_dir, args.output_type, plan.dtype)
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        if args.output_type == "pth":
+            files = _write_pth(plan, tmp, args.num_shards)
+        else:
+            files = _write_huggingface(plan, tmp)
+        for name in TOKENIZER_FILES:
+            if (plan.tokenizer_dir / name).is_file():
+                shutil.copy2(plan.tokenizer_dir / name, tmp / name)
+    rows = [
+        ("inputs applied", " -> ".join([Path(args.base_model).name] + [s.path.name for s in plan.steps])),
+        ("tensors", str(len(plan.order))),
+        ("parameters", f"{sum(math.prod(plan.shapes[k]) for k in plan.order):,}"),
+        ("vocab_size", str(plan.vocab_size)),
+        ("tied embeddings", str(plan.tied)),
+        ("dtype", str(plan.dtype).removeprefix("torch.")),
+        ("files", f"{len(files)} ({files[0]}{' ...' if len(files) > 1 else ''})"),
+        ("size", f"{_output_bytes(plan) / 2**30:.3f} GiB"),
+        ("time", f"{time.time() - start:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    logger.info("merge summary\n%s", "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+    return Path(args.output_dir)

@@ -1,0 +1,484 @@
+"""Model loading: base model, vocabulary resize with mean-initialised new rows, stage 1 / stage 2 preparation.
+
+The pipeline applies, in this order: base model -> resize the vocabulary to the tokenizer (padded up to a
+multiple of 64) -> stage-1 embeddings (``embeddings.safetensors``) -> CPT LoRA adapter -> SFT LoRA adapter.
+:func:`load_model_and_tokenizer` does exactly that for inference, serving, merging and evaluation; training
+uses the same pieces (:func:`load_base_model`, :func:`resize_and_init_embeddings`, :func:`prepare_stage1`,
+:func:`prepare_lora`). The file formats are described in ``docs/formats.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from yak import YakError
+from yak.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+VOCAB_MULTIPLE = 64  # rows padded to a multiple of 64: tensor-core friendly, the usual choice (LLaMA-Factory)
+EMBEDDINGS_FILE = "embeddings.safetensors"
+YAK_ADAPTER_FILE = "yak_adapter.json"
+YAK_ADAPTER_FORMAT = "yak-embeddings"
+YAK_ADAPTER_VERSION = 1
+EMBED_KEY = "model.embed_tokens.weight"
+LM_HEAD_KEY = "lm_head.weight"
+# Key names of the full embedding matrices inside a peft adapter (modules_to_save), without the
+# ".modules_to_save.<adapter>" part, which peft strips when saving.
+PEFT_EMBED_KEY = "base_model.model." + EMBED_KEY
+PEFT_LM_HEAD_KEY = "base_model.model." + LM_HEAD_KEY
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelArguments:
+    """Which model and tokenizer to load, and how."""
+
+    model_name_or_path: str = field(
+        default=None, metadata={"help": "Base model folder (Hugging Face layout, safetensors weights)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder (the merged tokenizer); default: the model's own tokenizer."},
+    )
+    base_tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The base model's original tokenizer, used to initialise each new embedding row as the "
+            "mean of the vectors of the pieces it splits the new token into; default: the model folder's."
+        },
+    )
+    adapters: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Output folders of earlier stages applied in order before training, e.g. stage 1's output "
+            "for stage 2, or stage 1's and stage 2's outputs for SFT."
+        },
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the loaded weights: auto (as saved in the checkpoint), bfloat16, float16 or "
+            "float32. Mixed-precision training (--bf16/--fp16) must agree with it; it is checked.",
+            "choices": ["auto", *DTYPES],
+        },
+    )
+    load_in_kbits: int = field(
+        default=16,
+        metadata={"help": "Load the frozen base weights in 4 or 8 bits (needs bitsandbytes and a GPU); 16 = off.",
+                  "choices": [4, 8, 16]},
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention implementation passed to transformers (sdpa, eager, ...)."}
+    )
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
+    """Make ZeRO-3-partitioned ``params`` whole inside the block (a no-op without ZeRO-3).
+
+    Args:
+        params: the parameters to gather.
+        modify: write changes made on rank 0 back to every rank's partition on exit.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None):
+            yield
+    else:
+        yield
+
+
+def padded_vocab_size(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`VOCAB_MULTIPLE`."""
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def resolve_dtype(name: str | torch.dtype) -> str | torch.dtype:
+    """``"auto"`` stays ``"auto"`` (the checkpoint's own dtype); a name becomes a ``torch.dtype``."""
+    if isinstance(name, torch.dtype) or name == "auto":
+        return name
+    if name not in DTYPES:
+        raise YakError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The fast tokenizer of a folder (never executes code from it)."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise YakError(f"tokenizer folder {path} does not exist")
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+def load_base_model(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    load_in_kbits: int = 16,
+    attn_implementation: str | None = None,
+):
+    """Load a causal LM from a Hugging Face folder, safetensors weights only.
+
+    Args:
+        path: the model folder.
+        dtype: ``"auto"`` (the checkpoint's dtype), ``"bfloat16"``, ``"float16"``, ``"float32"``.
+        device: ``"auto"`` (CUDA when present, else CPU), a device name, or ``None`` to leave the
+            placement to the caller (the Trainer / DeepSpeed).
+        load_in_kbits: 4 or 8 to quantize the weights with bitsandbytes; 16 for none.
+        attn_implementation: passed to transformers (``sdpa``, ``eager``, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise YakError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir())
+        raise YakError(
+            f"model folder {path} has no *.safetensors weights (found: {', '.join(found)}); only safetensors "
+            "are loaded, because pickled .bin files can execute code. Convert them once with "
+            "transformers (from_pretrained + save_pretrained) in a trusted environment."
+        )
+    kwargs = {"dtype": resolve_dtype(dtype), "use_safetensors": True, "trust_remote_code": False}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_kbits in (4, 8):
+        kwargs["quantization_config"] = _kbit_config(load_in_kbits, dtype)
+        device = device or "auto"
+    elif load_in_kbits != 16:
+        raise YakError(f"--load_in_kbits must be 4, 8 or 16, got {load_in_kbits}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is not None:
+        kwargs["device_map"] = {"": device}
+    AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # a clear error on a broken config first
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def _kbit_config(bits: int, dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise YakError(
+            f"--load_in_kbits {bits} needs the bitsandbytes package (and a CUDA GPU): pip install bitsandbytes; "
+            "or leave --load_in_kbits at 16"
+        ) from e
+    from transformers import BitsAndBytesConfig
+
+    compute = resolve_dtype(dtype)
+    compute = torch.bfloat16 if compute == "auto" else compute
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _is_tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is None or out.weight is model.get_input_embeddings().weight
+
+
+def check_tokenizer_extends(tokenizer, base_tokenizer, tokenizer_name: str = "tokenizer",
+                            base_name: str = "base tokenizer") -> None:
+    """Raise if ``tokenizer`` does not keep the ids of ``base_tokenizer`` (new pieces must be appended)."""
+    n = len(base_tokenizer)
+    if len(tokenizer) < n:
+        raise YakError(f"{tokenizer_name} has {len(tokenizer)} tokens, fewer than the {n} of {base_name}")
+    new = tokenizer.convert_ids_to_tokens(list(range(n)))
+    old = base_tokenizer.convert_ids_to_tokens(list(range(n)))
+    diff = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+    if diff:
+        i = diff[0]
+        raise YakError(
+            f"{tokenizer_name} is not an extension of {base_name}: {len(diff)} of the first {n} ids differ "
+            f"(first: id {i} is {old[i]!r} in the base and {new[i]!r} in the new one). A merged tokenizer must "
+            "keep the base pieces at their ids and append the new ones."
+        )
+
+
+def _base_piece_ids(piece: str, base_tokenizer) -> list[int]:
+    """Ids of the pieces the base tokenizer's model splits ``piece`` into.
+
+    The piece is given to the tokenization model itself (BPE/Unigram with byte fallback), in its internal
+    form ("▁" marks a word start), bypassing the normaliser and pre-tokeniser: a continuation piece must
+    not get the dummy word-start prefix that encoding it as text would add.
+    """
+    return [t.id for t in base_tokenizer.backend_tokenizer.model.tokenize(piece)]
+
+
+@torch.no_grad()
+def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
+    """Resize the vocabulary to ``len(tokenizer)`` padded to a multiple of 64 and initialise new rows.
+
+    Each new token's row (in ``embed_tokens`` and, when untied, ``lm_head``) is the mean of the base model's
+    rows of the pieces that ``base_tokenizer`` splits that token into; padding rows beyond the tokenizer get
+    the mean of all base rows. Rows of existing tokens are untouched, so on text without new tokens the
+    hidden states and the logits of the old vocabulary are unchanged. Works under ZeRO-3.
+
+    Args:
+        model: a causal LM (tied or untied embeddings).
+        tokenizer: the merged tokenizer (the base pieces first, at their ids).
+        base_tokenizer: the tokenizer the model was trained with.
+
+    Returns:
+        The new number of rows (unchanged if the model already has enough).
+    """
+    check_tokenizer_extends(tokenizer, base_tokenizer)
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if old_rows < len(base_tokenizer):
+        raise YakError(f"the model has {old_rows} embedding rows but its base tokenizer has "
+                       f"{len(base_tokenizer)} tokens: they do not belong together")
+    if len(tokenizer) <= old_rows:
+        logger.info("vocabulary: the tokenizer's %d tokens fit the model's %d rows; no resize",
+                    len(tokenizer), old_rows)
+        return old_rows
+    new_rows = padded_vocab_size(len(tokenizer))
+    model.resize_token_embeddings(new_rows, mean_resizing=False)
+    n_base = len(base_tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n_base, len(tokenizer))))
+    sources = [_base_piece_ids(p, base_tokenizer) for p in pieces]
+    weights = [model.get_input_embeddings().weight]
+    if not _is_tied(model):
+        weights.append(model.get_output_embeddings().weight)
+    with gathered(weights, modify=True):
+        for w in weights:
+            base_rows = w[:n_base].float()  # (V0, H); mean in fp32, then cast back
+            for i, ids in enumerate(sources):
+                w[n_base + i] = (base_rows[ids].mean(0) if ids else base_rows.mean(0)).to(w.dtype)
+            w[len(tokenizer):] = base_rows.mean(0).to(w.dtype)
+    logger.info("vocabulary: %d -> %d rows (%d tokens + %d padding); %d new rows initialised as the mean of "
+                "their base pieces", old_rows, new_rows, len(tokenizer), new_rows - len(tokenizer),
+                len(tokenizer) - n_base)
+    return new_rows
+
+
+def embedding_state(model) -> dict[str, torch.Tensor]:
+    """The full embedding matrices under the base model's key names (gathered under ZeRO-3), on the CPU."""
+    model = _unwrap(model)
+    tensors = {EMBED_KEY: model.get_input_embeddings().weight}
+    if not _is_tied(model):
+        tensors[LM_HEAD_KEY] = model.get_output_embeddings().weight
+    with gathered(list(tensors.values())):
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _unwrap(model):
+    """The transformers model below a peft wrapper (stage-1 models are never wrapped; kept for safety)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def save_embeddings(model, output_dir: str | os.PathLike, base_model_name_or_path: str,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the stage-1 output format: ``embeddings.safetensors`` + ``yak_adapter.json`` (docs/formats.md).
+
+    Args:
+        model: the trained model.
+        output_dir: the folder to write into (created; the caller makes the folder atomic).
+        base_model_name_or_path: recorded for the consumers.
+        state: the tensors, if already gathered (ZeRO-3: every rank must join the gathering, only one saves).
+    """
+    from safetensors.torch import save_file
+
+    state = embedding_state(model) if state is None else state
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(output_dir / EMBEDDINGS_FILE), metadata={"format": "pt"})
+    atomic_write_json(output_dir / YAK_ADAPTER_FILE, {
+        "format": YAK_ADAPTER_FORMAT,
+        "version": YAK_ADAPTER_VERSION,
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "vocab_size": int(state[EMBED_KEY].shape[0]),
+        "tie_word_embeddings": LM_HEAD_KEY not in state,
+    })
+
+
+def _read_stage1(folder: Path) -> dict:
+    info = json.loads((folder / YAK_ADAPTER_FILE).read_text(encoding="utf-8"))
+    if info.get("format") != YAK_ADAPTER_FORMAT or info.get("version") != YAK_ADAPTER_VERSION:
+        raise YakError(f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version "
+                       f"{info.get('version')!r} is not {YAK_ADAPTER_FORMAT!r} version {YAK_ADAPTER_VERSION}")
+    if not (folder / EMBEDDINGS_FILE).is_file():
+        raise YakError(f"{folder} has {YAK_ADAPTER_FILE} but no {EMBEDDINGS_FILE}")
+    return info
+
+
+@torch.no_grad()
+def load_embeddings(model, folder: str | os.PathLike) -> None:
+    """Copy stage-1 embeddings into ``model`` (already resized to the same number of rows)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = _read_stage1(folder)
+    state = load_file(str(folder / EMBEDDINGS_FILE))
+    rows = model.get_input_embeddings().weight.shape[0]
+    problems = []
+    if info["tie_word_embeddings"] != _is_tied(model):
+        problems.append(f"it was trained with tie_word_embeddings={info['tie_word_embeddings']}, the model has "
+                        f"{_is_tied(model)}")
+    for key, t in state.items():
+        if t.shape[0] != rows:
+            problems.append(f"{key} has {t.shape[0]} rows, the model {rows}")
+    if problems:
+        raise YakError(f"stage-1 embeddings {folder} do not fit the model: " + "; ".join(problems))
+    targets = {EMBED_KEY: model.get_input_embeddings().weight}
+    if not _is_tied(model):
+        targets[LM_HEAD_KEY] = model.get_output_embeddings().weight
+    missing = sorted(set(targets) - set(state))
+    if missing:
+        raise YakError(f"{folder / EMBEDDINGS_FILE} lacks {', '.join(missing)}")
+    with gathered(list(targets.values()), modify=True):
+        for key, w in targets.items():
+            w.copy_(state[key].to(w.dtype))
+
+
+def adapter_kind(folder: str | os.PathLike) -> str:
+    """``"embeddings"`` (stage 1) or ``"lora"`` (peft adapter); raise for anything else."""
+    folder = Path(folder)
+    if (folder / YAK_ADAPTER_FILE).is_file():
+        return "embeddings"
+    if (folder / "adapter_config.json").is_file():
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise YakError(f"adapter {folder} has no adapter_model.safetensors (only safetensors are loaded)")
+        return "lora"
+    if not folder.is_dir():
+        raise YakError(f"adapter folder {folder} does not exist")
+    raise YakError(f"{folder} is neither a stage-1 output ({YAK_ADAPTER_FILE}) nor a peft adapter "
+                   "(adapter_config.json)")
+
+
+def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
+    """Number of embedding rows an adapter folder carries (None if it carries no embeddings)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if adapter_kind(folder) == "embeddings":
+        return int(_read_stage1(folder)["vocab_size"])
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        if PEFT_EMBED_KEY in f.keys():
+            return int(f.get_slice(PEFT_EMBED_KEY).get_shape()[0])
+    return None
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
+    """Apply stage outputs in order: stage-1 embeddings are copied in, LoRA adapters are merged.
+
+    Returns the model (a new object when a LoRA adapter was merged).
+    """
+    from peft import PeftModel
+
+    for folder in adapters:
+        if adapter_kind(folder) == "embeddings":
+            load_embeddings(model, folder)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=False).merge_and_unload()
+        logger.info("applied %s", folder)
+    return model
+
+
+def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike], tokenizer_name: str) -> None:
+    """Resize the vocabulary for ``tokenizer`` and check that every adapter's embeddings have that size."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    target = padded_vocab_size(len(tokenizer)) if len(tokenizer) > rows else rows
+    problems = []
+    for folder in adapters:
+        n = adapter_vocab_rows(folder)
+        if n is not None and n != target:
+            problems.append(f"{folder} carries embeddings of {n} rows")
+    if problems:
+        raise YakError(
+            f"the tokenizer {tokenizer_name} has {len(tokenizer)} tokens, so the model is resized to {target} "
+            f"rows (a multiple of {VOCAB_MULTIPLE}), but " + "; ".join(problems)
+            + ". Use the tokenizer the adapters were trained with."
+        )
+    if len(tokenizer) > rows and not any(adapter_vocab_rows(a) for a in adapters):
+        raise YakError(
+            f"the tokenizer {tokenizer_name} has {len(tokenizer)} tokens but the model has only {rows} embedding "
+            "rows, and no adapter brings trained rows for the new tokens. Pass the stage-1/stage-2 output "
+            "folders as adapters, or a merged model."
+        )
+    if target != rows:
+        model.resize_token_embeddings(target, mean_resizing=False)
+
+
+def load_model_and_tokenizer(
+    base_model: str | os.PathLike,
+    adapters: Sequence[str | os.PathLike] = (),
+    tokenizer_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = "auto",
+):
+    """Load a model for use (inference, serving, evaluation, merging): base + adapters, in eval mode.
+
+    Args:
+        base_model: a Hugging Face model folder (a base model or a merged one).
+        adapters: output folders of training stages, applied in order (stage 1's ``embeddings.safetensors``
+            and/or peft LoRA adapters, which are merged into the weights).
+        tokenizer_path: tokenizer folder used when no adapter folder carries a tokenizer.
+        dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        device: ``"auto"`` (CUDA if present, else CPU) or a device name.
+
+    Returns:
+        ``(model, tokenizer)``. The tokenizer comes from the last adapter folder that has one, else
+        ``tokenizer_path``, else ``base_model``.
+    """
+    adapters = [Path(a) for a in adapters]
+    for a in adapters:
+        adapter_kind(a)  # validate every folder before loading anything large
+    tok_dir = next((a for a in reversed(adapters) if has_tokenizer(a)), None)
+    tok_dir = tok_dir or (Path(tokenizer_path) if tokenizer_path else Path(base_model))
+    tokenizer = load_tokenizer(tok_dir)
+    model = load_base_model(base_model, dtype=dtype, device=device)
+    resize_for_adapters(model, tokenizer, adapters, str(tok_dir))
+    model = apply_adapters(model, adapters)
+    model.eval()
+    return model, tokenizer
+
+
+def prepare_stage1(model) -> None:
+    """Stage 1: train only ``embed_tokens`` (and an untied ``lm_head``); freeze every other weight."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    model.get_output_embeddings().weight.requires_grad_(True)  # the same tensor when tied
+
+
+def prepare_lora(model, rank: int, alpha: float, dropout: float, target_modules: Sequence[str],
+                 modules_to_save: Sequence[str]):
+    """Stage 2 and SFT: wrap ``model`` with a peft LoRA adapter; ``modules_to_save`` train in full.
+
+    Tied embeddings stay tied (peft's ``ensure_weight_tying``): one trained matrix, saved under both keys.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    tied = _is_tied(model)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+        modules_to_save=list(modules_to_save) or None, task_type="CAUSAL_LM",
+        # only when an embedding is trained in full; otherwise peft warns that nothing tied was added
+        ensure_weight_tying=tied and any(m.split(".")[-1] in ("embed_tokens", "lm_head") for m in modules_to_save),
+    )
+    return get_peft_model(model, config)
