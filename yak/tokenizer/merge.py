@@ -74,6 +74,12 @@ class TokenizerArguments:
         default=20000,
         metadata={"help": "Number of pieces to add to the base vocabulary (all of them reachable)."},
     )
+    vocab_size: int = field(
+        default=0,
+        metadata={"help": "Size of the new SentencePiece model (0: a twentieth more than --num_pieces, as "
+                          "pieces outside the script or already in the base are skipped). Set it for Unigram,"
+                          " whose pieces are often unreachable."},
+    )
     tibetan_sp_model: str | None = field(
         default=None,
         metadata={"help": "Merge this existing SentencePiece model instead of training one (then --corpus is "
@@ -318,8 +324,10 @@ def train_sentencepiece(files: Sequence[Path], args: TokenizerArguments, vocab_s
         )
     except RuntimeError as e:
         if "Vocabulary size" in str(e):
-            raise YakError(f"--num_pieces {args.num_pieces}: the corpus cannot support that many "
-                           f"{args.model_type} pieces ({e}); ask for fewer or give more text")
+            option = (f"--vocab_size {args.vocab_size}" if args.vocab_size
+                      else f"--num_pieces {args.num_pieces}")
+            raise YakError(f"{option}: the corpus cannot support a {args.model_type} model of {vocab_size} "
+                           f"pieces ({e}); ask for fewer or give more text")
         raise
     proto = _model_proto()
     proto.ParseFromString(buf.getvalue())
@@ -386,8 +394,9 @@ def merge_pieces(base, source, num_pieces: int, ranges, all_characters: bool = T
     """Append up to ``num_pieces`` reachable pieces of ``source`` to a copy of ``base``.
 
     The characters of the added pieces come first, then the pieces in ``source``'s score order; each gets a
-    distinct float32 score below every base score. Pieces whose own text does not encode to them are
-    dropped and the next candidates are taken, until ``num_pieces`` reachable pieces are in.
+    distinct float32 score below every base score. First the candidates that stay unreachable with all
+    candidates in are dropped (Unigram pieces, mostly), then the first ``num_pieces`` of the rest are taken,
+    and any that a missing later piece leaves unreachable are replaced by the next ones.
 
     Args:
         base: the base ``ModelProto`` (SentencePiece BPE).
@@ -400,8 +409,16 @@ def merge_pieces(base, source, num_pieces: int, ranges, all_characters: bool = T
         ``(merged ModelProto, added pieces, number of candidates dropped as unreachable)``.
     """
     pool = _candidates(source, {p.piece for p in base.pieces}, ranges, all_characters)
+    _, reachable = _fill(base, pool, len(pool))
+    merged, added = _fill(base, reachable, num_pieces)
+    kept = set(added)
+    return merged, added, len(pool) - len(reachable) + sum(p not in kept for p in reachable[:len(added)])
+
+
+def _fill(base, pool: Sequence[str], num_pieces: int) -> tuple[object, list[str]]:
+    """Append the first ``num_pieces`` pieces of ``pool`` that are reachable together (see merge_pieces)."""
     floor = np.float32(min(p.score for p in base.pieces))
-    chosen, dropped, next_candidate = [], set(), 0
+    chosen, next_candidate = [], 0
     while True:
         while len(chosen) < num_pieces and next_candidate < len(pool):
             chosen.append(pool[next_candidate])
@@ -413,8 +430,7 @@ def merge_pieces(base, source, num_pieces: int, ranges, all_characters: bool = T
             merged.pieces.add(piece=piece, score=float(score), type=NORMAL)
         bad = set(unreachable_pieces(merged, chosen))
         if not bad:
-            return merged, chosen, len(dropped)
-        dropped |= bad
+            return merged, chosen
         chosen = [p for p in chosen if p not in bad]
 
 
@@ -616,8 +632,8 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
         raise YakError("; ".join(problems))
 
     if source is None:
-        # Ask for a little more than needed: pieces outside the script or already in the base are skipped.
-        source = train_sentencepiece(files, args, vocab_size=int(args.num_pieces * 1.05) + 100)
+        size = args.vocab_size or int(args.num_pieces * 1.05) + 100
+        source = train_sentencepiece(files, args, vocab_size=size)
     merged, added, dropped = merge_pieces(base, source, args.num_pieces, ranges, args.script_characters)
     if len(added) < args.num_pieces:
         raise YakError(f"--num_pieces {args.num_pieces}: only {len(added)} reachable pieces of the script "
