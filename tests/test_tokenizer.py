@@ -23,6 +23,7 @@ from yak.tokenizer import (
     parse_script_ranges,
     unreachable_pieces,
 )
+from yak.tokenizer.merge import iter_sentences
 
 TINY_BO = ROOT / "tokenizer" / "stories260K_bo"
 TIBETAN = parse_script_ranges("0F00-0FFF")
@@ -133,3 +134,16 @@ def test_merge_tokenizer_script_exits_2_on_bad_input(tmp_path):
                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "no such file or folder" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_long_lines_are_cut_into_chunks_sentencepiece_keeps():
+    """SentencePiece drops lines over max_sentence_length silently: no chunk may be longer, no text lost."""
+    f = PT_DATA / "bo" / "nanhai_modern_deseg.txt"
+    lines = [x.strip() for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+    assert max(len(x.encode()) for x in lines) > 20_000
+    chunks = list(iter_sentences([f], max_bytes=1000))
+    assert max(len(c.encode()) for c in chunks) <= 1000
+    # packed: sentences average about 300 bytes, chunks far more
+    assert sum(len(c.encode()) for c in chunks) / len(chunks) > 600
+    squeeze = str.maketrans("", "", " \t")
+    assert "".join(chunks).translate(squeeze) == "".join(lines).translate(squeeze)
