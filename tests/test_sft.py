@@ -79,6 +79,7 @@ def _tokenizers(tiny_model_dir):
     llama2 = AutoTokenizer.from_pretrained(ROOT / "tokenizer" / "llama2")  # the real Llama 2 tokenizer
     llama2.chat_template = LLAMA2_CHAT_TEMPLATE
     yield "llama2", llama2
+    yield "llama2+bo", AutoTokenizer.from_pretrained(ROOT / "tokenizer" / "merged_tokenizer_hf")
 
 
 def test_training_tokens_equal_apply_chat_template_and_labels_are_exactly_the_answers(tiny_model_dir):
