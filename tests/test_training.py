@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from tests.conftest import HELDOUT, PT_DATA, ROOT
@@ -227,21 +228,55 @@ def test_loraplus_groups_keep_embeddings_out_of_the_A_group(tiny_model_dir, tmp_
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == trainable
 
 
-def test_deepspeed_zero2_on_cpu(pt_dir, tmp_path):
-    """A real DeepSpeed ZeRO-2 run: two processes over gloo on the CPU, launched by torchrun."""
+@pytest.mark.parametrize("config, stage", [("ds_z2_config.json", "2"), ("ds_z3_config.json", "1")])
+def test_deepspeed_on_cpu(config, stage, pt_dir, tmp_path):
+    """Real DeepSpeed runs: two processes over gloo on the CPU, launched by torchrun.
+
+    ZeRO-2 with LoRA+ (stage 2); ZeRO-3 (partitioned weights) must still save complete embeddings.
+    """
     out = tmp_path / "ds"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), str(ROOT / "train.py"),
-           *argv(pt_dir, out, "--stage", "2", "--max_steps", "3", "--save_steps", "2", "--lora_rank", "4",
-                 "--lora_alpha", "8", "--learning_rate", "1e-3", "--deepspeed", str(ROOT / "ds_z2_config.json"))]
+           str(29500 + os.getpid() % 1000 + int(stage)), str(ROOT / "train.py"),
+           *argv(pt_dir, out, "--stage", stage, "--max_steps", "3", "--save_steps", "2", "--lora_rank", "4",
+                 "--lora_alpha", "8", "--learning_rate", "1e-3", "--deepspeed", str(ROOT / config))]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "optimizer group lora_B" in result.stderr  # our LoRA+ groups, not a DeepSpeed optimizer
     assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
     assert any((out / "checkpoint-2").glob("global_step*"))  # DeepSpeed's own optimizer shards
+    if stage == "2":
+        assert "optimizer group lora_B" in result.stderr  # our LoRA+ groups, not a DeepSpeed optimizer
+        saved = load_file(str(out / "adapter_model.safetensors"))
+        embeddings = saved["base_model.model.model.embed_tokens.weight"]
+    else:
+        embeddings = load_file(str(out / "embeddings.safetensors"))["model.embed_tokens.weight"]
+    assert embeddings.shape == (3520, 64) and embeddings.abs().sum(1).min() > 0  # complete, no empty rows
     model, tok = load_model_and_tokenizer(ROOT / "models" / "stories260K", [out], device="cpu")
-    assert model.get_input_embeddings().weight.shape[0] == 3520 and len(tok) == 3512
+    assert torch.equal(model.get_input_embeddings().weight, embeddings) and len(tok) == 3512
+
+
+def test_sft_task_on_top_of_continued_pretraining(tmp_path):
+    """--task sft with yak.sft's data: LoRA+ on the chat data, starting from a CPT output."""
+    common = ["--model_name_or_path", str(ROOT / "models" / "stories260K"), "--use_cpu", "--report_to", "none",
+              "--per_device_train_batch_size", "4", "--logging_steps", "1", "--lora_rank", "4",
+              "--lora_alpha", "8", "--seed", "3", "--plot_loss", "false"]
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    (pt / "bo.txt").write_text("".join((PT_DATA / "bo" / "mila.txt").read_text(encoding="utf-8")
+                                       .splitlines(keepends=True)[:5]), encoding="utf-8")
+    run_training(*parse_train_args(["--tokenizer_name_or_path", str(MERGED_TOKENIZER), "--dataset_dir", str(pt),
+                                    "--data_cache_dir", str(tmp_path / "c"), "--block_size", "64",
+                                    "--max_steps", "2", "--output_dir", str(tmp_path / "cpt"), *common]))
+    summary = run_training(*parse_train_args([
+        "--task", "sft", "--adapters", str(tmp_path / "cpt"), "--dataset_dir", str(ROOT / "data" / "sft"),
+        "--data_cache_dir", str(tmp_path / "c"), "--max_seq_length", "256", "--max_steps", "12",
+        "--learning_rate", "2e-3", "--output_dir", str(tmp_path / "sft"), *common]))
+    losses = summary["losses"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    assert (tmp_path / "sft" / "adapter_model.safetensors").is_file()
+    model, tok = load_model_and_tokenizer(ROOT / "models" / "stories260K", [tmp_path / "cpt", tmp_path / "sft"],
+                                          device="cpu")
+    assert len(tok) == 3512 and tok.chat_template
 
 
 @pytest.mark.gpu

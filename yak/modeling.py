@@ -101,6 +101,12 @@ def gathered(params: Sequence[torch.nn.Parameter], modify: bool = False) -> Iter
         yield
 
 
+def embedding_rows(model) -> int:
+    """Rows of the input embedding matrix (also when ZeRO-3 has partitioned it: ``ds_shape``)."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def padded_vocab_size(n: int) -> int:
     """``n`` rounded up to a multiple of :data:`VOCAB_MULTIPLE`."""
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
@@ -240,7 +246,7 @@ def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
         The new number of rows (unchanged if the model already has enough).
     """
     check_tokenizer_extends(tokenizer, base_tokenizer)
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    old_rows = embedding_rows(model)
     if old_rows < len(base_tokenizer):
         raise YakError(f"the model has {old_rows} embedding rows but its base tokenizer has "
                        f"{len(base_tokenizer)} tokens: they do not belong together")
@@ -333,7 +339,7 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     info = _read_stage1(folder)
     state = load_file(str(folder / EMBEDDINGS_FILE))
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = embedding_rows(model)
     problems = []
     if info["tie_word_embeddings"] != _is_tied(model):
         problems.append(f"it was trained with tie_word_embeddings={info['tie_word_embeddings']}, the model has "
@@ -404,7 +410,7 @@ def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
 
 def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike], tokenizer_name: str) -> None:
     """Resize the vocabulary for ``tokenizer`` and check that every adapter's embeddings have that size."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = embedding_rows(model)
     target = padded_vocab_size(len(tokenizer)) if len(tokenizer) > rows else rows
     problems = []
     for folder in adapters:

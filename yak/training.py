@@ -347,6 +347,12 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
     earlier stage's trained rows are used. Trainable weights are kept in fp32 (the optimizer's master
     copy) while frozen weights stay in ``--torch_dtype``; under DeepSpeed, DeepSpeed does that itself.
     """
+    if training_args.deepspeed:
+        import deepspeed
+
+        # ZeRO-3 partitions the weights while loading and needs DeepSpeed's communicator for that;
+        # accelerate sets it up on GPUs but not on the CPU (a no-op when it is already up)
+        deepspeed.init_distributed()
     model = load_base_model(model_args.model_name_or_path, dtype=model_args.torch_dtype,
                             load_in_kbits=model_args.load_in_kbits,
                             attn_implementation=model_args.attn_implementation)
@@ -368,10 +374,14 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
                 p.data = p.data.float()  # in place on the Parameter: tied weights stay one tensor
     if training_args.gradient_checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitioned parameters are empty locally
 
 
 def _is_embedding_param(name: str) -> bool:
@@ -401,7 +411,7 @@ def optimizer_groups(model, args: TrainingArguments, loraplus_lr_ratio: float,
         group["params"].append(p)
     for g in groups.values():
         logger.info("optimizer group %-20s %12s parameters  lr %.3g  weight decay %g", g["name"],
-                    f"{sum(p.numel() for p in g['params']):,}", g["lr"], g["weight_decay"])
+                    f"{sum(_numel(p) for p in g['params']):,}", g["lr"], g["weight_decay"])
     return list(groups.values())
 
 
@@ -679,7 +689,9 @@ def run_training(model_args: ModelArguments, stage_args: StageArguments, data_ar
     tokenizer = load_tokenizer(_tokenizer_dir(model_args))
     datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
     return train_on_datasets(model_args, stage_args, training_args, tokenizer, datasets, collator,
-                             resume_from_checkpoint=resume, tokens_per_sample=getattr(data_args, "block_size", None),
+                             resume_from_checkpoint=resume,
+                             tokens_per_sample=getattr(data_args, "block_size", None)
+                             or getattr(data_args, "max_seq_length", None),
                              callbacks=callbacks)
 
 
