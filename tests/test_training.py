@@ -215,13 +215,16 @@ def test_loraplus_groups_keep_embeddings_out_of_the_A_group(tiny_model_dir, tmp_
                          modules_to_save=["embed_tokens", "lm_head"])
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-4, weight_decay=0.01, use_cpu=True,
                              report_to="none")
+    decay = {n for n, _ in model.named_parameters() if "lora_B" not in n}  # B without decay: a 4th group
     groups = {g["name"]: g for g in optimizer_groups(model, args, loraplus_lr_ratio=16,
-                                                     embedding_learning_rate=1e-5)}
+                                                     embedding_learning_rate=1e-5, decay_names=decay)}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert groups["lora_A"]["lr"] == 2e-4 and groups["lora_B"]["lr"] == pytest.approx(3.2e-3)
+    assert set(groups) == {"lora_A", "lora_B_no_decay", "embeddings"}
+    assert groups["lora_A"]["lr"] == 2e-4 and groups["lora_B_no_decay"]["lr"] == pytest.approx(3.2e-3)
     assert groups["embeddings"]["lr"] == 1e-5
+    assert groups["lora_A"]["weight_decay"] == 0.01 and groups["lora_B_no_decay"]["weight_decay"] == 0.0
     assert all("lora_A" in names[id(p)] for p in groups["lora_A"]["params"])
-    assert all("lora_B" in names[id(p)] for p in groups["lora_B"]["params"])
+    assert all("lora_B" in names[id(p)] for p in groups["lora_B_no_decay"]["params"])
     assert [names[id(p)] for p in groups["embeddings"]["params"]] == [
         "base_model.model.model.embed_tokens.modules_to_save.default.weight"]  # tied: one matrix
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

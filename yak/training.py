@@ -389,13 +389,20 @@ def _is_embedding_param(name: str) -> bool:
 
 
 def optimizer_groups(model, args: TrainingArguments, loraplus_lr_ratio: float,
-                     embedding_learning_rate: float | None) -> list[dict]:
+                     embedding_learning_rate: float | None, decay_names: set[str]) -> list[dict]:
     """Parameter groups: LoRA A (lr), LoRA B (lr x ratio, LoRA+), embeddings (their own lr).
 
     Hand-written rather than peft's ``create_loraplus_optimizer``, which puts the full embedding copies
-    of ``modules_to_save`` in the A group. Weight decay follows the Trainer's rule (none on norms, biases).
+    of ``modules_to_save`` in the A group.
+
+    Args:
+        model: the prepared model; only parameters that require grad are grouped.
+        args: gives ``learning_rate`` and ``weight_decay``.
+        loraplus_lr_ratio: learning rate of B over A.
+        embedding_learning_rate: the embeddings' rate (None: ``learning_rate``).
+        decay_names: parameters that get weight decay (the Trainer's rule: not norms, not biases).
     """
-    decay = set(Trainer.get_decay_parameter_names(None, model))
+    decay = decay_names
     lr, emb_lr = args.learning_rate, embedding_learning_rate or args.learning_rate
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -435,7 +442,8 @@ class YakTrainer(Trainer):
         if self.optimizer is None:
             model = model or self.model
             optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
-            groups = optimizer_groups(model, self.args, self.loraplus_lr_ratio, self.embedding_learning_rate)
+            groups = optimizer_groups(model, self.args, self.loraplus_lr_ratio, self.embedding_learning_rate,
+                                      set(self.get_decay_parameter_names(model)))
             self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
