@@ -291,3 +291,19 @@ def test_stage2_bf16_gradient_checkpointing_on_gpu(pt_dir, tmp_path):
     assert summary["global_step"] == 5 and all(l == l for l in summary["losses"])  # no NaN
     model, _ = load_model_and_tokenizer(ROOT / "models" / "stories260K", [out], dtype="bfloat16")
     assert model.device.type == "cuda" and model.dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_run_pt_sh_on_cpu(tmp_path):
+    """run_pt.sh as shipped: stage 1 then stage 2 of the tiny model on data/pt, on the CPU (about a minute)."""
+    env = {**os.environ, "OUT": str(tmp_path / "pt"), "CACHE": str(tmp_path / "cache"),
+           "MASTER_PORT": str(29600 + os.getpid() % 1000)}
+    result = subprocess.run(["bash", str(ROOT / "run_pt.sh")], capture_output=True, text=True, env=env,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("stage1", "stage2"):
+        assert (tmp_path / "pt" / stage / "loss.png").is_file()
+    model, tok = load_model_and_tokenizer(ROOT / "models" / "stories260K",
+                                          [tmp_path / "pt" / "stage1", tmp_path / "pt" / "stage2"], device="cpu")
+    heldout = (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text(encoding="utf-8")[:3000]
+    assert _loss(model, tok, heldout) < 12  # the resized base model: about 23.6
