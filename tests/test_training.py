@@ -171,6 +171,11 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     assert "--bf16 with float16 weights" in message and "--loraplus_lr_ratio must be >= 1" in message
     with pytest.raises(YakError, match="not used.*--no_such_option"):
         parse_train_args(argv(pt_dir, out, "--no_such_option", "1"))
+    # a tokenizer that is not an extension of the model's (here: the model's own is smaller than the base given)
+    with pytest.raises(YakError, match="has 512 tokens, fewer than the 3512"):
+        run_training(*parse_train_args(argv(pt_dir, tmp_path / "y", "--tokenizer_name_or_path",
+                                            str(ROOT / "models" / "stories260K"), "--base_tokenizer_name_or_path",
+                                            str(MERGED_TOKENIZER))))
     # another run's folder: a stage-1 folder is not continued as stage 2
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "yak_run.json").write_text(json.dumps({"identity": {"task": "pt", "stage": 1}}))

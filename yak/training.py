@@ -31,6 +31,7 @@ from yak.modeling import (
     ModelArguments,
     adapter_kind,
     apply_adapters,
+    check_tokenizer_extends,
     embedding_keys,
     load_base_model,
     load_embeddings,
@@ -328,11 +329,9 @@ def _barrier(training_args) -> None:
 
 
 def _config_dict(*arg_objects) -> dict:
-    config = {}
-    for obj in arg_objects:
-        d = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
-        config[type(obj).__name__] = {k: v for k, v in d.items() if "token" not in k or "tokenizer" in k}
-    return config
+    """The options as JSON-able dicts (TrainingArguments.to_dict masks secrets such as hub_token)."""
+    return {type(obj).__name__: obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+            for obj in arg_objects}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -357,7 +356,7 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
                             load_in_kbits=model_args.load_in_kbits,
                             attn_implementation=model_args.attn_implementation)
     if model_args.adapters:
-        resize_for_adapters(model, tokenizer, model_args.adapters, str(model_args.tokenizer_name_or_path))
+        resize_for_adapters(model, tokenizer, model_args.adapters, _tokenizer_dir(model_args))
         model = apply_adapters(model, model_args.adapters)
     else:
         base_tok = load_tokenizer(model_args.base_tokenizer_name_or_path or model_args.model_name_or_path)
@@ -695,6 +694,9 @@ def run_training(model_args: ModelArguments, stage_args: StageArguments, data_ar
                                                  indent=1, default=str))
     resume = prepare_output_dir(model_args, stage_args, data_args, training_args)
     tokenizer = load_tokenizer(_tokenizer_dir(model_args))
+    if not model_args.adapters:  # a tokenizer that does not extend the model's fails before the data work
+        base_dir = model_args.base_tokenizer_name_or_path or model_args.model_name_or_path
+        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), _tokenizer_dir(model_args), base_dir)
     datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
     return train_on_datasets(model_args, stage_args, training_args, tokenizer, datasets, collator,
                              resume_from_checkpoint=resume,
