@@ -35,15 +35,6 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
          "One day, she saw a big dog. The dog was very friendly and they played together all day.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two fighting over a shared 2-core machine (measured 30x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pt_dir(tmp_path_factory):
     """A small dataset_dir of real lines: bo (Milarepa), en (Austen), zh (Honglou meng)."""
