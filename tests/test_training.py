@@ -156,10 +156,12 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
         run_training(*parse_train_args(argv(pt_dir, out, "--max_steps", "1")))
     with pytest.raises(YakError) as e:
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--block_size", "1024", "--torch_dtype",
-                                            "float16", "--bf16", "--loraplus_lr_ratio", "0.5")))
+                                            "float16", "--bf16", "--loraplus_lr_ratio", "0.5", "--max_steps", "5",
+                                            "--max_train_tokens", "1000")))
     message = str(e.value)
     assert "--block_size 1024 is longer than the model's context (512 positions" in message
     assert "--bf16 with float16 weights" in message and "--loraplus_lr_ratio must be >= 1" in message
+    assert "either --max_train_tokens or --max_steps" in message
     with pytest.raises(YakError, match="not used.*--no_such_option"):
         parse_train_args(argv(pt_dir, out, "--no_such_option", "1"))
     # a tokenizer that is not an extension of the model's (here: the model's own is smaller than the base given)

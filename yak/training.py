@@ -208,6 +208,10 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
+    if stage_args.task == "sft" and stage_args.stage == 1:
+        problems.append("--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)")
+    if stage_args.max_train_tokens and training_args.max_steps > 0:
+        problems.append("give either --max_train_tokens or --max_steps, not both")
     if stage_args.task == "sft" and stage_args.max_train_tokens:
         problems.append("--max_train_tokens is for --task pt (SFT sequences vary in length); use --max_steps")
     if stage_args.uses_lora and not stage_args.trainable_modules():
