@@ -84,6 +84,10 @@ def argv(pt_dir, output_dir, *extra) -> list[str]:
     ]
 
 
+def cpu_args(output_dir, **kwargs) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(output_dir), use_cpu=True, report_to="none", **kwargs)
+
+
 class Capture(TrainerCallback):
     """Keeps a copy of the model's weights at the end of training."""
 
@@ -321,13 +325,8 @@ def test_config_file_and_help(tmp_path, pt_dir):
 
 
 def test_schedule_refuses_endless_warmup_and_counts_tokens(tmp_path):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        num_train_epochs=100000,
-        per_device_train_batch_size=12,
-        gradient_accumulation_steps=8,
-        use_cpu=True,
-        report_to="none",
+    args = cpu_args(
+        tmp_path, num_train_epochs=100000, per_device_train_batch_size=12, gradient_accumulation_steps=8
     )
     with pytest.raises(
         YakError,
@@ -335,14 +334,7 @@ def test_schedule_refuses_endless_warmup_and_counts_tokens(tmp_path):
         r"6,170,000 steps = 5,000.0 epochs",
     ):
         resolve_schedule(args, StageArguments(warmup_ratio=0.05), n_train=1234 * 96, tokens_per_sample=256)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=12,
-        warmup_steps=100,
-        gradient_accumulation_steps=8,
-        use_cpu=True,
-        report_to="none",
-    )
+    args = cpu_args(tmp_path, per_device_train_batch_size=12, warmup_steps=100, gradient_accumulation_steps=8)
     fixed, summary = resolve_schedule(
         args, StageArguments(max_train_tokens=10_000_000), n_train=10**6, tokens_per_sample=256
     )
@@ -360,9 +352,7 @@ def test_loraplus_groups_keep_embeddings_out_of_the_A_group(tiny_model_dir, tmp_
         target_modules=["q_proj", "v_proj"],
         modules_to_save=["embed_tokens", "lm_head"],
     )
-    args = TrainingArguments(
-        output_dir=str(tmp_path), learning_rate=2e-4, weight_decay=0.01, use_cpu=True, report_to="none"
-    )
+    args = cpu_args(tmp_path, learning_rate=2e-4, weight_decay=0.01)
     decay = {n for n, _ in model.named_parameters() if "lora_B" not in n}  # B without decay: a 4th group
     groups = {
         g["name"]: g
