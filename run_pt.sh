@@ -3,7 +3,12 @@
 # training them. Variables first, as in the original run_pt.sh; then one torchrun command per stage.
 #
 #   bash run_pt.sh                      # the tiny model on data/pt, on the CPU (a few minutes)
-#   BASE=/models/llama-2-7b TOKENIZER=tokenizer/merged_tokenizer_hf GPUS=8 DEVICE=gpu bash run_pt.sh
+#   BASE=/models/llama-2-7b TOKENIZER=tokenizer/merged_tokenizer_hf DEVICE=gpu GPUS=8 bash run_pt.sh
+#
+# GPU defaults follow the original run_pt.sh (block 256, batch 12 x 8 accumulation, LoRA r64/alpha128,
+# bf16, cosine, DeepSpeed ZeRO-2), with the length as a token budget and the warm-up in steps instead of
+# --num_train_epochs 100000 --warmup_ratio 0.05, and per-layer compilation instead of gradient
+# checkpointing (faster, same training semantics; GRAD_CKPT=1 when memory is short).
 #
 # Any variable below can be set from the environment. Extra arguments go to both stages.
 set -euo pipefail
@@ -13,7 +18,7 @@ BASE=${BASE:-models/stories260K}                                     # base mode
 TOKENIZER=${TOKENIZER:-tokenizer/stories260K_bo/merged_tokenizer_hf}   # the merged tokenizer
 DATA=${DATA:-data/pt}                       # one sub-folder per source: bo/ en/ zh/ (*.txt, *.jsonl)
 CACHE=${CACHE:-data_cache}                  # tokenized blocks, keyed by file content + tokenizer
-OUT=${OUT:-output/pt}                       # stage 1 -> $OUT/stage1, stage 2 -> $OUT/stage2
+OUT=${OUT:-outputs/pt}                      # stage 1 -> $OUT/stage1, stage 2 -> $OUT/stage2
 DEVICE=${DEVICE:-cpu}                       # cpu or gpu
 GPUS=${GPUS:-1}                             # processes (GPUs) per node
 NODES=${NODES:-1}
@@ -33,20 +38,28 @@ MODULES_TO_SAVE=${MODULES_TO_SAVE:-embed_tokens,lm_head}
 BLOCK_SIZE=${BLOCK_SIZE:-256}
 BATCH=${BATCH:-12}                          # per device
 GRAD_ACC=${GRAD_ACC:-8}
-STAGE1_TOKENS=${STAGE1_TOKENS:-200000}      # training length as a token budget (not epochs)
-STAGE2_TOKENS=${STAGE2_TOKENS:-400000}
-WARMUP_STEPS=${WARMUP_STEPS:-2}
+STAGE1_TOKENS=${STAGE1_TOKENS:-100000000}   # training length as a token budget (not epochs)
+STAGE2_TOKENS=${STAGE2_TOKENS:-1000000000}
+WARMUP_STEPS=${WARMUP_STEPS:-100}           # warm-up in steps
 SAVE_STEPS=${SAVE_STEPS:-100}
-DTYPE=${DTYPE:-float32}                     # the one dtype option: bfloat16 on GPUs (bf16 training follows)
-DEEPSPEED=${DEEPSPEED:-}                    # e.g. ds_z2_config.json (or ds_z3_config.json) on GPUs
+LOGGING_STEPS=${LOGGING_STEPS:-10}
+DTYPE=${DTYPE:-bfloat16}                    # the one dtype option (bf16 mixed precision follows from it)
+DEEPSPEED=${DEEPSPEED:-ds_z2_config.json}   # or ds_z3_config.json for models that do not fit
+COMPILE_LAYERS=${COMPILE_LAYERS:-1}         # GPUs: per-layer torch.compile, ~1.9x faster (bench/RESULTS.md)
+GRAD_CKPT=${GRAD_CKPT:-0}                   # GPUs: 1 = gradient checkpointing (less memory, slower; 13B)
 
-if [ "$DEVICE" = cpu ]; then
+if [ "$DEVICE" = cpu ]; then                # a small run of the tiny model: minutes on a laptop
+  BLOCK_SIZE=${CPU_BLOCK_SIZE:-64}; BATCH=${CPU_BATCH:-8}; GRAD_ACC=1; DTYPE=float32; WARMUP_STEPS=5
+  STAGE1_TOKENS=${CPU_STAGE1_TOKENS:-51200}; STAGE2_TOKENS=${CPU_STAGE2_TOKENS:-51200}; LOGGING_STEPS=5
+  STAGE1_LR=${CPU_STAGE1_LR:-5e-3}; LR=${CPU_LR:-1e-3}; EMBEDDING_LR=$LR; LORA_RANK=8; LORA_ALPHA=16
   DEVICE_ARGS=(--use_cpu)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
-  DEVICE_ARGS=(--gradient_checkpointing)
+  DEVICE_ARGS=()
+  [ "$COMPILE_LAYERS" = 1 ] && DEVICE_ARGS+=(--compile_layers)
+  [ "$GRAD_CKPT" = 1 ] && DEVICE_ARGS+=(--gradient_checkpointing)
+  [ -n "$DEEPSPEED" ] && DEVICE_ARGS+=(--deepspeed "$DEEPSPEED")
 fi
-[ -n "$DEEPSPEED" ] && DEVICE_ARGS+=(--deepspeed "$DEEPSPEED")
 
 COMMON=(
   --model_name_or_path "$BASE"
@@ -55,7 +68,7 @@ COMMON=(
   --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH"
   --gradient_accumulation_steps "$GRAD_ACC"
   --lr_scheduler_type cosine --warmup_steps "$WARMUP_STEPS" --weight_decay 0.01
-  --logging_steps 10 --save_steps "$SAVE_STEPS" --save_total_limit 3
+  --logging_steps "$LOGGING_STEPS" --save_steps "$SAVE_STEPS" --save_total_limit 3
   --seed 42 --report_to none "${DEVICE_ARGS[@]}"
 )
 LAUNCH=(torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS"

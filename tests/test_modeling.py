@@ -14,7 +14,6 @@ from tests.conftest import PT_DATA, ROOT
 from yak import YakError
 from yak.modeling import (
     EMBED_KEY,
-    LM_HEAD_KEY,
     PEFT_EMBED_KEY,
     PEFT_LM_HEAD_KEY,
     load_base_model,
@@ -46,9 +45,16 @@ def untied_model_dir(tiny_model_dir, tmp_path_factory):
     """A small untied Llama (random weights) sharing the tiny model's tokenizer."""
     out = tmp_path_factory.mktemp("untied")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tiny_model_dir / name, out / name)
@@ -62,8 +68,9 @@ def _logits(model, tokenizer, text):
 
 
 @pytest.mark.parametrize("which", ["tied", "untied"])
-def test_resize_initialises_new_rows_as_mean_of_base_pieces(which, tiny_model_dir, untied_model_dir,
-                                                            merged_tok_dir):
+def test_resize_initialises_new_rows_as_mean_of_base_pieces(
+    which, tiny_model_dir, untied_model_dir, merged_tok_dir
+):
     model_dir = tiny_model_dir if which == "tied" else untied_model_dir
     model = load_base_model(model_dir, dtype="float32")
     base_tok, tok = load_tokenizer(model_dir), load_tokenizer(merged_tok_dir)
@@ -85,13 +92,16 @@ def test_resize_initialises_new_rows_as_mean_of_base_pieces(which, tiny_model_di
     starts = [i for i, p in enumerate(pieces, 512) if p.startswith("▁") and len(p) > 1]
     inner = [i for i, p in enumerate(pieces, 512) if "▁" not in p]
     assert starts and inner
-    for weight, old in ((model.get_input_embeddings().weight, old_in), (model.get_output_embeddings().weight,
-                                                                        old_out)):
+    for weight, old in (
+        (model.get_input_embeddings().weight, old_in),
+        (model.get_output_embeddings().weight, old_out),
+    ):
         for new_id in (inner[0], inner[-1], starts[0], starts[-1]):
             piece = pieces[new_id - 512]
             text = piece.removeprefix("▁")
-            expected = ([base_tok.convert_tokens_to_ids("▁")] if piece != text else []) + \
-                base_tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in text.encode("utf-8")])
+            expected = (
+                [base_tok.convert_tokens_to_ids("▁")] if piece != text else []
+            ) + base_tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in text.encode("utf-8")])
             torch.testing.assert_close(weight[new_id], old[expected].mean(0))
         torch.testing.assert_close(weight[len(tok)], old.mean(0))  # padding rows
         assert torch.equal(weight[:512], old)
@@ -117,16 +127,27 @@ def test_load_model_and_tokenizer_applies_stage1_then_lora(tiny_model_dir, merge
     save_embeddings(model, stage1, str(tiny_model_dir))
     tok.save_pretrained(str(stage1))
     info = json.loads((stage1 / "yak_adapter.json").read_text())
-    assert info == {"format": "yak-embeddings", "version": 1, "base_model_name_or_path": str(tiny_model_dir),
-                    "vocab_size": padded_vocab_size(len(tok)), "tie_word_embeddings": True}
+    assert info == {
+        "format": "yak-embeddings",
+        "version": 1,
+        "base_model_name_or_path": str(tiny_model_dir),
+        "vocab_size": padded_vocab_size(len(tok)),
+        "tie_word_embeddings": True,
+    }
     assert set(load_file(str(stage1 / "embeddings.safetensors"))) == {EMBED_KEY}
 
     m1, t1 = load_model_and_tokenizer(tiny_model_dir, [stage1], dtype="float32", device="cpu")
     assert len(t1) == len(tok)
     assert torch.equal(m1.get_input_embeddings().weight, model.get_input_embeddings().weight)
 
-    peft_model = prepare_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
-                              modules_to_save=["embed_tokens", "lm_head"])
+    peft_model = prepare_lora(
+        model,
+        rank=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
@@ -152,8 +173,14 @@ def test_untied_lora_adapter_carries_both_matrices(untied_model_dir, merged_tok_
     base_tok, tok = load_tokenizer(untied_model_dir), load_tokenizer(merged_tok_dir)
     model = load_base_model(untied_model_dir, dtype="float32")
     resize_and_init_embeddings(model, tok, base_tok)
-    peft_model = prepare_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj"],
-                              modules_to_save=["embed_tokens", "lm_head"])
+    peft_model = prepare_lora(
+        model,
+        rank=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["q_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "modules_to_save" in name:
@@ -206,6 +233,7 @@ def test_bad_inputs_are_explained(tiny_model_dir, merged_tok_dir, tmp_path):
 def test_load_in_kbits_without_bitsandbytes_is_a_clear_error(tiny_model_dir):
     try:
         import bitsandbytes  # noqa: F401
+
         pytest.skip("bitsandbytes is installed")
     except ImportError:
         pass

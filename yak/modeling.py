@@ -13,9 +13,9 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -74,18 +74,23 @@ class ModelArguments:
     )
     load_in_kbits: int = field(
         default=16,
-        metadata={"help": "Load the frozen base weights in 4 or 8 bits (needs bitsandbytes and a GPU); 16 = off.",
-                  "choices": [4, 8, 16]},
+        metadata={
+            "help": "Load the frozen base weights in 4 or 8 bits (needs bitsandbytes and a GPU); 16 = off.",
+            "choices": [4, 8, 16],
+        },
     )
     attn_implementation: str = field(
-        default="sdpa", metadata={"help": "Attention implementation passed to transformers (sdpa, eager, ...)."}
+        default="sdpa",
+        metadata={"help": "Attention implementation passed to transformers (sdpa, eager, ...)."},
     )
     compile_layers: bool = field(
         default=False,
-        metadata={"help": "Compile each decoder layer with torch.compile (regional compilation: one compile, "
-                  "reused by every layer). On GPUs, with --gradient_checkpointing off, it made LoRA CPT of a "
-                  "7B-shaped model about 1.9x faster than the naive setup (bench/RESULTS.md); costs about a "
-                  "minute of compilation at start."},
+        metadata={
+            "help": "Compile each decoder layer with torch.compile (regional compilation: one compile, "
+            "reused by every layer). On GPUs, with --gradient_checkpointing off, it made LoRA CPT of a "
+            "7B-shaped model about 1.9x faster than the naive setup (bench/RESULTS.md); costs about a "
+            "minute of compilation at start."
+        },
     )
 
 
@@ -106,6 +111,12 @@ def gathered(params: Sequence[torch.nn.Parameter], modify: bool = False) -> Iter
             yield
     else:
         yield
+
+
+def embedding_rows(model) -> int:
+    """Rows of the input embedding matrix (also when ZeRO-3 has partitioned it: ``ds_shape``)."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
 def padded_vocab_size(n: int) -> int:
@@ -190,7 +201,9 @@ def _kbit_config(bits: int, dtype):
     compute = torch.bfloat16 if compute == "auto" else compute
     if bits == 4:
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
@@ -201,8 +214,9 @@ def _is_tied(model) -> bool:
     return out is None or out.weight is model.get_input_embeddings().weight
 
 
-def check_tokenizer_extends(tokenizer, base_tokenizer, tokenizer_name: str = "tokenizer",
-                            base_name: str = "base tokenizer") -> None:
+def check_tokenizer_extends(
+    tokenizer, base_tokenizer, tokenizer_name: str = "tokenizer", base_name: str = "base tokenizer"
+) -> None:
     """Raise if ``tokenizer`` does not keep the ids of ``base_tokenizer`` (new pieces must be appended)."""
     n = len(base_tokenizer)
     if len(tokenizer) < n:
@@ -247,13 +261,18 @@ def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
         The new number of rows (unchanged if the model already has enough).
     """
     check_tokenizer_extends(tokenizer, base_tokenizer)
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    old_rows = embedding_rows(model)
     if old_rows < len(base_tokenizer):
-        raise YakError(f"the model has {old_rows} embedding rows but its base tokenizer has "
-                       f"{len(base_tokenizer)} tokens: they do not belong together")
+        raise YakError(
+            f"the model has {old_rows} embedding rows but its base tokenizer has "
+            f"{len(base_tokenizer)} tokens: they do not belong together"
+        )
     if len(tokenizer) <= old_rows:
-        logger.info("vocabulary: the tokenizer's %d tokens fit the model's %d rows; no resize",
-                    len(tokenizer), old_rows)
+        logger.info(
+            "vocabulary: the tokenizer's %d tokens fit the model's %d rows; no resize",
+            len(tokenizer),
+            old_rows,
+        )
         return old_rows
     new_rows = padded_vocab_size(len(tokenizer))
     model.resize_token_embeddings(new_rows, mean_resizing=False)
@@ -268,10 +287,16 @@ def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
             base_rows = w[:n_base].float()  # (V0, H); mean in fp32, then cast back
             for i, ids in enumerate(sources):
                 w[n_base + i] = (base_rows[ids].mean(0) if ids else base_rows.mean(0)).to(w.dtype)
-            w[len(tokenizer):] = base_rows.mean(0).to(w.dtype)
-    logger.info("vocabulary: %d -> %d rows (%d tokens + %d padding); %d new rows initialised as the mean of "
-                "their base pieces", old_rows, new_rows, len(tokenizer), new_rows - len(tokenizer),
-                len(tokenizer) - n_base)
+            w[len(tokenizer) :] = base_rows.mean(0).to(w.dtype)
+    logger.info(
+        "vocabulary: %d -> %d rows (%d tokens + %d padding); %d new rows initialised as the mean of "
+        "their base pieces",
+        old_rows,
+        new_rows,
+        len(tokenizer),
+        new_rows - len(tokenizer),
+        len(tokenizer) - n_base,
+    )
     return new_rows
 
 
@@ -297,8 +322,12 @@ def _unwrap(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def save_embeddings(model, output_dir: str | os.PathLike, base_model_name_or_path: str,
-                    state: dict[str, torch.Tensor] | None = None) -> None:
+def save_embeddings(
+    model,
+    output_dir: str | os.PathLike,
+    base_model_name_or_path: str,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the stage-1 output format: ``embeddings.safetensors`` + ``yak_adapter.json`` (docs/formats.md).
 
     Args:
@@ -313,20 +342,25 @@ def save_embeddings(model, output_dir: str | os.PathLike, base_model_name_or_pat
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output_dir / EMBEDDINGS_FILE), metadata={"format": "pt"})
-    atomic_write_json(output_dir / YAK_ADAPTER_FILE, {
-        "format": YAK_ADAPTER_FORMAT,
-        "version": YAK_ADAPTER_VERSION,
-        "base_model_name_or_path": str(base_model_name_or_path),
-        "vocab_size": int(state[EMBED_KEY].shape[0]),
-        "tie_word_embeddings": LM_HEAD_KEY not in state,
-    })
+    atomic_write_json(
+        output_dir / YAK_ADAPTER_FILE,
+        {
+            "format": YAK_ADAPTER_FORMAT,
+            "version": YAK_ADAPTER_VERSION,
+            "base_model_name_or_path": str(base_model_name_or_path),
+            "vocab_size": int(state[EMBED_KEY].shape[0]),
+            "tie_word_embeddings": LM_HEAD_KEY not in state,
+        },
+    )
 
 
 def _read_stage1(folder: Path) -> dict:
     info = json.loads((folder / YAK_ADAPTER_FILE).read_text(encoding="utf-8"))
     if info.get("format") != YAK_ADAPTER_FORMAT or info.get("version") != YAK_ADAPTER_VERSION:
-        raise YakError(f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version "
-                       f"{info.get('version')!r} is not {YAK_ADAPTER_FORMAT!r} version {YAK_ADAPTER_VERSION}")
+        raise YakError(
+            f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version "
+            f"{info.get('version')!r} is not {YAK_ADAPTER_FORMAT!r} version {YAK_ADAPTER_VERSION}"
+        )
     if not (folder / EMBEDDINGS_FILE).is_file():
         raise YakError(f"{folder} has {YAK_ADAPTER_FILE} but no {EMBEDDINGS_FILE}")
     return info
@@ -340,11 +374,13 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     info = _read_stage1(folder)
     state = load_file(str(folder / EMBEDDINGS_FILE))
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = embedding_rows(model)
     problems = []
     if info["tie_word_embeddings"] != _is_tied(model):
-        problems.append(f"it was trained with tie_word_embeddings={info['tie_word_embeddings']}, the model has "
-                        f"{_is_tied(model)}")
+        problems.append(
+            f"it was trained with tie_word_embeddings={info['tie_word_embeddings']}, the model has "
+            f"{_is_tied(model)}"
+        )
     for key, t in state.items():
         if t.shape[0] != rows:
             problems.append(f"{key} has {t.shape[0]} rows, the model {rows}")
@@ -372,8 +408,9 @@ def adapter_kind(folder: str | os.PathLike) -> str:
         return "lora"
     if not folder.is_dir():
         raise YakError(f"adapter folder {folder} does not exist")
-    raise YakError(f"{folder} is neither a stage-1 output ({YAK_ADAPTER_FILE}) nor a peft adapter "
-                   "(adapter_config.json)")
+    raise YakError(
+        f"{folder} is neither a stage-1 output ({YAK_ADAPTER_FILE}) nor a peft adapter (adapter_config.json)"
+    )
 
 
 def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
@@ -384,7 +421,7 @@ def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
     if adapter_kind(folder) == "embeddings":
         return int(_read_stage1(folder)["vocab_size"])
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        if PEFT_EMBED_KEY in f.keys():
+        if PEFT_EMBED_KEY in f.keys():  # noqa: SIM118 (safe_open is not a container)
             return int(f.get_slice(PEFT_EMBED_KEY).get_shape()[0])
     return None
 
@@ -411,7 +448,7 @@ def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
 
 def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike], tokenizer_name: str) -> None:
     """Resize the vocabulary for ``tokenizer`` and check that every adapter's embeddings have that size."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = embedding_rows(model)
     target = padded_vocab_size(len(tokenizer)) if len(tokenizer) > rows else rows
     problems = []
     for folder in adapters:
@@ -421,7 +458,8 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
     if problems:
         raise YakError(
             f"the tokenizer {tokenizer_name} has {len(tokenizer)} tokens, so the model is resized to {target} "
-            f"rows (a multiple of {VOCAB_MULTIPLE}), but " + "; ".join(problems)
+            f"rows (a multiple of {VOCAB_MULTIPLE}), but "
+            + "; ".join(problems)
             + ". Use the tokenizer the adapters were trained with."
         )
     if len(tokenizer) > rows and not any(adapter_vocab_rows(a) for a in adapters):
@@ -491,8 +529,14 @@ def prepare_stage1(model) -> None:
     model.get_output_embeddings().weight.requires_grad_(True)  # the same tensor when tied
 
 
-def prepare_lora(model, rank: int, alpha: float, dropout: float, target_modules: Sequence[str],
-                 modules_to_save: Sequence[str]):
+def prepare_lora(
+    model,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Sequence[str],
+    modules_to_save: Sequence[str],
+):
     """Stage 2 and SFT: wrap ``model`` with a peft LoRA adapter; ``modules_to_save`` train in full.
 
     Tied embeddings stay tied (peft's ``ensure_weight_tying``): one trained matrix, saved under both keys.
@@ -503,9 +547,14 @@ def prepare_lora(model, rank: int, alpha: float, dropout: float, target_modules:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tied = _is_tied(model)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-        modules_to_save=list(modules_to_save) or None, task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        modules_to_save=list(modules_to_save) or None,
+        task_type="CAUSAL_LM",
         # only when an embedding is trained in full; otherwise peft warns that nothing tied was added
-        ensure_weight_tying=tied and any(m.split(".")[-1] in ("embed_tokens", "lm_head") for m in modules_to_save),
+        ensure_weight_tying=tied
+        and any(m.split(".")[-1] in ("embed_tokens", "lm_head") for m in modules_to_save),
     )
     return get_peft_model(model, config)

@@ -16,9 +16,9 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -31,6 +31,7 @@ from yak.modeling import (
     ModelArguments,
     adapter_kind,
     apply_adapters,
+    check_tokenizer_extends,
     compile_decoder_layers,
     embedding_keys,
     load_base_model,
@@ -50,8 +51,16 @@ COMPLETE_MARKER = "yak_checkpoint.json"  # written last: a checkpoint without it
 RUN_FILE = "yak_run.json"  # the settings of the run an output folder belongs to
 FINAL_TMP = ".final.tmp"
 # settings that make an output folder "another run" when they differ
-RUN_IDENTITY = ("task", "stage", "model_name_or_path", "tokenizer_name_or_path", "adapters", "lora_rank",
-                "trainable", "modules_to_save")
+RUN_IDENTITY = (
+    "task",
+    "stage",
+    "model_name_or_path",
+    "tokenizer_name_or_path",
+    "adapters",
+    "lora_rank",
+    "trainable",
+    "modules_to_save",
+)
 DESCRIPTION = (
     "Continued pretraining (--task pt; --stage 1 trains the embeddings only, --stage 2 adds LoRA+ adapters "
     "and keeps training the embeddings) and instruction tuning (--task sft, LoRA+) of a Llama-2-family model "
@@ -65,15 +74,22 @@ DESCRIPTION = (
 class StageArguments:
     """What is trained, with which learning rates, for how long."""
 
-    task: str = field(default="pt", metadata={"help": "pt: continued pretraining; sft: instruction tuning.",
-                                              "choices": ["pt", "sft"]})
+    task: str = field(
+        default="pt",
+        metadata={"help": "pt: continued pretraining; sft: instruction tuning.", "choices": ["pt", "sft"]},
+    )
     stage: int = field(
         default=2,
-        metadata={"help": "pt only. 1: train only the embeddings (embed_tokens, lm_head), every other weight "
-                  "frozen; 2: LoRA on --trainable plus the embeddings (--modules_to_save).", "choices": [1, 2]},
+        metadata={
+            "help": "pt only. 1: train only the embeddings (embed_tokens, lm_head), every other weight "
+            "frozen; 2: LoRA on --trainable plus the embeddings (--modules_to_save).",
+            "choices": [1, 2],
+        },
     )
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
-    lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_alpha: float = field(
+        default=128.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     trainable: str = field(
         default="q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
@@ -81,35 +97,49 @@ class StageArguments:
     )
     modules_to_save: str = field(
         default="embed_tokens,lm_head",
-        metadata={"help": "Comma-separated modules trained in full next to LoRA (stage 2, SFT); '' for none."},
+        metadata={
+            "help": "Comma-separated modules trained in full next to LoRA (stage 2, SFT); '' for none."
+        },
     )
     loraplus_lr_ratio: float = field(
         default=16.0,
-        metadata={"help": "LoRA+: learning rate of the B matrices over that of the A matrices (which use "
-                  "--learning_rate); 16 as in the LoRA+ paper (arXiv:2402.12354). 1 = plain LoRA."},
+        metadata={
+            "help": "LoRA+: learning rate of the B matrices over that of the A matrices (which use "
+            "--learning_rate); 16 as in the LoRA+ paper (arXiv:2402.12354). 1 = plain LoRA."
+        },
     )
     embedding_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the trained embeddings (embed_tokens, lm_head); default: "
-                  "--learning_rate."},
+        metadata={
+            "help": "Learning rate of the trained embeddings (embed_tokens, lm_head); default: "
+            "--learning_rate."
+        },
     )
     warmup_ratio: float | None = field(
         default=None,
-        metadata={"help": "Warm-up as a fraction of the total steps (the original's flag); converted to "
-                  "--warmup_steps, and refused when the warm-up would outlast an epoch of a run whose length "
-                  "comes from --num_train_epochs."},
+        metadata={
+            "help": "Warm-up as a fraction of the total steps (the original's flag); converted to "
+            "--warmup_steps, and refused when the warm-up would outlast an epoch of a run whose length "
+            "comes from --num_train_epochs."
+        },
     )
     max_train_tokens: int | None = field(
         default=None,
-        metadata={"help": "pt only: train on this many tokens (sets --max_steps from block_size, batch size, "
-                  "gradient accumulation and the number of processes)."},
+        metadata={
+            "help": "pt only: train on this many tokens (sets --max_steps from block_size, batch size, "
+            "gradient accumulation and the number of processes)."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Delete an output_dir that holds a run with other settings (or a finished run) and "
-                  "start again; without it such a folder is an error."},
+        metadata={
+            "help": "Delete an output_dir that holds a run with other settings (or a finished run) and "
+            "start again; without it such a folder is an error."
+        },
     )
-    plot_loss: bool = field(default=True, metadata={"help": "Write loss.png (training/validation loss) at the end."})
+    plot_loss: bool = field(
+        default=True, metadata={"help": "Write loss.png (training/validation loss) at the end."}
+    )
 
     def trainable_modules(self) -> list[str]:
         return [m.strip() for m in self.trainable.split(",") if m.strip()]
@@ -207,13 +237,21 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
+    if stage_args.task == "sft" and stage_args.stage == 1:
+        problems.append(
+            "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
+        )
+    if stage_args.max_train_tokens and training_args.max_steps > 0:
+        problems.append("give either --max_train_tokens or --max_steps, not both")
     if stage_args.task == "sft" and stage_args.max_train_tokens:
         problems.append("--max_train_tokens is for --task pt (SFT sequences vary in length); use --max_steps")
     if stage_args.uses_lora and not stage_args.trainable_modules():
         problems.append("--trainable is empty: LoRA needs at least one module (e.g. q_proj,v_proj)")
     if stage_args.loraplus_lr_ratio < 1:
-        problems.append(f"--loraplus_lr_ratio must be >= 1 (B learns at least as fast as A), got "
-                        f"{stage_args.loraplus_lr_ratio}")
+        problems.append(
+            f"--loraplus_lr_ratio must be >= 1 (B learns at least as fast as A), got "
+            f"{stage_args.loraplus_lr_ratio}"
+        )
     if stage_args.warmup_ratio is not None:
         if not 0 <= stage_args.warmup_ratio < 1:
             problems.append(f"--warmup_ratio must be in [0, 1), got {stage_args.warmup_ratio}")
@@ -223,20 +261,29 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
     context = getattr(config, "max_position_embeddings", None)
     if length and context and length > context:
         option = "--block_size" if hasattr(data_args, "block_size") else "--max_seq_length"
-        problems.append(f"{option} {length} is longer than the model's context ({context} positions, "
-                        "max_position_embeddings in its config.json)")
+        problems.append(
+            f"{option} {length} is longer than the model's context ({context} positions, "
+            "max_position_embeddings in its config.json)"
+        )
     if config is not None:
-        dtype = (_checkpoint_dtype(model_dir) if model_args.torch_dtype == "auto"
-                 else DTYPES[model_args.torch_dtype])
+        dtype = (
+            _checkpoint_dtype(model_dir)
+            if model_args.torch_dtype == "auto"
+            else DTYPES[model_args.torch_dtype]
+        )
         if dtype == torch.bfloat16 and training_args.fp16:
             problems.append("--fp16 with bfloat16 weights: use --bf16 (or --torch_dtype float32)")
         elif dtype == torch.float16 and training_args.bf16:
             problems.append("--bf16 with float16 weights (the original's defect): use --torch_dtype bfloat16")
         elif dtype == torch.bfloat16 and not training_args.bf16:
-            logger.info("--torch_dtype %s: bfloat16 weights, so bf16 mixed precision is on", model_args.torch_dtype)
+            logger.info(
+                "--torch_dtype %s: bfloat16 weights, so bf16 mixed precision is on", model_args.torch_dtype
+            )
             training_args = dataclasses.replace(training_args, bf16=True)
         elif dtype == torch.float16 and not training_args.fp16:
-            logger.info("--torch_dtype %s: float16 weights, so fp16 mixed precision is on", model_args.torch_dtype)
+            logger.info(
+                "--torch_dtype %s: float16 weights, so fp16 mixed precision is on", model_args.torch_dtype
+            )
             training_args = dataclasses.replace(training_args, fp16=True)
     if problems:
         raise YakError("invalid training options:\n  - " + "\n  - ".join(problems))
@@ -249,9 +296,12 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob(CHECKPOINT_PREFIX + "*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [
+        p
+        for p in output_dir.glob(CHECKPOINT_PREFIX + "*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
@@ -285,21 +335,33 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
     delete = False
     if out.is_dir() and any(out.iterdir()):
         if not run_file.is_file():
-            raise YakError(f"output_dir {out} holds files that are not from a Yak run; choose an empty or new "
-                           "folder")
+            raise YakError(
+                f"output_dir {out} holds files that are not from a Yak run; choose an empty or new folder"
+            )
         previous = json.loads(run_file.read_text(encoding="utf-8")).get("identity", {})
-        diff = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in identity.items() if previous.get(k) != v]
-        reason = ("holds another run (" + "; ".join(diff) + ")" if diff else
-                  "holds a finished run" if _has_final_output(out) else None)
+        diff = [
+            f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in identity.items() if previous.get(k) != v
+        ]
+        reason = (
+            "holds another run (" + "; ".join(diff) + ")"
+            if diff
+            else "holds a finished run"
+            if _has_final_output(out)
+            else None
+        )
         if reason and not stage_args.overwrite_output_dir:
-            raise YakError(f"output_dir {out} {reason}; choose another folder, or pass --overwrite_output_dir "
-                           "to delete it and start again")
+            raise YakError(
+                f"output_dir {out} {reason}; choose another folder, or pass --overwrite_output_dir "
+                "to delete it and start again"
+            )
         delete = bool(reason)
     resume = training_args.resume_from_checkpoint
     incomplete = []
     if resume:
         if not is_complete_checkpoint(resume):
-            raise YakError(f"--resume_from_checkpoint {resume} is not a complete checkpoint (no {COMPLETE_MARKER})")
+            raise YakError(
+                f"--resume_from_checkpoint {resume} is not a complete checkpoint (no {COMPLETE_MARKER})"
+            )
     elif out.is_dir() and not delete:
         checkpoints = _checkpoints(out)
         incomplete = [c for c in checkpoints if not is_complete_checkpoint(c)]
@@ -311,12 +373,16 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
             logger.warning("--overwrite_output_dir: deleting %s (%s)", out, reason)
             shutil.rmtree(out)
         if incomplete:
-            logger.warning("removing incomplete checkpoints (interrupted while saving): %s",
-                           ", ".join(c.name for c in incomplete))
+            logger.warning(
+                "removing incomplete checkpoints (interrupted while saving): %s",
+                ", ".join(c.name for c in incomplete),
+            )
             for c in incomplete:
                 shutil.rmtree(c)
-        atomic_write_json(run_file, {"identity": identity, "config": _config_dict(
-            model_args, stage_args, data_args, training_args)})
+        atomic_write_json(
+            run_file,
+            {"identity": identity, "config": _config_dict(model_args, stage_args, data_args, training_args)},
+        )
     if resume:
         logger.info("resuming from %s", resume)
     _barrier(training_args)
@@ -324,16 +390,20 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
 
 
 def _barrier(training_args) -> None:
-    if training_args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if (
+        training_args.world_size > 1
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
         torch.distributed.barrier()
 
 
 def _config_dict(*arg_objects) -> dict:
-    config = {}
-    for obj in arg_objects:
-        d = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
-        config[type(obj).__name__] = {k: v for k, v in d.items() if "token" not in k or "tokenizer" in k}
-    return config
+    """The options as JSON-able dicts (TrainingArguments.to_dict masks secrets such as hub_token)."""
+    return {
+        type(obj).__name__: obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+        for obj in arg_objects
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -353,19 +423,34 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
             (``bench/train_throughput.py`` builds one with random weights).
     """
     if model is None:
-        model = load_base_model(model_args.model_name_or_path, dtype=model_args.torch_dtype,
-                                load_in_kbits=model_args.load_in_kbits,
-                                attn_implementation=model_args.attn_implementation)
+        if training_args.deepspeed:
+            import deepspeed
+
+            # ZeRO-3 partitions the weights while loading and needs DeepSpeed's communicator for that;
+            # accelerate sets it up on GPUs but not on the CPU (a no-op when it is already up)
+            deepspeed.init_distributed()
+        model = load_base_model(
+            model_args.model_name_or_path,
+            dtype=model_args.torch_dtype,
+            load_in_kbits=model_args.load_in_kbits,
+            attn_implementation=model_args.attn_implementation,
+        )
     if model_args.adapters:
-        resize_for_adapters(model, tokenizer, model_args.adapters, str(model_args.tokenizer_name_or_path))
+        resize_for_adapters(model, tokenizer, model_args.adapters, _tokenizer_dir(model_args))
         model = apply_adapters(model, model_args.adapters)
     else:
         base_tok = load_tokenizer(model_args.base_tokenizer_name_or_path or model_args.model_name_or_path)
         resize_and_init_embeddings(model, tokenizer, base_tok)
     model.config.use_cache = False
     if stage_args.uses_lora:
-        model = prepare_lora(model, stage_args.lora_rank, stage_args.lora_alpha, stage_args.lora_dropout,
-                             stage_args.trainable_modules(), stage_args.saved_modules())
+        model = prepare_lora(
+            model,
+            stage_args.lora_rank,
+            stage_args.lora_alpha,
+            stage_args.lora_dropout,
+            stage_args.trainable_modules(),
+            stage_args.saved_modules(),
+        )
     else:
         prepare_stage1(model)
     if not training_args.deepspeed:
@@ -376,24 +461,42 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if model_args.compile_layers:
         compile_decoder_layers(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    logger.info(
+        "trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total
+    )
     return model
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitioned parameters are empty locally
 
 
 def _is_embedding_param(name: str) -> bool:
     return ("embed_tokens" in name or "lm_head" in name) and "lora_" not in name
 
 
-def optimizer_groups(model, args: TrainingArguments, loraplus_lr_ratio: float,
-                     embedding_learning_rate: float | None) -> list[dict]:
+def optimizer_groups(
+    model,
+    args: TrainingArguments,
+    loraplus_lr_ratio: float,
+    embedding_learning_rate: float | None,
+    decay_names: set[str],
+) -> list[dict]:
     """Parameter groups: LoRA A (lr), LoRA B (lr x ratio, LoRA+), embeddings (their own lr).
 
     Hand-written rather than peft's ``create_loraplus_optimizer``, which puts the full embedding copies
-    of ``modules_to_save`` in the A group. Weight decay follows the Trainer's rule (none on norms, biases).
+    of ``modules_to_save`` in the A group.
+
+    Args:
+        model: the prepared model; only parameters that require grad are grouped.
+        args: gives ``learning_rate`` and ``weight_decay``.
+        loraplus_lr_ratio: learning rate of B over A.
+        embedding_learning_rate: the embeddings' rate (None: ``learning_rate``).
+        decay_names: parameters that get weight decay (the Trainer's rule: not norms, not biases).
     """
-    decay = set(Trainer.get_decay_parameter_names(None, model))
+    decay = decay_names
     lr, emb_lr = args.learning_rate, embedding_learning_rate or args.learning_rate
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -401,15 +504,24 @@ def optimizer_groups(model, args: TrainingArguments, loraplus_lr_ratio: float,
             continue
         kind = "embeddings" if _is_embedding_param(name) else "lora_B" if "lora_B" in name else "lora_A"
         key = (kind, name in decay)
-        group = groups.setdefault(key, {
-            "params": [], "name": f"{kind}{'' if key[1] else '_no_decay'}",
-            "lr": {"embeddings": emb_lr, "lora_B": lr * loraplus_lr_ratio}.get(kind, lr),
-            "weight_decay": args.weight_decay if key[1] else 0.0,
-        })
+        group = groups.setdefault(
+            key,
+            {
+                "params": [],
+                "name": f"{kind}{'' if key[1] else '_no_decay'}",
+                "lr": {"embeddings": emb_lr, "lora_B": lr * loraplus_lr_ratio}.get(kind, lr),
+                "weight_decay": args.weight_decay if key[1] else 0.0,
+            },
+        )
         group["params"].append(p)
     for g in groups.values():
-        logger.info("optimizer group %-20s %12s parameters  lr %.3g  weight decay %g", g["name"],
-                    f"{sum(p.numel() for p in g['params']):,}", g["lr"], g["weight_decay"])
+        logger.info(
+            "optimizer group %-20s %12s parameters  lr %.3g  weight decay %g",
+            g["name"],
+            f"{sum(_numel(p) for p in g['params']):,}",
+            g["lr"],
+            g["weight_decay"],
+        )
     return list(groups.values())
 
 
@@ -422,8 +534,14 @@ class YakTrainer(Trainer):
         base_model_name_or_path: recorded in the stage-1 output.
     """
 
-    def __init__(self, *args, loraplus_lr_ratio: float = 16.0, embedding_learning_rate: float | None = None,
-                 base_model_name_or_path: str = "", **kwargs):
+    def __init__(
+        self,
+        *args,
+        loraplus_lr_ratio: float = 16.0,
+        embedding_learning_rate: float | None = None,
+        base_model_name_or_path: str = "",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.embedding_learning_rate = embedding_learning_rate
@@ -433,7 +551,13 @@ class YakTrainer(Trainer):
         if self.optimizer is None:
             model = model or self.model
             optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
-            groups = optimizer_groups(model, self.args, self.loraplus_lr_ratio, self.embedding_learning_rate)
+            groups = optimizer_groups(
+                model,
+                self.args,
+                self.loraplus_lr_ratio,
+                self.embedding_learning_rate,
+                set(self.get_decay_parameter_names(model)),
+            )
             self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
@@ -454,8 +578,9 @@ class YakTrainer(Trainer):
         if self._is_lora():
             # save_embedding_layers=False: the trained embeddings are already in modules_to_save;
             # peft would otherwise add copies of the base embeddings because the vocabulary was resized
-            self.model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False,
-                                       safe_serialization=True)
+            self.model.save_pretrained(
+                output_dir, state_dict=state_dict, save_embedding_layers=False, safe_serialization=True
+            )
         else:
             state = None
             if state_dict:
@@ -469,7 +594,9 @@ class YakTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            atomic_write_json(folder / COMPLETE_MARKER, {"global_step": self.state.global_step, "complete": True})
+            atomic_write_json(
+                folder / COMPLETE_MARKER, {"global_step": self.state.global_step, "complete": True}
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore the trained weights from a checkpoint in the project's format (non-DeepSpeed runs)."""
@@ -481,11 +608,12 @@ class YakTrainer(Trainer):
             state = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
             result = set_peft_model_state_dict(model, state)
             if result.unexpected_keys:
-                raise YakError(f"checkpoint {resume_from_checkpoint} does not fit the model: unexpected "
-                               f"{result.unexpected_keys[:5]}")
+                raise YakError(
+                    f"checkpoint {resume_from_checkpoint} does not fit the model: unexpected "
+                    f"{result.unexpected_keys[:5]}"
+                )
         else:
             load_embeddings(model, resume_from_checkpoint)
-
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -493,8 +621,9 @@ class YakTrainer(Trainer):
 # ------------------------------------------------------------------------------------------------------
 
 
-def resolve_schedule(training_args: TrainingArguments, stage_args: StageArguments, n_train: int,
-                     tokens_per_sample: int):
+def resolve_schedule(
+    training_args: TrainingArguments, stage_args: StageArguments, n_train: int, tokens_per_sample: int
+):
     """Fix the number of steps and the warm-up in steps; refuse schedules that cannot be what was meant.
 
     The original's ``--num_train_epochs 100000 --warmup_ratio 0.05`` puts the end of warm-up 5,000 epochs
@@ -505,8 +634,11 @@ def resolve_schedule(training_args: TrainingArguments, stage_args: StageArgument
         ``(training_args, summary)``: the arguments with ``max_steps`` (token budget) and integer
         ``warmup_steps`` set, and a dict of the resolved numbers.
     """
-    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps \
+    per_step = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
         * training_args.world_size
+    )
     batches = math.ceil(n_train / (training_args.per_device_train_batch_size * training_args.world_size))
     steps_per_epoch = max(batches // training_args.gradient_accumulation_steps, 1)  # as the Trainer counts
     changes = {}
@@ -519,28 +651,48 @@ def resolve_schedule(training_args: TrainingArguments, stage_args: StageArgument
         changes["warmup_steps"] = math.ceil(stage_args.warmup_ratio * total)
     warmup = changes.get("warmup_steps", training_args.get_warmup_steps(total))
     if warmup >= total:
-        raise YakError(f"the warm-up ({warmup:,} steps) is not shorter than the whole run ({total:,} steps): "
-                       "the learning rate would never reach --learning_rate; lower --warmup_steps")
+        raise YakError(
+            f"the warm-up ({warmup:,} steps) is not shorter than the whole run ({total:,} steps): "
+            "the learning rate would never reach --learning_rate; lower --warmup_steps"
+        )
     if by_epochs and warmup > steps_per_epoch:
         raise YakError(
             f"--num_train_epochs {training_args.num_train_epochs:g} gives {total:,} steps ({steps_per_epoch:,} "
             f"per epoch: {n_train:,} samples, {per_step} per step), so the warm-up lasts {warmup:,} steps = "
             f"{warmup / steps_per_epoch:,.1f} epochs and the learning rate would stay in warm-up for most of "
             "any real run. Set the length with --max_steps or --max_train_tokens and the warm-up in steps "
-            "(e.g. --warmup_steps 100).")
+            "(e.g. --warmup_steps 100)."
+        )
     if by_epochs and training_args.num_train_epochs > 10:
-        logger.warning("the learning-rate schedule spans %s steps (%g epochs); if you stop earlier the decay "
-                       "never happens: set --max_steps or --max_train_tokens", f"{total:,}",
-                       training_args.num_train_epochs)
+        logger.warning(
+            "the learning-rate schedule spans %s steps (%g epochs); if you stop earlier the decay "
+            "never happens: set --max_steps or --max_train_tokens",
+            f"{total:,}",
+            training_args.num_train_epochs,
+        )
     if changes:
         training_args = dataclasses.replace(training_args, **changes)
-    summary = {"steps": total, "steps_per_epoch": steps_per_epoch, "epochs": total / steps_per_epoch,
-               "warmup_steps": warmup, "samples_per_step": per_step,
-               "tokens_per_step": per_step * tokens_per_sample, "tokens": total * per_step * tokens_per_sample}
-    logger.info("schedule: %s steps (%.2f epochs of %s steps), warm-up %s steps, %s samples = up to %s tokens "
-                "per step, up to %s tokens in all, %s schedule", f"{total:,}", summary["epochs"],
-                f"{steps_per_epoch:,}", f"{warmup:,}", per_step, f"{summary['tokens_per_step']:,}",
-                f"{summary['tokens']:,}", getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type))
+    summary = {
+        "steps": total,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": total / steps_per_epoch,
+        "warmup_steps": warmup,
+        "samples_per_step": per_step,
+        "tokens_per_step": per_step * tokens_per_sample,
+        "tokens": total * per_step * tokens_per_sample,
+    }
+    logger.info(
+        "schedule: %s steps (%.2f epochs of %s steps), warm-up %s steps, %s samples = up to %s tokens "
+        "per step, up to %s tokens in all, %s schedule",
+        f"{total:,}",
+        summary["epochs"],
+        f"{steps_per_epoch:,}",
+        f"{warmup:,}",
+        per_step,
+        f"{summary['tokens_per_step']:,}",
+        f"{summary['tokens']:,}",
+        getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
+    )
     return training_args, summary
 
 
@@ -565,7 +717,9 @@ def build_datasets(stage_args: StageArguments, data_args, tokenizer, training_ar
         if stage_args.task == "sft":
             from yak.sft import SFTDataCollator, build_sft_datasets
 
-            return build_sft_datasets(tokenizer, data_args, seed=training_args.seed), SFTDataCollator(tokenizer)
+            return build_sft_datasets(tokenizer, data_args, seed=training_args.seed), SFTDataCollator(
+                tokenizer
+            )
         from yak.data import build_pretraining_datasets
 
         return build_pretraining_datasets(tokenizer, data_args, seed=training_args.seed), collate_blocks
@@ -621,9 +775,17 @@ def _save_final(trainer: YakTrainer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def train_on_datasets(model_args: ModelArguments, stage_args: StageArguments, training_args: TrainingArguments,
-                      tokenizer, datasets, data_collator, resume_from_checkpoint: str | None = None,
-                      tokens_per_sample: int | None = None, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+def train_on_datasets(
+    model_args: ModelArguments,
+    stage_args: StageArguments,
+    training_args: TrainingArguments,
+    tokenizer,
+    datasets,
+    data_collator,
+    resume_from_checkpoint: str | None = None,
+    tokens_per_sample: int | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
     """Load and prepare the model, fix the schedule, train, save the output; return the summary.
 
     Args:
@@ -644,8 +806,13 @@ def train_on_datasets(model_args: ModelArguments, stage_args: StageArguments, tr
     tokens_per_sample = tokens_per_sample or len(train_ds[0]["input_ids"])
     training_args, schedule = resolve_schedule(training_args, stage_args, len(train_ds), tokens_per_sample)
     trainer = YakTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=data_collator, processing_class=tokenizer, callbacks=list(callbacks),
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=data_collator,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
         loraplus_lr_ratio=stage_args.loraplus_lr_ratio if stage_args.uses_lora else 1.0,
         embedding_learning_rate=stage_args.embedding_learning_rate,
         base_model_name_or_path=model_args.model_name_or_path,
@@ -656,39 +823,71 @@ def train_on_datasets(model_args: ModelArguments, stage_args: StageArguments, tr
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    summary = {**schedule, "global_step": trainer.state.global_step, "losses": losses,
-               "train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
-               "train_runtime": metrics.get("train_runtime"),
-               "tokens_per_second": (trainer.state.global_step * schedule["tokens_per_step"]
-                                     / max(metrics.get("train_runtime", 0.0), 1e-9))}
+    summary = {
+        **schedule,
+        "global_step": trainer.state.global_step,
+        "losses": losses,
+        "train_loss": metrics.get("train_loss"),
+        "eval_loss": metrics.get("eval_loss"),
+        "train_runtime": metrics.get("train_runtime"),
+        "tokens_per_second": (
+            trainer.state.global_step
+            * schedule["tokens_per_step"]
+            / max(metrics.get("train_runtime", 0.0), 1e-9)
+        ),
+    }
     if trainer.args.should_save:
         if stage_args.plot_loss:
             plot_losses(trainer.state.log_history, Path(training_args.output_dir) / "loss.png")
-        rows = [("task / stage", f"{stage_args.task} / {stage_args.stage if stage_args.task == 'pt' else '-'}"),
-                ("steps", f"{trainer.state.global_step:,}"),
-                ("first / last logged loss", f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else "-"),
-                ("validation loss", f"{summary['eval_loss']:.4f} (perplexity "
-                                    f"{math.exp(min(summary['eval_loss'], 50)):.2f})" if summary["eval_loss"]
-                 is not None else "-"),
-                ("time", f"{summary['train_runtime'] or 0:.1f} s"),
-                ("throughput", f"{summary['tokens_per_second']:,.0f} tokens/s (up to)"),
-                ("output", training_args.output_dir)]
+        rows = [
+            ("task / stage", f"{stage_args.task} / {stage_args.stage if stage_args.task == 'pt' else '-'}"),
+            ("steps", f"{trainer.state.global_step:,}"),
+            ("first / last logged loss", f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else "-"),
+            (
+                "validation loss",
+                f"{summary['eval_loss']:.4f} (perplexity {math.exp(min(summary['eval_loss'], 50)):.2f})"
+                if summary["eval_loss"] is not None
+                else "-",
+            ),
+            ("time", f"{summary['train_runtime'] or 0:.1f} s"),
+            ("throughput", f"{summary['tokens_per_second']:,.0f} tokens/s (up to)"),
+            ("output", training_args.output_dir),
+        ]
         logger.info("training done:\n%s", _summary_table(rows))
     return summary
 
 
-def run_training(model_args: ModelArguments, stage_args: StageArguments, data_args,
-                 training_args: TrainingArguments, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+def run_training(
+    model_args: ModelArguments,
+    stage_args: StageArguments,
+    data_args,
+    training_args: TrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
     """The whole run: check, claim output_dir, tokenizer, datasets, model, train, save. Returns the summary."""
     training_args = check_args(model_args, stage_args, data_args, training_args)
-    logger.info("configuration:\n%s", json.dumps(_config_dict(model_args, stage_args, data_args, training_args),
-                                                 indent=1, default=str))
+    logger.info(
+        "configuration:\n%s",
+        json.dumps(_config_dict(model_args, stage_args, data_args, training_args), indent=1, default=str),
+    )
     resume = prepare_output_dir(model_args, stage_args, data_args, training_args)
     tokenizer = load_tokenizer(_tokenizer_dir(model_args))
+    if not model_args.adapters:  # a tokenizer that does not extend the model's fails before the data work
+        base_dir = model_args.base_tokenizer_name_or_path or model_args.model_name_or_path
+        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), _tokenizer_dir(model_args), base_dir)
     datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
-    return train_on_datasets(model_args, stage_args, training_args, tokenizer, datasets, collator,
-                             resume_from_checkpoint=resume, tokens_per_sample=getattr(data_args, "block_size", None),
-                             callbacks=callbacks)
+    return train_on_datasets(
+        model_args,
+        stage_args,
+        training_args,
+        tokenizer,
+        datasets,
+        collator,
+        resume_from_checkpoint=resume,
+        tokens_per_sample=getattr(data_args, "block_size", None)
+        or getattr(data_args, "max_seq_length", None),
+        callbacks=callbacks,
+    )
 
 
 def _tokenizer_dir(model_args: ModelArguments) -> str:
