@@ -145,3 +145,26 @@ def test_run_merge_export_script(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "llama.cpp equals Hugging Face on 177/177 lines" in done.stderr
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["hf-f16.gguf", "hf-q4_0.gguf"]
+
+
+@pytest.mark.slow
+def test_meta_pth_output_gives_the_same_gguf(tiny_model_dir, exported):
+    """llama.cpp's converter for Meta checkpoints, run on the pth output (2 model-parallel parts), gives the
+    same tensors as its Hugging Face converter on the Hugging Face output: an independent check of the Meta
+    names, splits and q/k permutation."""
+    from gguf import GGUFReader
+
+    merged, files = exported
+    pth = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(merged.parent / "adapter"),
+                               output_dir=str(merged.parent / "pth"), output_type="pth", num_shards=2))
+    src = llama_cpp_sources()
+    out = merged.parent / "from-pth.gguf"
+    done = subprocess.run([sys.executable, str(src / "examples" / "convert_legacy_llama.py"), str(pth),
+                           "--outfile", str(out), "--outtype", "f16", "--pad-vocab"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from_pth = {t.name: np.array(t.data) for t in GGUFReader(out).tensors}
+    from_hf = {t.name: np.array(t.data) for t in GGUFReader(files["f16"]).tensors}
+    from_hf["output.weight"] = from_hf["token_embd.weight"]  # tied in Hugging Face, written out by Meta
+    assert sorted(from_pth) == sorted(from_hf)
+    for name, t in from_hf.items():
+        assert np.array_equal(from_pth[name], t), name
