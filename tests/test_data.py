@@ -12,19 +12,22 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainingArguments
 
-from conftest import HELDOUT, PT_DATA
+from tests.conftest import HELDOUT, PT_DATA, ROOT
 from yak import YakError
 from yak.cli import parse_args
 from yak.data import DataArguments, build_pretraining_datasets
+from yak.tokenizer import load_tokenizer
 
 BLOCK = 32
+MERGED = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"  # engineer T's shipped tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +186,17 @@ def test_cache_reused_unless_tokenizer_file_or_block_size_changed(tok, corpus, t
     assert len(_entries(cache)) == 10 and len(ds["train"][0]["input_ids"]) == BLOCK * 2
 
 
+def test_merged_tokenizer_gets_its_own_entries_and_keeps_the_shares(tok, corpus, tmp_path):
+    merged = load_tokenizer(MERGED)
+    cache = tmp_path / "cache"
+    base = build_pretraining_datasets(tok, _args(corpus, cache))
+    ds = build_pretraining_datasets(merged, _args(corpus, cache))
+    assert len(_entries(cache)) == 6
+    assert max(max(r) for r in _ids(ds["train"])) >= len(tok)  # the new Tibetan pieces are used
+    assert len(ds["train"]) < len(base["train"]) / 2  # Tibetan needs far fewer tokens, so the mix shrinks
+    assert _shares(merged, ds["train"])["bo"] == pytest.approx(3 / 7, abs=0.03)
+
+
 def test_killed_build_leaves_no_cache_entry(tok, tmp_path):
     """SIGKILL while the cache is being written: no entry appears, and the next run builds a correct one."""
     args = _args(PT_DATA, tmp_path / "cache")
@@ -206,6 +220,43 @@ def test_killed_build_leaves_no_cache_entry(tok, tmp_path):
 def _cache_busy(cache: Path) -> bool:
     """A build is writing: its hidden work or temporary folder exists."""
     return cache.is_dir() and any(p.name.startswith(".") for p in cache.iterdir())
+
+
+def _rank(rank: int, port: int, tok, args: DataArguments, out: Path) -> None:
+    """One process of a two-process (gloo) run that prepares the data as train.py does."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logging.basicConfig(filename=out / f"rank{rank}.log", level=logging.INFO, force=True)
+    training_args = TrainingArguments(output_dir=str(out / "run"), use_cpu=True, ddp_backend="gloo", report_to=[])
+    with training_args.main_process_first(local=False):
+        ds = build_pretraining_datasets(tok, args, seed=training_args.seed)
+    (out / f"rank{rank}.json").write_text(json.dumps(_ids(ds["train"])))
+
+
+def test_two_processes_prepare_the_data_once(tok, corpus, tmp_path):
+    """Rank 0 builds the cache inside ``main_process_first``; rank 1 waits, then loads it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=_rank, args=(r, port, tok, _args(corpus, tmp_path / "cache"), tmp_path))
+             for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    try:
+        for p in ranks:
+            p.join(120)
+    finally:
+        for p in ranks:
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in ranks] == [0, 0]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert logs[0].count("building cache entry") == 3 and "building cache entry" not in logs[1]
+    assert logs[1].count("from cache") == 3
+    assert (tmp_path / "rank0.json").read_text() == (tmp_path / "rank1.json").read_text()
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -257,6 +308,25 @@ def test_undecodable_lines_skipped_and_counted(tok, tmp_path, caplog):
     assert "skipped 1 lines" in caplog.text
 
 
+def test_files_longer_than_a_chunk(tok, tmp_path, monkeypatch, caplog):
+    """Chunk boundaries neither lose, split nor repeat a line, and line numbers run on across chunks."""
+    import yak.data
+
+    monkeypatch.setattr(yak.data, "CHUNK_BYTES", 2048)  # the 18 kB file below spans 9 chunks
+    lines = _lines("en/austen_pride_and_prejudice.txt", 300)
+    raw = "\n".join(lines).encode().split(b"\n")
+    raw.insert(200, b"caf\xe9 au lait")
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "a.txt").write_bytes(b"\n".join(raw))
+    # blocks of one token keep every token, so a split line would show as an extra BOS and EOS
+    ds = build_pretraining_datasets(tok, _args(tmp_path / "pt", tmp_path / "c", block_size=1, mix="none",
+                                               validation_split_percentage=0))
+    expected = Counter(i for line in lines if line.strip()
+                       for i in tok(line, split_special_tokens=True)["input_ids"] + [tok.eos_token_id])
+    assert Counter(r[0] for r in _ids(ds["train"])) == expected
+    assert "skipped 1 lines that are not UTF-8 (lines 201)" in caplog.text
+
+
 def test_block_size_larger_than_the_data(tok, corpus, tmp_path):
     with pytest.raises(YakError, match=r"--block_size 20000 is larger than the data:\n  source zh: 20 samples"):
         build_pretraining_datasets(tok, _args(corpus, tmp_path / "c", block_size=20000))
@@ -301,3 +371,12 @@ def test_data_arguments_parse_and_document_every_option(tmp_path):
     assert all(f.metadata.get("help") for f in DataArguments.__dataclass_fields__.values())
     with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
         parse_args([DataArguments], ["--on_decode_error", "ignore"])
+
+
+def test_bench_script_answers_help(capsys, monkeypatch):
+    import runpy
+
+    with pytest.raises(SystemExit) as e:
+        monkeypatch.setattr(sys, "argv", ["data_prep.py", "--help"])
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "bench" / "data_prep.py"), run_name="__main__")
+    assert e.value.code == 0 and "2 MB/s" in capsys.readouterr().out

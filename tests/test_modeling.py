@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import collections
 import json
-import re
 import shutil
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tests.conftest import PT_DATA
+from tests.conftest import PT_DATA, ROOT
 from yak import YakError
 from yak.modeling import (
     EMBED_KEY,
@@ -29,6 +27,7 @@ from yak.modeling import (
     save_embeddings,
 )
 
+MERGED_TOKENIZER = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"  # 512 + 3000 Tibetan pieces
 ENGLISH = "Once upon a time, there was a little girl named Lily. She loved to play outside."
 
 
@@ -37,20 +36,9 @@ def tibetan_lines(n: int = 40) -> list[str]:
     return [line[:400] for line in lines[:n] if line.strip()]
 
 
-def make_merged_tokenizer(base_dir, out_dir, n_new: int = 150):
-    """A real tokenizer with extra pieces: the tiny model's tokenizer + frequent Tibetan syllables of data/pt."""
-    counts = collections.Counter(
-        s for line in tibetan_lines(200) for s in re.split(r"[་།\s]+", line) if len(s) > 1
-    )
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
-    tok.add_tokens([s for s, _ in counts.most_common(n_new)])
-    tok.save_pretrained(str(out_dir))
-    return out_dir
-
-
 @pytest.fixture(scope="module")
-def merged_tok_dir(tiny_model_dir, tmp_path_factory):
-    return make_merged_tokenizer(tiny_model_dir, tmp_path_factory.mktemp("merged_tok"))
+def merged_tok_dir():
+    return MERGED_TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +79,20 @@ def test_resize_initialises_new_rows_as_mean_of_base_pieces(which, tiny_model_di
     # output on text without new tokens: identical logits over the old vocabulary
     after = _logits(model, tok, ENGLISH)
     assert torch.equal(after[..., :512], before)
-    # oracle independent of the code: a Tibetan syllable that is not a word start falls back to its UTF-8
-    # bytes in the base tokenizer, so its row is the mean of those byte pieces' rows
+    # oracle independent of the code: the base tokenizer has no Tibetan pieces, so a new Tibetan piece falls
+    # back to its UTF-8 bytes (after the word-start piece "▁" if it starts a word): its row is their mean
+    pieces = tok.convert_ids_to_tokens(list(range(512, len(tok))))
+    starts = [i for i, p in enumerate(pieces, 512) if p.startswith("▁") and len(p) > 1]
+    inner = [i for i, p in enumerate(pieces, 512) if "▁" not in p]
+    assert starts and inner
     for weight, old in ((model.get_input_embeddings().weight, old_in), (model.get_output_embeddings().weight,
                                                                         old_out)):
-        for new_id in (512, 512 + 77, len(tok) - 1):
-            text = tok.convert_ids_to_tokens(new_id)
-            byte_ids = base_tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in text.encode("utf-8")])
-            torch.testing.assert_close(weight[new_id], old[byte_ids].mean(0))
+        for new_id in (inner[0], inner[-1], starts[0], starts[-1]):
+            piece = pieces[new_id - 512]
+            text = piece.removeprefix("▁")
+            expected = ([base_tok.convert_tokens_to_ids("▁")] if piece != text else []) + \
+                base_tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in text.encode("utf-8")])
+            torch.testing.assert_close(weight[new_id], old[expected].mean(0))
         torch.testing.assert_close(weight[len(tok)], old.mean(0))  # padding rows
         assert torch.equal(weight[:512], old)
 
@@ -185,13 +179,13 @@ def test_dtype_option(tiny_model_dir):
 
 def test_bad_inputs_are_explained(tiny_model_dir, merged_tok_dir, tmp_path):
     # a tokenizer bigger than the model, with nothing that brings the new rows
-    with pytest.raises(YakError, match=r"has 6\d\d tokens but the model has only 512 embedding rows"):
+    with pytest.raises(YakError, match=r"has 3512 tokens but the model has only 512 embedding rows"):
         load_model_and_tokenizer(tiny_model_dir, tokenizer_path=merged_tok_dir, device="cpu")
     # an adapter trained for another vocabulary size
     model = load_base_model(tiny_model_dir)
     stage1 = tmp_path / "stage1"
     save_embeddings(model, stage1, str(tiny_model_dir))  # 512 rows
-    with pytest.raises(YakError, match=r"resized to 704 rows .* carries embeddings of 512 rows"):
+    with pytest.raises(YakError, match=r"resized to 3520 rows .* carries embeddings of 512 rows"):
         load_model_and_tokenizer(tiny_model_dir, [stage1], tokenizer_path=merged_tok_dir, device="cpu")
     # pickled weights only
     bin_only = tmp_path / "bin_only"

@@ -86,6 +86,7 @@ def test_merge_an_existing_sentencepiece_model(tmp_path):
     spm.SentencePieceTrainer.train(input=str(tmp_path / "bo.txt"), model_prefix=str(tmp_path / "bo"),
                                    model_type="unigram", vocab_size=600, minloglevel=2)
     args = TokenizerArguments(tibetan_sp_model=str(trained), base_tokenizer=str(TINY_MODEL), num_pieces=200,
+                              script_characters=False,
                               output_dir=str(tmp_path / "out"))
     summary = build_merged_tokenizer(args)
     merged = load_sp_model(tmp_path / "out" / SP_DIR)

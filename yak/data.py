@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from yak import YakError
 from yak.io import atomic_output_dir, atomic_write_json, content_hash
@@ -45,7 +46,7 @@ ROOT_SOURCE = "."
 # Tokenization unit: one chunk is one map call; blocks do not span chunks, so at most block_size - 1 tokens
 # are dropped per chunk (under 0.1% at 1 MB). Part of the cache key because it changes the blocks.
 CHUNK_BYTES = 1 << 20
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 MAX_LISTED = 20  # problems listed in one error message
 
 
@@ -235,15 +236,18 @@ def _line_chunks(path: Path) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as f:
         start = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
         f.seek(start)
-        buf = b""
+        parts: list[bytes] = []  # joined only at a cut, so a line of gigabytes is not copied again and again
+        size = 0
         while block := f.read(CHUNK_BYTES):
-            buf += block
-            cut = buf.rfind(b"\n") + 1
-            if len(buf) >= CHUNK_BYTES and cut:
+            parts.append(block)
+            size += len(block)
+            if size >= CHUNK_BYTES and b"\n" in block:
+                buf = b"".join(parts)
+                cut = buf.rfind(b"\n") + 1
                 yield start, buf[:cut]
-                start, buf = start + cut, buf[cut:]
-        if buf:
-            yield start, buf
+                start, parts, size = start + cut, [buf[cut:]], len(buf) - cut
+        if tail := b"".join(parts):
+            yield start, tail
 
 
 def _samples(data: bytes, jsonl: bool) -> tuple[list[str], list[tuple[int, str]]]:
@@ -289,22 +293,29 @@ class _FileScan:
     path: Path
     chunks: list[tuple[int, int]] = field(default_factory=list)
     samples: int = 0
-    undecodable: list[int] = field(default_factory=list)  # 1-based line numbers
-    bad_json: list[str] = field(default_factory=list)  # "line N: what"
+    undecodable: int = 0
+    undecodable_at: list[int] = field(default_factory=list)  # the first MAX_LISTED 1-based line numbers
+    bad_json: int = 0
+    bad_json_at: list[str] = field(default_factory=list)  # the first MAX_LISTED "line N: what"
 
 
-def _scan_file(path: Path) -> _FileScan:
+def _scan_file(path: Path, progress) -> _FileScan:
     """Read a file once: its line-aligned chunks, sample count and problems with line numbers."""
     scan, line_no = _FileScan(path), 1
     for start, data in _line_chunks(path):
+        progress.update(len(data))
         texts, problems = _samples(data, jsonl=path.suffix == ".jsonl")
         scan.chunks.append((start, start + len(data)))
         scan.samples += len(texts)
         for i, what in problems:
             if what == "undecodable":
-                scan.undecodable.append(line_no + i)
+                scan.undecodable += 1
+                if len(scan.undecodable_at) < MAX_LISTED:
+                    scan.undecodable_at.append(line_no + i)
             else:
-                scan.bad_json.append(f"line {line_no + i}: {what}")
+                scan.bad_json += 1
+                if len(scan.bad_json_at) < MAX_LISTED:
+                    scan.bad_json_at.append(f"line {line_no + i}: {what}")
         line_no += data.count(b"\n")
     return scan
 
@@ -368,15 +379,16 @@ def _num_workers(data_args: DataArguments) -> int:
     return data_args.preprocessing_num_workers or min(os.cpu_count() or 1, 16)
 
 
-def _build_source(source: Source, scans: list[_FileScan], tokenizer, data_args: DataArguments, entry: Path) -> int:
+def _build_source(source: Source, scans: list[_FileScan], backend_json: str, eos_id: int,
+                  data_args: DataArguments, entry: Path) -> int:
     """Tokenize and group one source into the cache entry ``entry``; returns the number of blocks.
 
     The entry is written atomically (a crash leaves none); a source too short for one block gets none.
     """
     import datasets
 
-    backend_json = _backend_json(tokenizer)
-    add_eos = _encoder(backend_json).encode("a").ids[-1:] != [tokenizer.eos_token_id]
+    # Append EOS unless the tokenizer's post-processor already does.
+    add_eos = _encoder(backend_json).encode("a").ids[-1:] != [eos_id]
     chunks = [(str(s.path), a, b) for s in scans for a, b in s.chunks]
     num_proc = min(_num_workers(data_args), len(chunks))
     table = datasets.Dataset.from_dict(
@@ -391,7 +403,7 @@ def _build_source(source: Source, scans: list[_FileScan], tokenizer, data_args: 
             batch_size=1,
             remove_columns=table.column_names,
             features=features,
-            fn_kwargs={"backend_json": backend_json, "eos_id": tokenizer.eos_token_id, "add_eos": add_eos,
+            fn_kwargs={"backend_json": backend_json, "eos_id": eos_id, "add_eos": add_eos,
                        "block_size": data_args.block_size},
             num_proc=num_proc if num_proc > 1 else None,  # datasets starts a pool even for num_proc=1
             cache_file_name=str(work / "blocks.arrow"),
@@ -406,7 +418,8 @@ def _build_source(source: Source, scans: list[_FileScan], tokenizer, data_args: 
                     "source": source.name,
                     "block_size": data_args.block_size,
                     "files": [{"path": str(s.path), "bytes": s.path.stat().st_size, "samples": s.samples,
-                               "undecodable_lines": s.undecodable} for s in scans],
+                               "undecodable_lines": s.undecodable, "undecodable_at": s.undecodable_at}
+                              for s in scans],
                 })
         return len(blocks)
     finally:
@@ -461,7 +474,7 @@ def _share_tables(groups, stats, metas, block_size: int) -> str:
                 "files": len(files),
                 "MB": round(sum(f["bytes"] for f in files) / 1e6, 2),
                 "samples": sum(f["samples"] for f in files),
-                "skipped lines": sum(len(f["undecodable_lines"]) for f in files),
+                "skipped lines": sum(f["undecodable_lines"] for f in files),
                 "tokens": (n_own + n_val) * block_size,
                 "validation tokens": n_val * block_size,
                 "sampling": f"x{n_mixed / n_own:.2f}",
@@ -538,6 +551,8 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
     root = Path(data_args.dataset_dir)
     extra = {"tokenizer": tokenizer_fingerprint(tokenizer), "block_size": data_args.block_size,
              "chunk_bytes": CHUNK_BYTES, "version": CACHE_VERSION}
+    logger.info("hashing %d files (%.1f MB) for the cache keys",
+                sum(len(s.files) for s in sources), sum(f.stat().st_size for s in sources for f in s.files) / 1e6)
     entries = {
         s.name: cache / "{}-{}".format(
             re.sub(r"[^\w-]", "_", s.name),
@@ -548,13 +563,22 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
     todo = [s for s in sources if not (entries[s.name] / "meta.json").is_file()]
 
     # Check every file to build before tokenizing anything, and report all problems at once.
-    scans = {s.name: [_scan_file(f) for f in s.files] for s in todo}
+    scans = {}
+    for s in todo:
+        with tqdm(total=sum(f.stat().st_size for f in s.files), unit="B", unit_scale=True,
+                  desc=f"checking source {s.name}") as progress:
+            scans[s.name] = [_scan_file(f, progress) for f in s.files]
     problems = []
     for name, file_scans in scans.items():
         for scan in file_scans:
-            problems += [f"{scan.path}: {b}" for b in scan.bad_json]
-            if data_args.on_decode_error == "stop":
-                problems += [f"{scan.path}:{n}: not valid UTF-8" for n in scan.undecodable]
+            problems += [f"{scan.path}: {b}" for b in scan.bad_json_at]
+            if scan.bad_json > len(scan.bad_json_at):
+                problems.append(f"{scan.path}: {scan.bad_json - len(scan.bad_json_at)} more lines like these")
+            if data_args.on_decode_error == "stop" and scan.undecodable:
+                problems += [f"{scan.path}:{n}: not valid UTF-8" for n in scan.undecodable_at]
+                if scan.undecodable > len(scan.undecodable_at):
+                    problems.append(f"{scan.path}: {scan.undecodable - len(scan.undecodable_at)} more lines "
+                                    "that are not UTF-8")
         if not sum(scan.samples for scan in file_scans):
             problems.append(f"source {name}: its files hold no text (only blank or unusable lines)")
     if problems:
@@ -564,9 +588,11 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
             "to leave out undecodable lines"
         )
     short = []
+    backend_json = _backend_json(tokenizer) if todo else ""
     for source in todo:
         logger.info("building cache entry %s for source %s", entries[source.name], source.name)
-        if not _build_source(source, scans[source.name], tokenizer, data_args, entries[source.name]):
+        if not _build_source(source, scans[source.name], backend_json, tokenizer.eos_token_id, data_args,
+                             entries[source.name]):
             samples = sum(scan.samples for scan in scans[source.name])
             short.append(f"source {source.name}: {samples} samples give fewer than {data_args.block_size} tokens")
     if short:
@@ -584,10 +610,9 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
             logger.info("source %s: loaded %d blocks from cache %s", source.name, len(blocks[source.name]), entry)
         for f in metas[source.name]["files"]:
             if f["undecodable_lines"]:
-                lines = ", ".join(map(str, f["undecodable_lines"][:MAX_LISTED]))
                 logger.warning("%s: skipped %d lines that are not UTF-8 (lines %s%s)", f["path"],
-                               len(f["undecodable_lines"]), lines,
-                               ", ..." if len(f["undecodable_lines"]) > MAX_LISTED else "")
+                               f["undecodable_lines"], ", ".join(map(str, f["undecodable_at"])),
+                               ", ..." if f["undecodable_lines"] > len(f["undecodable_at"]) else "")
     counts = {name: len(b) for name, b in blocks.items()}
     train_idx, val_idx, stats = _split_and_mix(
         counts, groups, data_args.validation_split_percentage, np.random.default_rng(seed)

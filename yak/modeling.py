@@ -268,6 +268,11 @@ def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
     return new_rows
 
 
+def embedding_keys(model) -> list[str]:
+    """Key names of the trained embedding matrices in the stage-1 format: one for tied models, else two."""
+    return [EMBED_KEY] if _is_tied(_unwrap(model)) else [EMBED_KEY, LM_HEAD_KEY]
+
+
 def embedding_state(model) -> dict[str, torch.Tensor]:
     """The full embedding matrices under the base model's key names (gathered under ZeRO-3), on the CPU."""
     model = _unwrap(model)

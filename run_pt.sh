@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Continued pretraining in two stages: stage 1 trains the embeddings only, stage 2 adds LoRA+ and keeps
+# training them. Variables first, as in the original run_pt.sh; then one torchrun command per stage.
+#
+#   bash run_pt.sh                      # the tiny model on data/pt, on the CPU (a few minutes)
+#   BASE=/models/llama-2-7b TOKENIZER=tokenizer/merged_tokenizer_hf GPUS=8 DEVICE=gpu bash run_pt.sh
+#
+# Any variable below can be set from the environment. Extra arguments go to both stages.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+BASE=${BASE:-models/stories260K}                                     # base model (HF folder, safetensors)
+TOKENIZER=${TOKENIZER:-tokenizer/stories260K_bo/merged_tokenizer_hf}   # the merged tokenizer
+DATA=${DATA:-data/pt}                       # one sub-folder per source: bo/ en/ zh/ (*.txt, *.jsonl)
+CACHE=${CACHE:-data_cache}                  # tokenized blocks, keyed by file content + tokenizer
+OUT=${OUT:-output/pt}                       # stage 1 -> $OUT/stage1, stage 2 -> $OUT/stage2
+DEVICE=${DEVICE:-cpu}                       # cpu or gpu
+GPUS=${GPUS:-1}                             # processes (GPUs) per node
+NODES=${NODES:-1}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+NODE_RANK=${NODE_RANK:-0}
+
+LR=${LR:-2e-4}                              # LoRA A (B learns LORAPLUS_RATIO times faster)
+EMBEDDING_LR=${EMBEDDING_LR:-$LR}
+STAGE1_LR=${STAGE1_LR:-1e-3}                # stage 1 trains only the embeddings
+LORAPLUS_RATIO=${LORAPLUS_RATIO:-16}
+LORA_RANK=${LORA_RANK:-64}
+LORA_ALPHA=${LORA_ALPHA:-128}
+LORA_DROPOUT=${LORA_DROPOUT:-0.05}
+TRAINABLE=${TRAINABLE:-q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj}
+MODULES_TO_SAVE=${MODULES_TO_SAVE:-embed_tokens,lm_head}
+BLOCK_SIZE=${BLOCK_SIZE:-256}
+BATCH=${BATCH:-12}                          # per device
+GRAD_ACC=${GRAD_ACC:-8}
+STAGE1_TOKENS=${STAGE1_TOKENS:-200000}      # training length as a token budget (not epochs)
+STAGE2_TOKENS=${STAGE2_TOKENS:-400000}
+WARMUP_STEPS=${WARMUP_STEPS:-2}
+SAVE_STEPS=${SAVE_STEPS:-100}
+DTYPE=${DTYPE:-float32}                     # the one dtype option: bfloat16 on GPUs (bf16 training follows)
+DEEPSPEED=${DEEPSPEED:-}                    # e.g. ds_z2_config.json (or ds_z3_config.json) on GPUs
+
+if [ "$DEVICE" = cpu ]; then
+  DEVICE_ARGS=(--use_cpu)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+  DEVICE_ARGS=(--gradient_checkpointing)
+fi
+[ -n "$DEEPSPEED" ] && DEVICE_ARGS+=(--deepspeed "$DEEPSPEED")
+
+COMMON=(
+  --model_name_or_path "$BASE"
+  --dataset_dir "$DATA" --data_cache_dir "$CACHE" --validation_split_percentage 1 --block_size "$BLOCK_SIZE"
+  --torch_dtype "$DTYPE"
+  --per_device_train_batch_size "$BATCH" --per_device_eval_batch_size "$BATCH"
+  --gradient_accumulation_steps "$GRAD_ACC"
+  --lr_scheduler_type cosine --warmup_steps "$WARMUP_STEPS" --weight_decay 0.01
+  --logging_steps 10 --save_steps "$SAVE_STEPS" --save_total_limit 3
+  --seed 42 --report_to none "${DEVICE_ARGS[@]}"
+)
+LAUNCH=(torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS"
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+
+# Stage 1: embeddings only; every other weight stays as in the base model.
+"${LAUNCH[@]}" train.py "${COMMON[@]}" \
+  --stage 1 --tokenizer_name_or_path "$TOKENIZER" \
+  --learning_rate "$STAGE1_LR" --max_train_tokens "$STAGE1_TOKENS" \
+  --output_dir "$OUT/stage1" "$@"
+
+# Stage 2: LoRA+ on the projections, embeddings keep training; starts from stage 1's embeddings.
+"${LAUNCH[@]}" train.py "${COMMON[@]}" \
+  --stage 2 --adapters "$OUT/stage1" \
+  --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT" \
+  --trainable "$TRAINABLE" --modules_to_save "$MODULES_TO_SAVE" \
+  --learning_rate "$LR" --loraplus_lr_ratio "$LORAPLUS_RATIO" --embedding_learning_rate "$EMBEDDING_LR" \
+  --max_train_tokens "$STAGE2_TOKENS" \
+  --output_dir "$OUT/stage2" "$@"
+
+echo "done: stage 1 in $OUT/stage1, stage 2 in $OUT/stage2 (apply both, in this order: docs/formats.md)"

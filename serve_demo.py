@@ -1,0 +1,23 @@
+"""Serve a Yak model over HTTP: POST /api/chat ({"query": ...} -> {"query": ..., "output": ...}, or server-sent
+events with "stream": true), the OpenAI-compatible POST /v1/chat/completions (with "stream"), GET /v1/models and
+GET /health. Binds 127.0.0.1:8718 unless --host/--port say otherwise; the model loads once and concurrent
+requests are decoded together in one batch. Request size, query and history length and max_new_tokens are
+bounded. For production, run yak.server:app_from_config under gunicorn or waitress (docs/serving.md).
+"""
+
+from yak.cli import parse_args, run_main, setup_logging
+from yak.generation import GenerationArguments, ModelArguments
+from yak.server import ServerArguments, serve
+
+
+@run_main
+def main() -> None:
+    setup_logging()
+    model_args, gen_args, server_args = parse_args(
+        [ModelArguments, GenerationArguments, ServerArguments], description=__doc__
+    )
+    serve(model_args, gen_args, server_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The generation engine on the real tiny model: greedy == transformers' generate, batching == alone, limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+from yak import YakError
+from yak.generation import (
+    Engine,
+    GenerationArguments,
+    InferenceArguments,
+    ModelArguments,
+    SamplingParams,
+    chat_messages,
+    encode_chat,
+    encode_raw,
+    load_for_inference,
+    run_inference,
+    sample_next,
+    stop_token_ids,
+)
+from yak.template import LLAMA2_CHAT_TEMPLATE
+
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.0)
+STARTS = ["Once upon a time", "Lily went to the park", "The cat", "Tom had a big red ball and", "One day, a bird"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # The tiny model is fastest on one thread, and the CI machine's two cores are shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir, one_thread):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    return Engine(model, stop_token_ids(model, tokenizer), max_batch_size=16, max_total_tokens=256)
+
+
+def _hf_greedy(model, ids, max_new_tokens, repetition_penalty=1.0, eos=2):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                         repetition_penalty=repetition_penalty)[0, len(ids):].tolist()
+    return out[: out.index(eos)] if eos in out else out
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_equals_transformers_generate(engine, model_and_tokenizer, penalty):
+    model, tokenizer = model_and_tokenizer
+    prompts = [encode_raw(tokenizer, s) for s in STARTS]
+    params = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=penalty)
+    requests = engine.generate(prompts, params)  # submitted together: decoded in one batch
+    for prompt, request in zip(prompts, requests):
+        assert request.output_ids == _hf_greedy(model, prompt, 40, penalty)
+        assert request.finish_reason == ("length" if len(request.output_ids) == 40 else "stop")
+
+
+def test_max_new_tokens_counts_only_new_tokens_and_eos_stops(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt = encode_raw(tokenizer, STARTS[0])
+    free = Engine(model, [], max_batch_size=2, max_total_tokens=128)
+    out = free.submit(prompt, SamplingParams(max_new_tokens=7, temperature=0)).wait()
+    assert len(out.output_ids) == 7 and out.finish_reason == "length"
+    stop_at = out.output_ids[3]  # pretend this token ends answers: generation stops before it
+    first = out.output_ids.index(stop_at)
+    stopping = Engine(model, [stop_at], max_batch_size=2, max_total_tokens=128)
+    cut = stopping.submit(prompt, SamplingParams(max_new_tokens=7, temperature=0)).wait()
+    assert cut.output_ids == out.output_ids[:first] and cut.finish_reason == "stop"
+
+
+def test_submit_rejects_bad_requests(engine):
+    with pytest.raises(ValueError, match="over the limit of 256 tokens"):
+        engine.submit([1] * 250, SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit([1, 2], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+
+
+def test_streaming_matches_and_cancel_stops(engine, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    prompt = encode_raw(tokenizer, STARTS[1])
+    streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+    request = engine.submit(prompt, GREEDY, streamer)
+    assert "".join(streamer) == tokenizer.decode(request.wait().output_ids, skip_special_tokens=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+    long = engine.submit(prompt, SamplingParams(max_new_tokens=200, temperature=0, repetition_penalty=1.0), streamer)
+    next(iter(streamer))
+    long.cancel()
+    assert long.wait(timeout=30).finish_reason == "cancelled" and len(long.output_ids) < 200
+
+
+def test_sampling_per_row_settings():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7]] * 4))  # (B, V)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1, top_k=1, top_p=1),
+              SamplingParams(temperature=1, top_k=0, top_p=0.5), SamplingParams(temperature=1, top_k=0, top_p=1)]
+    draws = torch.stack([sample_next(logits, params, None) for _ in range(3000)])  # (N, B)
+    assert (draws[:, :3] == 2).all()  # greedy, top_k 1 and top_p 0.5 keep only the most likely token
+    share = torch.bincount(draws[:, 3], minlength=3).float() / len(draws)
+    assert torch.allclose(share, torch.tensor([0.1, 0.2, 0.7]), atol=0.04)  # plain sampling follows softmax
+
+
+def test_chat_prompt_uses_the_template(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    ids = encode_chat(tokenizer, chat_messages("Hi", [["Who?", "Me."]], system_prompt="Be brief."))
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 2  # one per user turn
+    text = tokenizer.decode(ids)
+    assert "<<SYS>>\nBe brief.\n<</SYS>>" in text and text.endswith("Hi [/INST]") and "Me. </s>" in text
+    assert "<<SYS>>" not in tokenizer.decode(encode_chat(tokenizer, chat_messages("Hi", system_prompt="")))
+
+
+def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
+    model = ModelArguments(base_model=str(tiny_model_dir))
+    data = tmp_path / "in.txt"
+    data.write_text("one\n\nthree\n", encoding="utf-8")
+    with pytest.raises(YakError, match="empty lines 2"):
+        run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data)))
+    with pytest.raises(YakError, match="exactly one of --interactive and --data_file"):
+        run_inference(model, GenerationArguments(), InferenceArguments())
+    data.write_text("one\n", encoding="utf-8")
+    with pytest.raises(YakError, match="pip install vllm"):
+        run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data), use_vllm=True))
+    quantized = ModelArguments(base_model=str(tiny_model_dir), load_in_8bit=True)
+    with pytest.raises(YakError, match="bitsandbytes"):
+        run_inference(quantized, GenerationArguments(), InferenceArguments(data_file=str(data)))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_decode_like_eager(tiny_model_dir, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda().eval()
+    prompts = [encode_raw(tokenizer, s) for s in STARTS]
+    params = SamplingParams(max_new_tokens=60, temperature=0)
+    eager = Engine(model, [2], max_batch_size=8, max_total_tokens=256, cuda_graphs=False)
+    expected = [r.output_ids for r in eager.generate(prompts, params)]
+    for compile_ in (False, True):
+        graphs = Engine(model, [2], max_batch_size=8, max_total_tokens=256, compile=compile_)
+        assert graphs._graphs and not eager._graphs
+        assert [r.output_ids for r in graphs.generate(prompts, params)] == expected
+
+
+def test_base_plus_lora_adapter_decodes_like_the_peft_model(tiny_model_dir, model_and_tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    _, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(base, config).eval()  # random B: the adapter changes the answers
+    peft_model.save_pretrained(tmp_path / "lora")
+    model, tok = load_for_inference(ModelArguments(base_model=str(tiny_model_dir), lora_model=[str(tmp_path / "lora")],
+                                                   tokenizer_path=str(tiny_model_dir), only_cpu=True))
+    prompt = encode_raw(tokenizer, STARTS[0])
+    engine = Engine(model, stop_token_ids(model, tok), max_batch_size=2, max_total_tokens=128)
+    got = engine.submit(prompt, GREEDY).wait().output_ids
+    assert got == _hf_greedy(peft_model, prompt, 40)  # merged weights in the engine == unmerged peft forward
+    assert got != _hf_greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir), prompt, 40)

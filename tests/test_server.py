@@ -1,0 +1,206 @@
+"""serve_demo.py and inference_hf.py as real processes: HTTP on a free port, the openai client, stdin/stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_NEW = 32
+# Greedy decoding and small limits, so that answers are comparable and the limits easy to hit.
+GEN = ["--temperature", "0", "--max_new_tokens", str(MAX_NEW), "--max_total_tokens", "512"]
+LIMITS = ["--max_new_tokens_cap", "64", "--max_body_bytes", "4096", "--max_query_chars", "300",
+          "--max_history_turns", "3"]
+# One torch thread: the tiny model is fastest so, and CI's two cores are shared with the test process.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# Three English questions and a real Tibetan sentence (the first one of the shipped Nanhai sample).
+TIBETAN = (ROOT / "data/pt/bo/nanhai_modern_deseg.txt").read_text(encoding="utf-8").split("། ")[0] + "།"
+QUERIES = ["Tell me a story about a cat.", "What did Lily find in the park?", "Why is the sky blue?", TIBETAN]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, data: bytes | dict, timeout: float = 60) -> tuple[int, dict | str]:
+    raw = json.dumps(data).encode() if isinstance(data, dict) else data
+    req = urllib.request.Request(url, data=raw, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read().decode()
+            return r.status, json.loads(body) if r.headers.get_content_type() == "application/json" else body
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--port", str(port), *GEN, *LIMITS],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                assert json.load(r)["status"] == "ok"
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not start in 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _chat(url: str, query: str, **fields) -> str:
+    status, body = _post(url + "/api/chat", {"query": query, **fields})
+    assert status == 200, body
+    return body["output"]
+
+
+def _sse(url: str, body: dict) -> list[dict]:
+    status, text = _post(url, body)
+    assert status == 200
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_api_chat_answers_in_the_original_format(server):
+    status, body = _post(server + "/api/chat", {"query": QUERIES[0]})
+    assert status == 200 and set(body) == {"query", "output"} and body["query"] == QUERIES[0]
+    assert body["output"].strip() and "[INST]" not in body["output"] and QUERIES[0] not in body["output"]
+    events = _sse(server + "/api/chat", {"query": QUERIES[0], "stream": True})
+    assert "".join(e["delta"] for e in events[:-1]) == events[-1]["output"] == body["output"]
+    assert events[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_openai_client_completion_and_stream(server):
+    client = OpenAI(base_url=server + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUERIES[1]}]
+    done = client.chat.completions.create(model="yak", messages=messages)
+    assert done.choices[0].message.content == _chat(server, QUERIES[1])  # same prompt, same greedy answer
+    assert done.usage.completion_tokens <= MAX_NEW and done.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model="yak", messages=messages, stream=True,
+                                                  stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    short = client.chat.completions.create(model="yak", messages=messages, max_tokens=3)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    assert client.models.list().data[0].id == "stories260K"
+
+
+BAD = [
+    (b"not json", 400, "not valid JSON"),
+    (b'{"query": "\xff\xfe"}', 400, "not valid UTF-8"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b"{}", 400, "'query' is required"),
+    (b'{"query": "   "}', 400, "must not be empty"),
+    (b'{"query": 5}', 400, "'query' must be a string"),
+    (b'{"query": "hi", "max_new_tokens": "9"}', 400, "'max_new_tokens' must be an integer"),
+    (b'{"query": "hi", "max_new_tokens": true}', 400, "'max_new_tokens' must be an integer"),
+    (b'{"query": "hi", "temperature": NaN}', 400, "not valid JSON"),
+    (b'{"query": "hi", "max_new_tokens": 65}', 400, "max_new_tokens must be between 1 and 64"),
+    (b'{"query": "hi", "top_p": 0}', 400, "top_p"),
+    (b'{"query": "hi", "history": [["a"]]}', 400, "pair of strings"),
+    (b'{"query": "hi", "history": [["a", "b"], ["a", "b"], ["a", "b"], ["a", "b"]]}', 400, "limit is 3"),
+    (b'{"query": "hi", "prompt": "x"}', 400, "unknown field 'prompt'"),
+    (json.dumps({"query": "a" * 301}).encode(), 400, "limit is 300"),
+    (json.dumps({"query": "a" * 5000}).encode(), 413, "Too Large"),
+]
+
+
+def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
+    for raw, status, message in BAD:
+        got, body = _post(server + "/api/chat", raw)
+        assert (got, message in body["error"]["message"]) == (status, True), (raw[:60], body)
+    bad_openai = [
+        ({"model": "m", "messages": []}, "'messages' is required"),
+        ({"model": "m", "messages": [{"role": "assistant", "content": "x"}]}, "ending with a user message"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n = 1"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, "max_tokens must be"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "unknown field"),
+    ]
+    for body, message in bad_openai:
+        got, answer = _post(server + "/v1/chat/completions", body)
+        assert got == 400 and message in answer["error"]["message"], answer
+    with urllib.request.urlopen(server + "/health", timeout=10) as r:
+        assert json.load(r)["status"] == "ok"
+    assert _chat(server, QUERIES[2])
+
+
+def test_16_concurrent_requests_each_equal_its_answer_alone(server):
+    queries = [f"{q} ({i})" for i, q in enumerate(QUERIES * 4)]
+    alone = [_chat(server, q) for q in queries]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, _chat(server, queries[i])))
+               for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together.get(i) for i in range(16)] == alone
+    with urllib.request.urlopen(server + "/health", timeout=10) as r:
+        assert json.load(r)["peak_running"] > 1  # decoded together, not one after another
+
+
+def test_inference_hf_file_and_interactive_modes_equal_the_server(server, tiny_model_dir, tmp_path):
+    data = tmp_path / "inputs.txt"
+    data.write_text("\n".join(QUERIES) + "\n", encoding="utf-8")
+    out = tmp_path / "pred.jsonl"
+    base = [sys.executable, "inference_hf.py", "--base_model", str(tiny_model_dir), "--with_prompt", *GEN]
+    run = subprocess.run([*base, "--data_file", str(data), "--predictions_file", str(out)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["input"] for r in records] == QUERIES and [r["id"] for r in records] == list(range(len(QUERIES)))
+    assert [r["output"] for r in records] == [_chat(server, q) for q in QUERIES]
+
+    q1, q2 = QUERIES[0], QUERIES[1]
+    stdin = f"{q1}\n{q2}\n/clear\n{q2}\n/quit\n"
+    run = subprocess.run([*base, "--interactive"], input=stdin, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    answers = [part.split("\nuser> ")[0] for part in run.stdout.split("assistant> ")[1:]]
+    a1 = _chat(server, q1)
+    assert answers == [a1, _chat(server, q2, history=[[q1, a1]]), _chat(server, q2)]  # history kept, then cleared
+
+
+def test_scripts_answer_help():
+    # Both scripts in one interpreter: importing transformers is most of the time.
+    code = ("import runpy, sys\nfor script in ['serve_demo.py', 'inference_hf.py']:\n"
+            "    sys.argv = [script, '--help']\n    try:\n        runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit as e:\n        assert e.code == 0\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "usage: serve_demo.py" in run.stdout and "usage: inference_hf.py" in run.stdout and "/v1/chat/completions" in run.stdout
+    assert "--interactive" in run.stdout and "--max_new_tokens_cap" in run.stdout
+
+
+def test_app_factory_for_wsgi_servers(tiny_model_dir, tmp_path):
+    from yak.server import app_from_config
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"base_model: {tiny_model_dir}\ntemperature: 0\nmax_new_tokens: 8\nmax_total_tokens: 256\n"
+                      "max_new_tokens_cap: 64\n")
+    client = app_from_config(str(config)).test_client()
+    assert client.get("/health").json["status"] == "ok"
+    answer = client.post("/api/chat", json={"query": QUERIES[0]}).json
+    assert answer["query"] == QUERIES[0] and answer["output"]

@@ -1,0 +1,57 @@
+"""The tokenizer report and the reusable stats function, on the shipped tiny-model tokenizer."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import sentencepiece as spm
+from transformers import AutoTokenizer
+
+from tests.conftest import PT_DATA, ROOT, TINY_MODEL
+from yak import YakError
+from yak.tokenizer import HF_DIR, SP_DIR, ReportArguments, run_report, tokenizer_stats
+
+TINY_BO = ROOT / "tokenizer" / "stories260K_bo"
+
+
+def test_tokenizer_stats_counts_and_reduction():
+    fast = AutoTokenizer.from_pretrained(TINY_BO / HF_DIR)
+    base = spm.SentencePieceProcessor(model_file=str(TINY_MODEL / "tokenizer.model"))
+    texts = (PT_DATA / "bo" / "mila.txt").read_text(encoding="utf-8").splitlines()[:5]
+    s = tokenizer_stats(fast, texts, reference=base)
+    assert s["tokens"] == sum(len(fast(t, add_special_tokens=False).input_ids) for t in texts)
+    assert s["reference_tokens"] == sum(len(ids) for ids in base.encode(texts))
+    assert s["length_reduction"] == pytest.approx(1 - s["tokens"] / s["reference_tokens"])
+    assert s["bytes"] == sum(len(t.encode()) for t in texts)
+    assert s["syllables"] > 500 and s["tokens_per_syllable"] < 1.5 < s["reference_tokens_per_syllable"]
+    assert "length_reduction" not in tokenizer_stats(base, texts)
+
+
+def test_report_writes_table_json_and_png(tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ReportArguments(
+        tokenizers=[f"tiny_bo={TINY_BO}", f"converted={TINY_BO / SP_DIR / 'tokenizer.model'}"],
+        reference=str(TINY_MODEL), heldout=[str(PT_DATA / "bo" / "mila.txt")],
+        other_text=[str(PT_DATA / "en")], output_dir=str(out))
+    results = run_report(args)
+    assert "tokens/syllable" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
+    tiny, converted = json.loads((out / "report.json").read_text())
+    assert tiny == json.loads(json.dumps(results[0]))
+    assert tiny["reachable"] == tiny["fast_slow_agreement"] == tiny["round_trip"] == 1.0
+    assert tiny["added_pieces"] == 3000 and tiny["heldout"]["mila"]["length_reduction"] > 0.6
+    assert tiny["tokens_vs_source_alone"] <= 1.0 and tiny["encode_mb_s"] > 0
+    # transformers' own conversion of the same tokenizer.model: same pieces, its own pipeline
+    assert converted["vocab_size"] == tiny["vocab_size"] and "tokens_vs_source_alone" not in converted
+    with pytest.raises(YakError, match="already exists"):
+        run_report(args)
+
+
+def test_report_script_help_and_bad_input(tmp_path):
+    res = subprocess.run([sys.executable, "tokenizer_report.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "--tokenizers" in res.stdout
+    res = subprocess.run([sys.executable, "tokenizer_report.py", "--tokenizers", str(tmp_path / "none"),
+                          "--output_dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "does not exist" in res.stderr and not (tmp_path / "r").exists()

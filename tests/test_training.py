@@ -1,0 +1,255 @@
+"""Training on the real tiny model with the shipped merged tokenizer and real lines of data/pt."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from tests.conftest import HELDOUT, PT_DATA, ROOT
+from yak import YakError
+from yak.modeling import (
+    load_base_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    prepare_lora,
+    resize_and_init_embeddings,
+)
+from yak.training import (
+    COMPLETE_MARKER,
+    StageArguments,
+    optimizer_groups,
+    parse_train_args,
+    resolve_schedule,
+    run_training,
+)
+
+MERGED_TOKENIZER = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"
+STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+         "One day, she saw a big dog. The dog was very friendly and they played together all day.")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster than two fighting over a shared 2-core machine (measured 30x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pt_dir(tmp_path_factory):
+    """A small dataset_dir of real lines: bo (Milarepa), en (Austen), zh (Honglou meng)."""
+    root = tmp_path_factory.mktemp("pt")
+    for src, n in (("bo/mila.txt", 10), ("en/austen_pride_and_prejudice.txt", 300),
+                   ("zh/hongloumeng_ch001-080.txt", 10)):
+        (root / src).parent.mkdir(parents=True, exist_ok=True)
+        lines = (PT_DATA / src).read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        (root / src).write_text("".join(lines), encoding="utf-8")
+    return root
+
+
+def argv(pt_dir, output_dir, *extra) -> list[str]:
+    return ["--model_name_or_path", str(ROOT / "models" / "stories260K"),
+            "--tokenizer_name_or_path", str(MERGED_TOKENIZER),
+            "--dataset_dir", str(pt_dir), "--data_cache_dir", str(pt_dir.parent / "cache"),
+            "--block_size", "64", "--per_device_train_batch_size", "4", "--output_dir", str(output_dir),
+            "--use_cpu", "--report_to", "none", "--logging_steps", "1", "--seed", "7",
+            "--dataloader_num_workers", "0", "--plot_loss", "false", *extra]
+
+
+class Capture(TrainerCallback):
+    """Keeps a copy of the model's weights at the end of training."""
+
+    state_dict: dict | None = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class StopAt(TrainerCallback):
+    """Simulates a crash: raises at the end of step ``step`` (after the previous checkpoint was saved)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def _loss(model, tokenizer, text: str, max_tokens: int = 256) -> float:
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    with torch.no_grad():
+        return model(ids, labels=ids).loss.item()
+
+
+def test_stage1_then_stage2_change_only_what_they_train(pt_dir, tmp_path, tiny_model_dir):
+    base = load_base_model(tiny_model_dir, dtype="float32")
+    base_tok, tok = load_tokenizer(tiny_model_dir), load_tokenizer(MERGED_TOKENIZER)
+    resize_and_init_embeddings(base, tok, base_tok)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    heldout_bo = (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text(encoding="utf-8")[:3000]
+
+    # stage 1: only the (tied) embedding matrix changes; every other weight stays bit-identical
+    cap1 = Capture()
+    s1 = tmp_path / "stage1"
+    summary = run_training(*parse_train_args(argv(pt_dir, s1, "--stage", "1", "--max_steps", "30",
+                                                  "--learning_rate", "5e-3", "--warmup_steps", "3")),
+                           callbacks=[cap1])
+    assert summary["global_step"] == 30 and (s1 / "embeddings.safetensors").is_file()
+    for key, value in base_state.items():
+        changed = not torch.equal(cap1.state_dict[key], value)
+        assert changed == (key in ("model.embed_tokens.weight", "lm_head.weight")), key
+    m1, t1 = load_model_and_tokenizer(tiny_model_dir, [s1], dtype="float32", device="cpu")
+    assert len(t1) == len(tok)
+    assert torch.equal(m1.model.embed_tokens.weight, cap1.state_dict["model.embed_tokens.weight"])
+    # Tibetan held-out loss falls; English story loss stays close to the base model's
+    assert _loss(m1, t1, heldout_bo) < _loss(base, tok, heldout_bo) - 0.5
+    assert abs(_loss(m1, t1, STORY) - _loss(base, tok, STORY)) < 0.25
+
+    # stage 2 from stage 1: only LoRA weights and the embeddings (modules_to_save) change
+    cap2 = Capture()
+    s2 = tmp_path / "stage2"
+    run_training(*parse_train_args(argv(pt_dir, s2, "--stage", "2", "--adapters", str(s1), "--max_steps", "4",
+                                        "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-3")),
+                 callbacks=[cap2])
+    stage1_state = m1.state_dict()
+    for key, value in cap2.state_dict.items():
+        if "lora_" in key or "modules_to_save" in key:
+            if "lora_A" in key or "modules_to_save" in key:  # B starts at zero and moves too; A moves
+                assert not torch.equal(value, stage1_state.get(key.replace(".modules_to_save.default", "")
+                                                               .replace("base_model.model.", ""), value * 0)), key
+            continue
+        plain = key.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
+        assert torch.equal(value, stage1_state[plain]), key
+    config = json.loads((s2 / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["ensure_weight_tying"] is True
+    assert len(load_model_and_tokenizer(tiny_model_dir, [s1, s2], device="cpu")[1]) == len(tok)
+
+
+def test_killed_and_resumed_run_follows_the_uninterrupted_losses(pt_dir, tmp_path):
+    extra = ("--stage", "2", "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "2",
+             "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "2e-3", "--warmup_steps", "2",
+             "--lr_scheduler_type", "cosine", "--modules_to_save", "embed_tokens")
+    full = run_training(*parse_train_args(argv(pt_dir, tmp_path / "full", *extra)))
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(*parse_train_args(argv(pt_dir, out, *extra)), callbacks=[StopAt(5)])
+    assert (out / "checkpoint-4" / COMPLETE_MARKER).is_file()
+    (out / "checkpoint-5").mkdir()  # a save interrupted half-way: never resumed from, removed
+    (out / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"half")
+    resumed = run_training(*parse_train_args(argv(pt_dir, out, *extra)))
+
+    assert len(full["losses"]) == 6
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    # the finished run is not silently trained again or overwritten
+    with pytest.raises(YakError, match="holds a finished run"):
+        run_training(*parse_train_args(argv(pt_dir, out, *extra)))
+
+
+def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(YakError, match="not from a Yak run"):
+        run_training(*parse_train_args(argv(pt_dir, out, "--max_steps", "1")))
+    with pytest.raises(YakError) as e:
+        run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--block_size", "1024", "--torch_dtype",
+                                            "float16", "--bf16", "--loraplus_lr_ratio", "0.5")))
+    message = str(e.value)
+    assert "--block_size 1024 is longer than the model's context (512 positions" in message
+    assert "--bf16 with float16 weights" in message and "--loraplus_lr_ratio must be >= 1" in message
+    with pytest.raises(YakError, match="not used.*--no_such_option"):
+        parse_train_args(argv(pt_dir, out, "--no_such_option", "1"))
+    # another run's folder: a stage-1 folder is not continued as stage 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "yak_run.json").write_text(json.dumps({"identity": {"task": "pt", "stage": 1}}))
+    with pytest.raises(YakError, match=r"holds another run \(.*stage: 1 there, 2 now"):
+        run_training(*parse_train_args(argv(pt_dir, tmp_path / "other", "--max_steps", "1")))
+
+
+def test_config_file_and_help(tmp_path, pt_dir):
+    config = {"model_name_or_path": str(ROOT / "models" / "stories260K"), "task": "pt", "stage": 1,
+              "dataset_dir": str(pt_dir), "block_size": 64, "output_dir": str(tmp_path / "o"), "use_cpu": True,
+              "loraplus_lr_ratio": 8}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    model_args, stage_args, data_args, training_args = parse_train_args([str(tmp_path / "c.json")])
+    assert stage_args.stage == 1 and stage_args.loraplus_lr_ratio == 8 and data_args.block_size == 64
+    assert training_args.use_cpu and model_args.model_name_or_path == config["model_name_or_path"]
+    (tmp_path / "bad.json").write_text(json.dumps({**config, "lora_rnak": 8}))
+    with pytest.raises(YakError, match="lora_rnak"):
+        parse_train_args([str(tmp_path / "bad.json")])
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "Continued pretraining" in result.stdout and "--loraplus_lr_ratio" in \
+        result.stdout
+
+
+def test_schedule_refuses_endless_warmup_and_counts_tokens(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=100000, per_device_train_batch_size=12,
+                             gradient_accumulation_steps=8, use_cpu=True, report_to="none")
+    with pytest.raises(YakError, match=r"100000 gives 123,400,000 steps \(1,234 per epoch.*warm-up lasts "
+                                       r"6,170,000 steps = 5,000.0 epochs"):
+        resolve_schedule(args, StageArguments(warmup_ratio=0.05), n_train=1234 * 96, tokens_per_sample=256)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=12, warmup_steps=100,
+                             gradient_accumulation_steps=8, use_cpu=True, report_to="none")
+    fixed, summary = resolve_schedule(args, StageArguments(max_train_tokens=10_000_000), n_train=10**6,
+                                      tokens_per_sample=256)
+    assert fixed.max_steps == summary["steps"] == 407  # ceil(1e7 / (12 * 8 * 256))
+    assert summary["warmup_steps"] == 100
+
+
+def test_loraplus_groups_keep_embeddings_out_of_the_A_group(tiny_model_dir, tmp_path):
+    model = load_base_model(tiny_model_dir)
+    model = prepare_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                         modules_to_save=["embed_tokens", "lm_head"])
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-4, weight_decay=0.01, use_cpu=True,
+                             report_to="none")
+    groups = {g["name"]: g for g in optimizer_groups(model, args, loraplus_lr_ratio=16,
+                                                     embedding_learning_rate=1e-5)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups["lora_A"]["lr"] == 2e-4 and groups["lora_B"]["lr"] == pytest.approx(3.2e-3)
+    assert groups["embeddings"]["lr"] == 1e-5
+    assert all("lora_A" in names[id(p)] for p in groups["lora_A"]["params"])
+    assert all("lora_B" in names[id(p)] for p in groups["lora_B"]["params"])
+    assert [names[id(p)] for p in groups["embeddings"]["params"]] == [
+        "base_model.model.model.embed_tokens.modules_to_save.default.weight"]  # tied: one matrix
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == trainable
+
+
+def test_deepspeed_zero2_on_cpu(pt_dir, tmp_path):
+    """A real DeepSpeed ZeRO-2 run: two processes over gloo on the CPU, launched by torchrun."""
+    out = tmp_path / "ds"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), str(ROOT / "train.py"),
+           *argv(pt_dir, out, "--stage", "2", "--max_steps", "3", "--save_steps", "2", "--lora_rank", "4",
+                 "--lora_alpha", "8", "--learning_rate", "1e-3", "--deepspeed", str(ROOT / "ds_z2_config.json"))]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer group lora_B" in result.stderr  # our LoRA+ groups, not a DeepSpeed optimizer
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+    assert any((out / "checkpoint-2").glob("global_step*"))  # DeepSpeed's own optimizer shards
+    model, tok = load_model_and_tokenizer(ROOT / "models" / "stories260K", [out], device="cpu")
+    assert model.get_input_embeddings().weight.shape[0] == 3520 and len(tok) == 3512
+
+
+@pytest.mark.gpu
+def test_stage2_bf16_gradient_checkpointing_on_gpu(pt_dir, tmp_path):
+    out = tmp_path / "gpu"
+    a = [x for x in argv(pt_dir, out, "--stage", "2", "--max_steps", "5", "--torch_dtype", "bfloat16",
+                         "--gradient_checkpointing", "--lora_rank", "8", "--lora_alpha", "16") if x != "--use_cpu"]
+    summary = run_training(*parse_train_args(a))
+    assert summary["global_step"] == 5 and all(l == l for l in summary["losses"])  # no NaN
+    model, _ = load_model_and_tokenizer(ROOT / "models" / "stories260K", [out], dtype="bfloat16")
+    assert model.device.type == "cuda" and model.dtype == torch.bfloat16

@@ -1,0 +1,414 @@
+"""HTTP serving: a Flask app factory with ``/api/chat``, OpenAI-compatible ``/v1/chat/completions``, ``/health``.
+
+One model per process: the app holds one :class:`yak.generation.Engine`, whose worker batches all concurrent
+requests together. Every request body is checked before it reaches the model: size, UTF-8, JSON, known
+fields only, types, ranges, lengths; a bad request gets a 4xx JSON error and the server keeps serving.
+Errors look like OpenAI's (``{"error": {"message", "type", "code"}}``) so OpenAI clients report them well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from yak import YakError
+from yak.generation import (
+    Engine,
+    EngineFull,
+    GenerationArguments,
+    ModelArguments,
+    SamplingParams,
+    chat_messages,
+    encode_chat,
+    load_for_inference,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ENV = "YAK_SERVE_CONFIG"
+
+
+@dataclass
+class ServerArguments:
+    """Where to listen and what a request may ask for."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind; 0.0.0.0 exposes the server."})
+    port: int = field(default=8718, metadata={"help": "TCP port."})
+    max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body accepted (bytes)."})
+    max_query_chars: int = field(
+        default=8000, metadata={"help": "Longest query, history message or system prompt (characters)."}
+    )
+    max_history_turns: int = field(default=16, metadata={"help": "Earlier [user, assistant] turns at most."})
+    max_new_tokens_cap: int = field(default=1024, metadata={"help": "Largest max_new_tokens a request may ask."})
+    max_queue: int = field(default=256, metadata={"help": "Requests waiting at most; beyond, 503."})
+    model_name: str | None = field(
+        default=None, metadata={"help": "Model id shown by the OpenAI endpoints (default: the model folder name)."}
+    )
+
+
+class BadRequest(Exception):
+    """A client error: HTTP ``status`` with a message that says what to fix."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+_NUMBER = (int, float)
+# field -> (accepted types, type name for messages); bool is rejected where a number is expected.
+_SAMPLING_FIELDS = {
+    "temperature": (_NUMBER, "a number"),
+    "top_p": (_NUMBER, "a number"),
+    "top_k": ((int,), "an integer"),
+    "repetition_penalty": (_NUMBER, "a number"),
+}
+_CHAT_FIELDS = {
+    "query": ((str,), "a string"),
+    "history": ((list,), "a list of [user, assistant] pairs"),
+    "system_prompt": ((str,), "a string"),
+    "max_new_tokens": ((int,), "an integer"),
+    "stream": ((bool,), "true or false"),
+    **_SAMPLING_FIELDS,
+}
+_OPENAI_FIELDS = {
+    "model": ((str,), "a string"),
+    "messages": ((list,), "a list of messages"),
+    "max_tokens": ((int,), "an integer"),
+    "max_completion_tokens": ((int,), "an integer"),
+    "stream": ((bool,), "true or false"),
+    "stream_options": ((dict,), "an object"),
+    "n": ((int,), "an integer"),
+    "user": ((str,), "a string"),
+    **_SAMPLING_FIELDS,
+}
+
+
+def _check_fields(body: Any, spec: dict) -> list[str]:
+    """Problems with a request object: not an object, unknown fields, wrong types (``null`` = default)."""
+    if not isinstance(body, dict):
+        return ["the request body must be a JSON object"]
+    problems = [f"unknown field '{k}' (accepted: {', '.join(spec)})" for k in body if k not in spec]
+    for key, (types, name) in spec.items():
+        value = body.get(key)
+        bad_type = not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+        if value is not None and (bad_type or (isinstance(value, float) and not math.isfinite(value))):
+            problems.append(f"'{key}' must be {name}, got {json.dumps(value)[:40]}")
+    return problems
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def reject_constant(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(text, parse_constant=reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}") from None
+
+
+class ChatService:
+    """Turns validated requests into engine requests and answers; shared by all request threads.
+
+    Args:
+        engine: the running engine.
+        tokenizer: the model's tokenizer (with its chat template).
+        defaults: sampling settings for fields a request leaves out.
+        system_prompt: the server's system prompt (``None`` = the template's default).
+        args: the limits (see :class:`ServerArguments`).
+        model_name: the id reported by the OpenAI endpoints.
+    """
+
+    def __init__(self, engine: Engine, tokenizer, defaults: SamplingParams, system_prompt: str | None,
+                 args: ServerArguments, model_name: str):
+        self.engine, self.tokenizer, self.defaults = engine, tokenizer, defaults
+        self.system_prompt, self.args, self.model_name = system_prompt, args, model_name
+
+    # --- requests -> (prompt ids, params)
+
+    def _text(self, value: str, what: str, problems: list[str]) -> None:
+        if len(value) > self.args.max_query_chars:
+            problems.append(f"{what} has {len(value)} characters; the limit is {self.args.max_query_chars}")
+
+    def _params(self, body: dict, max_new_tokens: int | None, problems: list[str],
+                name: str = "max_new_tokens") -> SamplingParams:
+        values = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        if max_new_tokens is not None:
+            if not 1 <= max_new_tokens <= self.args.max_new_tokens_cap:
+                problems.append(f"{name} must be between 1 and {self.args.max_new_tokens_cap}, "
+                                f"got {max_new_tokens}")
+            values["max_new_tokens"] = max_new_tokens
+        else:
+            values["max_new_tokens"] = min(self.defaults.max_new_tokens, self.args.max_new_tokens_cap)
+        params = SamplingParams(**{**vars(self.defaults), **values})
+        problems += [p for p in params.problems() if not p.startswith("max_new_tokens")]
+        return params
+
+    def parse_chat(self, body: Any) -> tuple[str, list[dict], SamplingParams]:
+        """Validate an ``/api/chat`` body; return ``(query, messages, params)``."""
+        problems = _check_fields(body, _CHAT_FIELDS)
+        if problems:
+            raise BadRequest("; ".join(problems))
+        query = body.get("query")
+        if query is None or not query.strip():
+            problems.append("'query' is required and must not be empty")
+        else:
+            self._text(query, "'query'", problems)
+        history = body.get("history") or []
+        if len(history) > self.args.max_history_turns:
+            problems.append(f"'history' has {len(history)} turns; the limit is {self.args.max_history_turns}")
+        for i, turn in enumerate(history):
+            if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                problems.append(f"'history'[{i}] must be a [user, assistant] pair of strings")
+            else:
+                for t in turn:
+                    self._text(t, f"'history'[{i}]", problems)
+        system_prompt = self.system_prompt if body.get("system_prompt") is None else body["system_prompt"]
+        if system_prompt is not None:
+            self._text(system_prompt, "'system_prompt'", problems)
+        params = self._params(body, body.get("max_new_tokens"), problems)
+        if problems:
+            raise BadRequest("; ".join(problems))
+        return query, chat_messages(query, history, system_prompt), params
+
+    def parse_openai(self, body: Any) -> tuple[list[dict], SamplingParams]:
+        """Validate a ``/v1/chat/completions`` body; return ``(messages, params)``."""
+        problems = _check_fields(body, _OPENAI_FIELDS)
+        if problems:
+            raise BadRequest("; ".join(problems))
+        if body.get("n") not in (None, 1):
+            problems.append("only n = 1 is supported")
+        options = body.get("stream_options") or {}
+        if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+            problems.append("'stream_options' accepts only {\"include_usage\": true|false}")
+        raw = body.get("messages")
+        messages = []
+        if not raw:
+            problems.append("'messages' is required and must not be empty")
+        elif len(raw) > 2 * self.args.max_history_turns + 2:
+            problems.append(f"'messages' has {len(raw)} entries; the limit is {2 * self.args.max_history_turns + 2}")
+        else:
+            for i, m in enumerate(raw):
+                content = m.get("content") if isinstance(m, dict) else None
+                if isinstance(content, list):  # content parts: only text parts can be served by a text model
+                    parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                    content = "".join(parts) if len(parts) == len(content) and all(
+                        isinstance(p, str) for p in parts) else None
+                if not (isinstance(m, dict) and set(m) <= {"role", "content", "name"} and isinstance(content, str)
+                        and m.get("role") in ("system", "user", "assistant")):
+                    problems.append(f"'messages'[{i}] must be {{\"role\": system|user|assistant, \"content\": "
+                                    f"text}}")
+                    continue
+                self._text(content, f"'messages'[{i}].content", problems)
+                messages.append({"role": m["role"], "content": content})
+        if messages and not problems:
+            if messages[0]["role"] != "system" and self.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            roles = [m["role"] for m in messages if m["role"] != "system"]
+            if (any(m["role"] == "system" for m in messages[1:]) or roles[-1:] != ["user"]
+                    or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles))):
+                problems.append("'messages' must be an optional system message, then user and assistant "
+                                "messages in turn, ending with a user message")
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        params = self._params(body, body.get(name), problems, name)
+        if problems:
+            raise BadRequest("; ".join(problems))
+        return messages, params
+
+    # --- generation
+
+    def submit(self, messages: list[dict], params: SamplingParams, stream: bool):
+        """Start generating; return ``(request, prompt_ids, streamer or None)``."""
+        from transformers import TextIteratorStreamer
+
+        prompt_ids = encode_chat(self.tokenizer, messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True) if stream else None
+        try:
+            request = self.engine.submit(prompt_ids, params, streamer)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        except EngineFull as e:
+            raise BadRequest(str(e), status=503) from None
+        return request, prompt_ids, streamer
+
+    def answer(self, request) -> str:
+        request.wait()
+        return self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _stream_text(request, streamer) -> Iterator[str]:
+    """Text pieces as they come; cancels the request when the client goes away (generator closed)."""
+    try:
+        yield from (piece for piece in streamer if piece)
+    finally:
+        request.cancel()
+
+
+def create_app(service: ChatService):
+    """Build the Flask app around a ready :class:`ChatService` (the model is already loaded)."""
+    from flask import Flask, Response, request
+    from werkzeug.exceptions import HTTPException
+
+    app = Flask("yak")
+    app.config["MAX_CONTENT_LENGTH"] = service.args.max_body_bytes
+    app.json.ensure_ascii = False  # Tibetan stays readable in answers
+
+    def error(message: str, status: int):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return app.json.response({"error": {"message": message, "type": kind, "code": status}}), status
+
+    @app.errorhandler(BadRequest)
+    def bad_request(e: BadRequest):
+        return error(str(e), e.status)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):  # 404, 405, 413 ... as JSON too
+        return error(f"{e.name}: {e.description}", e.code or 500)
+
+    @app.errorhandler(Exception)
+    def internal_error(e: Exception):
+        logger.exception("request failed")
+        return error(f"internal error: {e}", 500)
+
+    def body() -> Any:
+        return _parse_json(request.get_data(cache=False))
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": service.model_name, **service.engine.load}
+
+    @app.post("/api/chat")
+    def chat():
+        data = body()
+        query, messages, params = service.parse_chat(data)
+        stream = bool(data.get("stream"))
+        req, _, streamer = service.submit(messages, params, stream)
+        if not stream:
+            return {"query": query, "output": service.answer(req)}
+
+        def events():
+            for piece in _stream_text(req, streamer):
+                yield _sse({"delta": piece})
+            if req.error is not None:
+                yield _sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error"}})
+            else:
+                yield _sse({"query": query, "output": service.answer(req), "finish_reason": req.finish_reason})
+
+        return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "yak"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        data = body()
+        messages, params = service.parse_openai(data)
+        req, prompt_ids, streamer = service.submit(messages, params, bool(data.get("stream")))
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": completion_id, "created": created, "model": service.model_name}
+
+        def usage():
+            n = len(req.output_ids)
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+
+        if not data.get("stream"):
+            text = service.answer(req)
+            return {**head, "object": "chat.completion", "usage": usage(), "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": text},
+                "finish_reason": req.finish_reason}]}
+
+        def chunk(delta: dict, finish_reason=None, **extra) -> str:
+            return _sse({**head, "object": "chat.completion.chunk", **extra, "choices": [
+                {"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+
+        def events():
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in _stream_text(req, streamer):
+                yield chunk({"content": piece})
+            if req.error is not None:
+                yield _sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error"}})
+                return
+            yield chunk({}, req.finish_reason)
+            if (data.get("stream_options") or {}).get("include_usage"):
+                yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
+            yield "data: [DONE]\n\n"
+
+        return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
+                  server_args: ServerArguments) -> ChatService:
+    """Check the options, load the model once, start the engine, and return the service."""
+    defaults = gen_args.sampling()
+    problems = defaults.problems()
+    if server_args.max_new_tokens_cap < 1:
+        problems.append(f"--max_new_tokens_cap must be at least 1, got {server_args.max_new_tokens_cap}")
+    if gen_args.max_new_tokens > server_args.max_new_tokens_cap:
+        problems.append(f"--max_new_tokens {gen_args.max_new_tokens} is over --max_new_tokens_cap "
+                        f"{server_args.max_new_tokens_cap}")
+    if server_args.max_new_tokens_cap >= gen_args.max_total_tokens:
+        problems.append(f"--max_new_tokens_cap {server_args.max_new_tokens_cap} leaves no room for the prompt in "
+                        f"--max_total_tokens {gen_args.max_total_tokens}")
+    if not 0 < server_args.port < 65536:
+        problems.append(f"--port must be in 1..65535, got {server_args.port}")
+    if problems:
+        raise YakError("; ".join(problems))
+    model, tokenizer = load_for_inference(model_args)
+    engine = gen_args.build_engine(model, tokenizer, max_queue=server_args.max_queue)
+    name = server_args.model_name or os.path.basename(os.path.normpath(model_args.base_model))
+    return ChatService(engine, tokenizer, defaults, gen_args.system_prompt, server_args, name)
+
+
+def app_from_config(path: str | None = None):
+    """App factory for production WSGI servers: one YAML/JSON file with the options of ``serve_demo.py``.
+
+    Args:
+        path: the config file; default: the ``YAK_SERVE_CONFIG`` environment variable.
+    """
+    from yak.cli import parse_args
+
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise YakError(f"give the config file as app_from_config('serve.yaml') or in ${CONFIG_ENV}")
+    model_args, gen_args, server_args = parse_args([ModelArguments, GenerationArguments, ServerArguments], [path])
+    return create_app(build_service(model_args, gen_args, server_args))
+
+
+def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
+    """Load the model and serve until interrupted, with werkzeug's threaded server (one thread per request)."""
+    from werkzeug.serving import make_server
+
+    service = build_service(model_args, gen_args, server_args)
+    server = make_server(server_args.host, server_args.port, create_app(service), threaded=True)
+    if server_args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: the server is reachable from other machines and has no authentication",
+                       server_args.host)
+    logger.info("serving %s on http://%s:%d (POST /api/chat, /v1/chat/completions; GET /health)",
+                service.model_name, server_args.host, server.port)
+    server.serve_forever()
