@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -254,7 +254,7 @@ def meta_to_hf(folder: Path) -> dict[str, torch.Tensor]:
 def test_pth_output_converts_back_to_the_huggingface_output(tiny_model_dir, resized_adapter, tmp_path,
                                                             num_shards):
     adapter, _, tok = resized_adapter
-    common = dict(base_model=str(tiny_model_dir), lora_model=str(adapter), output_dtype="bfloat16")
+    common = {"base_model": str(tiny_model_dir), "lora_model": str(adapter), "output_dtype": "bfloat16"}
     hf = merged_state(merge(MergeArguments(output_dir=str(tmp_path / "hf"), **common)))
     out = merge(MergeArguments(output_dir=str(tmp_path / "pth"), output_type="pth", num_shards=num_shards,
                                **common))
@@ -333,9 +333,9 @@ def test_nan_result_is_refused_and_nothing_is_written(tiny_model_dir, resized_ad
 
 def test_script_help_and_clean_error_exit(tmp_path):
     script = str(ROOT / "merge_lora_low_mem.py")
-    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, check=False, text=True, cwd=ROOT)
     assert done.returncode == 0 and "--lora_model" in done.stdout and "one tensor" in done.stdout
     done = subprocess.run([sys.executable, script, "--base_model", str(tmp_path), "--lora_model",
-                           str(tmp_path), "--output_dir", str(tmp_path / "o")], capture_output=True,
+                           str(tmp_path), "--output_dir", str(tmp_path / "o")], capture_output=True, check=False,
                           text=True, cwd=ROOT)
     assert done.returncode == 2 and "no model.safetensors" in done.stderr

@@ -102,7 +102,7 @@ def _download_sources(version: str | None, folder: Path) -> None:
     logger.info("downloading the llama.cpp sources of %s (about 76 MB, once) into %s", spec, folder)
     with tempfile.TemporaryDirectory() as tmp:
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                               "-d", tmp, spec], capture_output=True, text=True)
+                               "-d", tmp, spec], capture_output=True, check=False, text=True)
         archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if done.returncode or not archives:
             raise YakError(f"could not download {spec} with pip ({done.stderr.strip()[-500:]}); pass "
@@ -131,7 +131,7 @@ def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16",
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(src / CONVERTER), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
     logger.info("converting: %s", " ".join(cmd))
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, check=False, text=True)
     if done.returncode or not outfile.is_file():
         raise YakError(f"llama.cpp's converter failed on {model_dir}:\n{done.stderr.strip()[-2000:]}")
     return outfile
@@ -156,7 +156,7 @@ def quantize(src: Path, dst: Path, qtype: str, llama_cpp_dir: str | os.PathLike 
     """
     binary = _quantize_binary(llama_cpp_dir)
     if binary:
-        done = subprocess.run([binary, str(src), str(dst), qtype.upper()], capture_output=True, text=True)
+        done = subprocess.run([binary, str(src), str(dst), qtype.upper()], capture_output=True, check=False, text=True)
         if done.returncode:
             raise YakError(f"llama-quantize {qtype} failed:\n{done.stderr.strip()[-2000:]}")
         return dst
