@@ -50,10 +50,10 @@ def randomize_adapter(model, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def make_adapter(model, out: Path, seed: int, tokenizer=None, safe=True, save_embedding_layers=False, **lora):
+def make_adapter(model, out: Path, seed: int, tokenizer=None, safe=True, save_embedding_layers=False,
+                 modules_to_save=("embed_tokens", "lm_head"), **lora):
     """peft adapter on ``model`` (in place), randomized and saved as training saves it (docs/formats.md)."""
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["embed_tokens", "lm_head"],
-                     **lora)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=list(modules_to_save), **lora)
     peft_model = get_peft_model(model, cfg)
     randomize_adapter(peft_model, seed)
     peft_model.save_pretrained(out, safe_serialization=safe, save_embedding_layers=save_embedding_layers)
@@ -138,6 +138,16 @@ def test_merge_equals_peft_merge_and_unload_resized_tied(tiny_model_dir, resized
                                                       device="cpu")
         for got, want in zip(logits(loaded, loaded_tok, lines), expected):
             torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)  # float32 rounding; logits near 20
+
+
+def test_tied_model_with_only_embed_tokens_trained_keeps_the_original_output_layer(tiny_model_dir, tmp_path):
+    """peft leaves a tied lm_head on the original matrix when only embed_tokens is in modules_to_save."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = make_adapter(model, tmp_path / "adapter", seed=3, modules_to_save=["embed_tokens"])
+    out = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(tmp_path / "adapter"),
+                               output_dir=str(tmp_path / "merged")))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert_same_weights(merged_state(out), peft_model.merge_and_unload())
 
 
 def test_merge_stage1_alone_tied(tiny_model_dir, tmp_path):

@@ -373,7 +373,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
         touched = list(step.replacements) + [k for k in step.loras if k not in step.replacements]
         if lm_follows and step.ties_lm_head:  # peft's ensure_weight_tying: one matrix serves both layers,
             touched = [k for k in touched if k != LM_HEAD]  # stored twice; the embedding's copy is used
-        elif lm_follows and (LM_HEAD in touched or (EMBED in touched and not step.ties_lm_head)):
+        elif lm_follows and (LM_HEAD in touched or EMBED in touched):
             # lm_head stops following the embedding here (peft trains a separate copy, or leaves the
             # original in place); it inherits the embedding's history so far.
             lm_follows = False
