@@ -1,7 +1,7 @@
-"""Build a merged tokenizer: train a SentencePiece model on text of a new script (Tibetan by default) and merge
-its pieces into a Llama-family SentencePiece BPE tokenizer, so that every added piece is reachable, text without
-the script encodes exactly as before, and the exported fast (tokenizer.json) and slow (tokenizer.model)
-tokenizers give the same ids. Writes OUTPUT_DIR/merged_tokenizer_sp/tokenizer.model and
+"""Build a merged tokenizer: train a SentencePiece model on text of a new script (Tibetan by default) and
+merge its pieces into a Llama-family SentencePiece BPE tokenizer, so that every added piece is reachable, text
+without the script encodes exactly as before, and the exported fast (tokenizer.json) and slow
+(tokenizer.model) tokenizers give the same ids. Writes OUTPUT_DIR/merged_tokenizer_sp/tokenizer.model and
 OUTPUT_DIR/merged_tokenizer_hf/ (loadable with AutoTokenizer, with the Llama 2 chat template).
 
 Example: python merge_tokenizer.py --corpus ../shared/data/corpus/bo --base_tokenizer tokenizer/llama2

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+# The tiny model's tensors are small: one thread per process is fastest, and CI has only 2 cores shared by
+# the test process and the servers / torchrun workers it starts (inherited through the environment).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "stories260K"
 PT_DATA = ROOT / "data" / "pt"
 HELDOUT = ROOT / "data" / "heldout"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):

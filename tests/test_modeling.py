@@ -218,3 +218,19 @@ def test_stage1_freezes_all_but_embeddings(tiny_model_dir):
     prepare_stage1(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["model.embed_tokens.weight"]  # lm_head is the same tensor (tied)
+
+
+def test_compile_decoder_layers_keeps_names_and_outputs(tiny_model_dir):
+    """--compile_layers compiles in place: same parameter names (saving, peft), same logits."""
+    from yak.modeling import compile_decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 403, 407, 410, 261, 428]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    names = [n for n, _ in model.named_parameters()]
+    assert compile_decoder_layers(model) == model.config.num_hidden_layers
+    assert [n for n, _ in model.named_parameters()] == names
+    with torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -23,6 +23,7 @@ from yak.tokenizer import (
     parse_script_ranges,
     unreachable_pieces,
 )
+from yak.tokenizer.merge import iter_sentences
 
 TINY_BO = ROOT / "tokenizer" / "stories260K_bo"
 TIBETAN = parse_script_ranges("0F00-0FFF")
@@ -73,7 +74,8 @@ def test_build_merges_reachable_pieces(tmp_path):
     assert all(has_script(p, TIBETAN) for p in added)
     assert unreachable_pieces(merged, added) == []
     scores = [p.score for p in merged.pieces[512:]]
-    assert all(a > b for a, b in zip(scores, scores[1:])) and scores[0] < min(p.score for p in merged.pieces[:512])
+    assert all(a > b for a, b in zip(scores, scores[1:]))
+    assert scores[0] < min(p.score for p in merged.pieces[:512])
     assert (out / HF_DIR / "tokenizer.model").read_bytes() == (out / SP_DIR / "tokenizer.model").read_bytes()
     assert len(load_tokenizer(out)) == 912
 
@@ -81,7 +83,8 @@ def test_build_merges_reachable_pieces(tmp_path):
 def test_merge_an_existing_sentencepiece_model(tmp_path):
     """--tibetan_sp_model merges a given model; a Unigram source keeps only reachable pieces."""
     trained = tmp_path / "bo.model"
-    text = "\n".join(line for f in sorted((PT_DATA / "bo").glob("*.txt")) for line in f.read_text().split("།"))
+    files = sorted((PT_DATA / "bo").glob("*.txt"))
+    text = "\n".join(line for f in files for line in f.read_text().split("།"))
     (tmp_path / "bo.txt").write_text(text)
     spm.SentencePieceTrainer.train(input=str(tmp_path / "bo.txt"), model_prefix=str(tmp_path / "bo"),
                                    model_type="unigram", vocab_size=600, minloglevel=2)
@@ -108,6 +111,16 @@ def test_bad_input_is_reported_at_once_and_leaves_nothing(tmp_path):
     for part in ["latin1.txt: not UTF-8", "empty.txt: file is empty", "missing: no such file",
                  "mila.txt is not a SentencePiece model", "already exists"]:
         assert part in str(e.value)
+    wrong = TokenizerArguments(corpus=[str(PT_DATA / "en")], base_tokenizer=str(TINY_MODEL), num_pieces=500,
+                               script_ranges="0F00-0FZZ", character_coverage=2.0,
+                               output_dir=str(tmp_path / "o"))
+    with pytest.raises(YakError) as e:
+        build_merged_tokenizer(wrong)
+    assert "--script_ranges" in str(e.value) and "--character_coverage" in str(e.value)
+    english = TokenizerArguments(corpus=[str(PT_DATA / "en")], base_tokenizer=str(TINY_MODEL), num_pieces=500,
+                                 output_dir=str(tmp_path / "o"))
+    with pytest.raises(YakError, match="only 211 reachable pieces.*in the script of --script_ranges"):
+        build_merged_tokenizer(english)  # English text: nothing Tibetan to add but the characters
     out = tmp_path / "out"
     too_many = TokenizerArguments(corpus=[str(PT_DATA / "bo")], base_tokenizer=str(TINY_MODEL),
                                   num_pieces=500_000, output_dir=str(out))
@@ -121,3 +134,16 @@ def test_merge_tokenizer_script_exits_2_on_bad_input(tmp_path):
                           "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "no such file or folder" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_long_lines_are_cut_into_chunks_sentencepiece_keeps():
+    """SentencePiece drops lines over max_sentence_length silently: no chunk may be longer, no text lost."""
+    f = PT_DATA / "bo" / "nanhai_modern_deseg.txt"
+    lines = [x.strip() for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+    assert max(len(x.encode()) for x in lines) > 20_000
+    chunks = list(iter_sentences([f], max_bytes=1000))
+    assert max(len(c.encode()) for c in chunks) <= 1000
+    # packed: sentences average about 300 bytes, chunks far more
+    assert sum(len(c.encode()) for c in chunks) / len(chunks) > 600
+    squeeze = str.maketrans("", "", " \t")
+    assert "".join(chunks).translate(squeeze) == "".join(lines).translate(squeeze)

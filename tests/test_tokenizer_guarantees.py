@@ -31,9 +31,11 @@ LLAMA2 = SHIPPED / "llama2" / "tokenizer.model"
 TIBETAN = parse_script_ranges("0F00-0FFF")
 # Text without Tibetan that stresses the pre-processing: code, digits, emoji (byte fallback), whitespace runs.
 NON_TIBETAN = [
-    "", " ", "  ", "\t", "\n", " leading space", "  two leading", "trailing space ", "a  b   c    d", "tab\tand\nnewline",
+    "", " ", "  ", "\t", "\n", " leading space", "  two leading", "trailing space ", "a  b   c    d",
+    "tab\tand\nnewline",
     "def f(x):\n    return x ** 2  # square", "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-    "3.14159 2026-11-27 1,000,000 007", "emoji 😀🎉 and 👍🏽 skin tone", "naïve café façade", "Ελληνικά русский",
+    "3.14159 2026-11-27 1,000,000 007", "emoji 😀🎉 and 👍🏽 skin tone", "naïve café façade",
+    "Ελληνικά русский",
     "[INST] <<SYS>> [/INST]", "▁ literal", "\u200b zero width", "\x00\x01 control",
 ]
 
@@ -110,15 +112,15 @@ def test_hf_folder_loads_with_auto_tokenizer_and_template(tokenizers):
     fast = AutoTokenizer.from_pretrained(SHIPPED / HF_DIR)
     assert fast.chat_template == LLAMA2_CHAT_TEMPLATE
     assert fast("hello").input_ids[0] == 1 and fast("hello").input_ids[-1] != 2
-    chat = fast.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
-                                    tokenize=False)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    chat = fast.apply_chat_template(messages, tokenize=False)
     assert chat.startswith("<s>[INST] <<SYS>>") and chat.endswith(" ok </s>")
     for folder in (SHIPPED / HF_DIR, SHIPPED / SP_DIR):
         assert "LLAMA 2 Community License" in (folder / "NOTICE").read_text()
 
 
 def test_special_token_text(tokenizers):
-    """Like every Hugging Face Llama tokenizer, the fast one reads a literal "<s>" as BOS unless told not to."""
+    """Like every Hugging Face Llama tokenizer, the fast one reads a literal "<s>" as BOS unless told not."""
     _, slow, fast, _ = tokenizers
     text = "<s> [INST] hi"
     assert fast(text, add_special_tokens=False).input_ids[0] == 1

@@ -80,6 +80,13 @@ class ModelArguments:
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "Attention implementation passed to transformers (sdpa, eager, ...)."}
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "Compile each decoder layer with torch.compile (regional compilation: one compile, "
+                  "reused by every layer). On GPUs, with --gradient_checkpointing off, it made LoRA CPT of a "
+                  "7B-shaped model about 1.9x faster than the naive setup (bench/RESULTS.md); costs about a "
+                  "minute of compilation at start."},
+    )
 
 
 @contextlib.contextmanager
@@ -459,6 +466,21 @@ def load_model_and_tokenizer(
     model = apply_adapters(model, adapters)
     model.eval()
     return model, tokenizer
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile every decoder layer in place (``nn.Module.compile``); returns how many were compiled.
+
+    Regional compilation: the layers share one class, so they share one compiled graph and the start-up cost
+    is that of a single layer. In place, so parameter names, peft wrappers and saving are unchanged.
+    Works on a plain model or a peft model (the layers are found through the base model's decoder).
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = inner.get_decoder().layers
+    for layer in layers:
+        layer.compile()
+    logger.info("compiled %d decoder layers (torch.compile, regional)", len(layers))
+    return len(layers)
 
 
 def prepare_stage1(model) -> None:

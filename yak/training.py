@@ -31,6 +31,7 @@ from yak.modeling import (
     ModelArguments,
     adapter_kind,
     apply_adapters,
+    compile_decoder_layers,
     embedding_keys,
     load_base_model,
     load_embeddings,
@@ -340,16 +341,21 @@ def _config_dict(*arg_objects) -> dict:
 # ------------------------------------------------------------------------------------------------------
 
 
-def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenizer, training_args):
+def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenizer, training_args, model=None):
     """Load the base, bring the vocabulary to the tokenizer, apply earlier stages, prepare this stage.
 
     Without ``--adapters``, new rows are initialised from the base tokenizer's pieces; with them, the
     earlier stage's trained rows are used. Trainable weights are kept in fp32 (the optimizer's master
     copy) while frozen weights stay in ``--torch_dtype``; under DeepSpeed, DeepSpeed does that itself.
+
+    Args:
+        model: an already built base model to prepare instead of loading ``--model_name_or_path``
+            (``bench/train_throughput.py`` builds one with random weights).
     """
-    model = load_base_model(model_args.model_name_or_path, dtype=model_args.torch_dtype,
-                            load_in_kbits=model_args.load_in_kbits,
-                            attn_implementation=model_args.attn_implementation)
+    if model is None:
+        model = load_base_model(model_args.model_name_or_path, dtype=model_args.torch_dtype,
+                                load_in_kbits=model_args.load_in_kbits,
+                                attn_implementation=model_args.attn_implementation)
     if model_args.adapters:
         resize_for_adapters(model, tokenizer, model_args.adapters, str(model_args.tokenizer_name_or_path))
         model = apply_adapters(model, model_args.adapters)
@@ -368,6 +374,8 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
                 p.data = p.data.float()  # in place on the Parameter: tied weights stay one tensor
     if training_args.gradient_checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    if model_args.compile_layers:
+        compile_decoder_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

@@ -17,6 +17,7 @@ vocabulary piece with the highest score (ties: leftmost pair). So
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -73,6 +74,12 @@ class TokenizerArguments:
         default=20000,
         metadata={"help": "Number of pieces to add to the base vocabulary (all of them reachable)."},
     )
+    vocab_size: int = field(
+        default=0,
+        metadata={"help": "Size of the new SentencePiece model (0: a twentieth more than --num_pieces, as "
+                          "pieces outside the script or already in the base are skipped). Set it for Unigram,"
+                          " whose pieces are often unreachable."},
+    )
     tibetan_sp_model: str | None = field(
         default=None,
         metadata={"help": "Merge this existing SentencePiece model instead of training one (then --corpus is "
@@ -81,7 +88,7 @@ class TokenizerArguments:
     script_ranges: str = field(
         default=TIBETAN_RANGES,
         metadata={"help": "Unicode ranges of the new script, e.g. '0F00-0FFF' or '0F00-0FFF,0020-0020'; only "
-                          "pieces made of these characters (plus an optional leading word boundary) are added."},
+                          "pieces made of these characters (and word boundaries) are added."},
     )
     script_characters: bool = field(
         default=True,
@@ -174,20 +181,34 @@ def find_corpus_files(paths: Iterable[str], option: str = "--corpus") -> list[Pa
         else:
             problems.append(f"{p}: no such file or folder")
     for f in files:
-        data = f.read_bytes()
-        if not data.strip():
-            problems.append(f"{f}: file is empty")
-            continue
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            problems.append(f"{f}: not UTF-8 (byte {e.start}, line {line}: {e.reason}); convert it to UTF-8")
+        problem = _check_utf8_text(f)
+        if problem:
+            problems.append(f"{f}: {problem}")
     if not paths:
         problems.append("no files given")
     if problems:
         raise YakError(f"{option}: " + "; ".join(problems))
     return files
+
+
+def _check_utf8_text(path: Path, chunk: int = 1 << 20) -> str | None:
+    """What is wrong with ``path`` as UTF-8 text (empty, or not UTF-8 and where), read in chunks; or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, newlines, blank = 0, 0, True
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk)
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line = newlines + data[: e.start].count(b"\n") + 1
+                return f"not UTF-8 (near byte {at}, line {line}: {e.reason}); convert it to UTF-8"
+            blank = blank and not text.strip()
+            if not data:
+                return "file is empty" if blank else None
+            offset += len(data)
+            newlines += data.count(b"\n")
 
 
 def iter_sentences(files: Iterable[Path], max_bytes: int = 8192) -> Iterator[str]:
@@ -286,6 +307,9 @@ def train_sentencepiece(files: Sequence[Path], args: TokenizerArguments, vocab_s
         input_sentence_size=args.input_sentence_size,
         shuffle_input_sentence=True,
         split_by_whitespace=args.split_by_whitespace,
+        # Learn pieces of the raw text, as the merged (identity-normalizing) tokenizer will see it; the
+        # default NFKC would learn e.g. U+0F0B where the text has U+0F0C.
+        normalization_rule_name="identity",
         seed_sentencepiece_size=1_000_000,
         num_threads=os.cpu_count() or 1,
         bos_id=-1,
@@ -300,8 +324,10 @@ def train_sentencepiece(files: Sequence[Path], args: TokenizerArguments, vocab_s
         )
     except RuntimeError as e:
         if "Vocabulary size" in str(e):
-            raise YakError(f"--num_pieces {args.num_pieces}: the corpus cannot support that many "
-                           f"{args.model_type} pieces ({e}); ask for fewer or give more text")
+            option = (f"--vocab_size {args.vocab_size}" if args.vocab_size
+                      else f"--num_pieces {args.num_pieces}")
+            raise YakError(f"{option}: the corpus cannot support a {args.model_type} model of {vocab_size} "
+                           f"pieces ({e}); ask for fewer or give more text")
         raise
     proto = _model_proto()
     proto.ParseFromString(buf.getvalue())
@@ -368,8 +394,9 @@ def merge_pieces(base, source, num_pieces: int, ranges, all_characters: bool = T
     """Append up to ``num_pieces`` reachable pieces of ``source`` to a copy of ``base``.
 
     The characters of the added pieces come first, then the pieces in ``source``'s score order; each gets a
-    distinct float32 score below every base score. Pieces whose own text does not encode to them are
-    dropped and the next candidates are taken, until ``num_pieces`` reachable pieces are in.
+    distinct float32 score below every base score. First the candidates that stay unreachable with all
+    candidates in are dropped (Unigram pieces, mostly), then the first ``num_pieces`` of the rest are taken,
+    and any that a missing later piece leaves unreachable are replaced by the next ones.
 
     Args:
         base: the base ``ModelProto`` (SentencePiece BPE).
@@ -382,8 +409,16 @@ def merge_pieces(base, source, num_pieces: int, ranges, all_characters: bool = T
         ``(merged ModelProto, added pieces, number of candidates dropped as unreachable)``.
     """
     pool = _candidates(source, {p.piece for p in base.pieces}, ranges, all_characters)
+    _, reachable = _fill(base, pool, len(pool))
+    merged, added = _fill(base, reachable, num_pieces)
+    kept = set(added)
+    return merged, added, len(pool) - len(reachable) + sum(p not in kept for p in reachable[:len(added)])
+
+
+def _fill(base, pool: Sequence[str], num_pieces: int) -> tuple[object, list[str]]:
+    """Append the first ``num_pieces`` pieces of ``pool`` that are reachable together (see merge_pieces)."""
     floor = np.float32(min(p.score for p in base.pieces))
-    chosen, dropped, next_candidate = [], set(), 0
+    chosen, next_candidate = [], 0
     while True:
         while len(chosen) < num_pieces and next_candidate < len(pool):
             chosen.append(pool[next_candidate])
@@ -395,8 +430,7 @@ def merge_pieces(base, source, num_pieces: int, ranges, all_characters: bool = T
             merged.pieces.add(piece=piece, score=float(score), type=NORMAL)
         bad = set(unreachable_pieces(merged, chosen))
         if not bad:
-            return merged, chosen, len(dropped)
-        dropped |= bad
+            return merged, chosen
         chosen = [p for p in chosen if p not in bad]
 
 
@@ -500,7 +534,8 @@ def export_tokenizer(proto, out_dir: Path, model_max_length: int | None = None,
     # "add_bos_token" documents what the post-processor does, for readers of the config.
     # PreTrainedTokenizerFast (= TokenizersBackend in transformers 5) loads tokenizer.json as it is, in
     # transformers 4 and 5, vLLM and TGI alike.
-    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False, pad_token=None)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False,
+                  pad_token=None)
     (hf / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
     (hf / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     for f in licence_files:
@@ -558,10 +593,18 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
     Returns:
         A summary: sizes, number of added and dropped pieces, the output paths.
     """
-    ranges = parse_script_ranges(args.script_ranges)
     problems = []
+    ranges = []
+    try:
+        ranges = parse_script_ranges(args.script_ranges)
+    except YakError as e:
+        problems.append(str(e))
     if args.num_pieces < 1:
         problems.append(f"--num_pieces must be at least 1 (got {args.num_pieces})")
+    if not 0 < args.character_coverage <= 1:
+        problems.append(f"--character_coverage must be in (0, 1] (got {args.character_coverage})")
+    if args.max_sentence_length < 256:
+        problems.append(f"--max_sentence_length must be at least 256 bytes (got {args.max_sentence_length})")
     if Path(args.output_dir).exists() and not args.overwrite:
         problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
     if args.tibetan_sp_model is None and not args.corpus:
@@ -574,9 +617,9 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
     base = None
     try:
         base = load_sp_model(args.base_tokenizer)
-        if base.trainer_spec.model_type != 2:  # BPE
-            problems.append(f"--base_tokenizer {args.base_tokenizer}: not a BPE SentencePiece model; the merge "
-                            "needs a Llama-family (BPE) base")
+        if base.trainer_spec.model_type != 2 or not base.trainer_spec.byte_fallback:  # 2: BPE
+            problems.append(f"--base_tokenizer {args.base_tokenizer}: not a BPE SentencePiece model with "
+                            "byte fallback; the merge needs a Llama-family base")
     except YakError as e:
         problems.append(str(e))
     source = None
@@ -589,13 +632,15 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
         raise YakError("; ".join(problems))
 
     if source is None:
-        # Ask for a little more than needed: pieces outside the script or already in the base are skipped.
-        source = train_sentencepiece(files, args, vocab_size=int(args.num_pieces * 1.05) + 100)
+        size = args.vocab_size or int(args.num_pieces * 1.05) + 100
+        source = train_sentencepiece(files, args, vocab_size=size)
     merged, added, dropped = merge_pieces(base, source, args.num_pieces, ranges, args.script_characters)
     if len(added) < args.num_pieces:
         raise YakError(f"--num_pieces {args.num_pieces}: only {len(added)} reachable pieces of the script "
-                       f"{args.script_ranges} are available from the new model; ask for at most {len(added)}")
-    base_dir = Path(args.base_tokenizer) if Path(args.base_tokenizer).is_dir() else Path(args.base_tokenizer).parent
+                       f"{args.script_ranges} are available from the new model; ask for at most {len(added)},"
+                       " give more text, or check that the text is in the script of --script_ranges")
+    base_dir = Path(args.base_tokenizer)
+    base_dir = base_dir if base_dir.is_dir() else base_dir.parent
     base_config_path = base_dir / "tokenizer_config.json"
     base_config = json.loads(base_config_path.read_text()) if base_config_path.is_file() else {}
     licences = [base_dir / name for name in LICENCE_FILES if (base_dir / name).is_file()]
