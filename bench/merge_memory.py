@@ -25,10 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -48,7 +44,9 @@ model.save_pretrained({out!r}, max_shard_size="1GB")
 
 def build_inputs(work: Path, layers: int, hidden: int, inter: int, vocab: int, shards: int, rank: int) -> dict:
     """Write the random base model (``shards`` safetensors files) and a peft adapter; return their sizes."""
+    import torch
     from peft import LoraConfig
+    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     base, adapter = work / "base", work / "adapter"
@@ -116,6 +114,7 @@ def run_measured(code: str) -> tuple[float, float]:
 
 
 def max_difference(a: Path, b: Path, names: list[str]) -> float:
+    from safetensors import safe_open
     def files(d):
         index = d / "model.safetensors.index.json"
         if index.exists():
@@ -138,9 +137,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     parser.add_argument("--shards", type=int, default=4, help="input shards")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank")
+    parser.add_argument("--build_only", action="store_true", help="only write the inputs (used internally)")
     a = parser.parse_args()
     work = Path(a.work_dir)
-    info = build_inputs(work, a.layers, a.hidden, a.intermediate, a.vocab, a.shards, a.rank)
+    if a.build_only:
+        info = build_inputs(work, a.layers, a.hidden, a.intermediate, a.vocab, a.shards, a.rank)
+        (work / "inputs.json").write_text(json.dumps(info))
+        return
+    # Build in a child too: a child's ru_maxrss starts from its parent's resident memory at the fork (Linux
+    # carries the high-water mark over exec), so this process must stay small while the merges are measured.
+    subprocess.run([sys.executable, __file__, "--build_only", *sys.argv[1:]], check=True)
+    info = json.loads((work / "inputs.json").read_text())
     print(f"RESULT inputs params={info['params'] / 1e9:.2f}B shards={info['shards']} "
           f"base_gib={info['base_bytes'] / 2**30:.2f} largest_shard_gib={info['largest_shard'] / 2**30:.2f}",
           flush=True)

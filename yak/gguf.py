@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 CONVERTER = "convert_hf_to_gguf.py"
 # What the converter needs from a llama.cpp source tree (FACTS: the script alone fails without them).
 CONVERTER_PARTS = (CONVERTER, "conversion", "gguf-py")
+# Kept from the downloaded sources too: llama.cpp's converter of Meta's .pth layout.
+CACHED_PARTS = (*CONVERTER_PARTS, "examples/convert_legacy_llama.py")
 CONVERT_TYPES = ("f16", "bf16", "f32", "q8_0")
 QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
 
@@ -58,8 +60,8 @@ class GGUFArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
 
-def _has_converter(folder: Path) -> bool:
-    return all((folder / part).exists() for part in CONVERTER_PARTS)
+def _has_parts(folder: Path, parts: tuple[str, ...] = CONVERTER_PARTS) -> bool:
+    return all((folder / part).exists() for part in parts)
 
 
 def llama_cpp_sources(llama_cpp_dir: str | os.PathLike | None = None, cache_dir: Path | None = None,
@@ -76,7 +78,7 @@ def llama_cpp_sources(llama_cpp_dir: str | os.PathLike | None = None, cache_dir:
     """
     if llama_cpp_dir is not None:
         folder = Path(llama_cpp_dir)
-        if not _has_converter(folder):
+        if not _has_parts(folder):
             raise YakError(f"--llama_cpp_dir {folder}: expected a llama.cpp checkout with "
                            f"{', '.join(CONVERTER_PARTS)}; missing "
                            f"{[p for p in CONVERTER_PARTS if not (folder / p).exists()]}")
@@ -86,7 +88,7 @@ def llama_cpp_sources(llama_cpp_dir: str | os.PathLike | None = None, cache_dir:
     except metadata.PackageNotFoundError:
         version = None
     folder = (cache_dir or default_cache_dir()) / f"llama.cpp-from-llama-cpp-python-{version or 'latest'}"
-    if _has_converter(folder):
+    if _has_parts(folder, CACHED_PARTS):
         return folder
     if not download:
         raise YakError(f"no llama.cpp converter in {folder}; pass --llama_cpp_dir or allow the download")
@@ -100,7 +102,7 @@ def _download_sources(version: str | None, folder: Path) -> None:
     logger.info("downloading the llama.cpp sources of %s (about 76 MB, once) into %s", spec, folder)
     with tempfile.TemporaryDirectory() as tmp:
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                               "-d", tmp, spec], capture_output=True, text=True)
+                               "-d", tmp, spec], capture_output=True, check=False, text=True)
         archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if done.returncode or not archives:
             raise YakError(f"could not download {spec} with pip ({done.stderr.strip()[-500:]}); pass "
@@ -108,7 +110,7 @@ def _download_sources(version: str | None, folder: Path) -> None:
         with atomic_output_dir(folder, overwrite=True) as out, tarfile.open(archives[0]) as tar:
             prefix = tar.getmembers()[0].name.split("/")[0] + "/vendor/llama.cpp"
             wanted = [m for m in tar.getmembers() if any(
-                m.name == f"{prefix}/{p}" or m.name.startswith(f"{prefix}/{p}/") for p in CONVERTER_PARTS)]
+                m.name == f"{prefix}/{p}" or m.name.startswith(f"{prefix}/{p}/") for p in CACHED_PARTS)]
             for m in wanted:
                 m.name = m.name[len(prefix) + 1:]
             tar.extractall(out, members=wanted, filter="data")  # "data": no links or paths out of the folder
@@ -129,7 +131,7 @@ def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16",
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(src / CONVERTER), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
     logger.info("converting: %s", " ".join(cmd))
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, check=False, text=True)
     if done.returncode or not outfile.is_file():
         raise YakError(f"llama.cpp's converter failed on {model_dir}:\n{done.stderr.strip()[-2000:]}")
     return outfile
@@ -154,7 +156,7 @@ def quantize(src: Path, dst: Path, qtype: str, llama_cpp_dir: str | os.PathLike 
     """
     binary = _quantize_binary(llama_cpp_dir)
     if binary:
-        done = subprocess.run([binary, str(src), str(dst), qtype.upper()], capture_output=True, text=True)
+        done = subprocess.run([binary, str(src), str(dst), qtype.upper()], capture_output=True, check=False, text=True)
         if done.returncode:
             raise YakError(f"llama-quantize {qtype} failed:\n{done.stderr.strip()[-2000:]}")
         return dst
