@@ -70,7 +70,8 @@ req = urllib.request.Request(f"{base}/api/chat", data=json.dumps(
     {"query": query, "max_new_tokens": 48, "temperature": 0}).encode(), headers={"Content-Type": "application/json"})
 answer = json.load(urllib.request.urlopen(req, timeout=120))
 json.dump(answer, open(out, "w", encoding="utf-8"), ensure_ascii=False, indent=1)
-print(f"query:  {answer['query']}\nanswer: {answer['output']}")
+shown = answer["output"] or "(empty: the tiny model ended its answer at once)"
+print(f"query:  {answer['query']}\nanswer: {shown}")
 PY
 kill $SERVER; wait $SERVER 2>/dev/null || true; trap - EXIT
 

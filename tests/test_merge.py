@@ -129,7 +129,8 @@ def test_merge_equals_peft_merge_and_unload_resized_tied(tiny_model_dir, resized
     merged_tok = AutoTokenizer.from_pretrained(out)
     assert [merged_tok.encode(t) for t in lines] == [tok.encode(t) for t in lines]
     for got, want in zip(logits(merged_model, merged_tok, lines), expected):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # merged x @ (W + s B A) vs unmerged x @ W + s (x @ A) @ B: fp32 summation order differs (seen: 1.4e-4)
+        torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)
     if tying == "ensure_weight_tying":  # the format training writes (docs/formats.md)
         # the toolkit's own loader of training outputs (yak.modeling) gives the same model
         from yak.modeling import load_model_and_tokenizer
