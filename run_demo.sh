@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on the shipped tiny model (stories260K) and the shipped Tibetan/English/Chinese sample, on
 # a CPU, in a few minutes: merged tokenizer -> stage 1 (embeddings) -> stage 2 (LoRA+) -> SFT -> low-memory
-# merge -> evaluation before/after -> one Tibetan query through serve_demo.py. Every artifact goes under $OUT.
+# merge -> GGUF for llama.cpp (when llama-cpp-python is installed) -> evaluation before/after -> one Tibetan
+# query through serve_demo.py. Every artifact goes under $OUT.
 #
 #   bash run_demo.sh                    # writes outputs/demo (refuses to overwrite an existing one)
 #   OUT=/tmp/demo bash run_demo.sh
@@ -23,29 +24,37 @@ mkdir -p "$OUT"
 START=$(date +%s)
 step() { printf '\n=== [%s] %s (%ss)\n' "$1" "$2" "$(( $(date +%s) - START ))"; }
 
-step 1/7 "merged tokenizer: stories260K's 512 pieces + 3,000 Tibetan BPE pieces learnt from data/pt/bo"
+step 1/8 "merged tokenizer: stories260K's 512 pieces + 3,000 Tibetan BPE pieces learnt from data/pt/bo"
 python merge_tokenizer.py --corpus data/pt/bo --base_tokenizer "$BASE" --num_pieces 3000 \
   --output_dir "$OUT/tokenizer"
 
-step 2/7 "continued pretraining: stage 1 (embeddings only), then stage 2 (LoRA+ and embeddings)"
+step 2/8 "continued pretraining: stage 1 (embeddings only), then stage 2 (LoRA+ and embeddings)"
 BASE=$BASE TOKENIZER="$OUT/tokenizer/merged_tokenizer_hf" OUT="$OUT/pt" CACHE="$OUT/data_cache" \
   GRAD_ACC=2 STAGE1_TOKENS=100000 STAGE2_TOKENS=100000 SAVE_STEPS=1000 bash run_pt.sh --logging_steps 2
 
-step 3/7 "instruction tuning (SFT) on data/sft, on top of stage 1 + stage 2"
+step 3/8 "instruction tuning (SFT) on data/sft, on top of stage 1 + stage 2"
 BASE=$BASE ADAPTERS="$OUT/pt/stage1 $OUT/pt/stage2" OUT="$OUT/sft" CACHE="$OUT/data_cache" EPOCHS=1 \
   SAVE_STEPS=1000 bash run_sft.sh --logging_steps 2
 
-step 4/7 "low-memory merge: base + stage 1 + stage 2 + SFT -> one Hugging Face model"
+step 4/8 "low-memory merge: base + stage 1 + stage 2 + SFT -> one Hugging Face model"
 python merge_lora_low_mem.py --base_model "$BASE" --lora_model "$OUT/pt/stage1,$OUT/pt/stage2,$OUT/sft" \
   --output_type huggingface --output_dir "$OUT/merged"
 
-step 5/7 "evaluation, before (base) and after (merged)"
+step 5/8 "llama.cpp: GGUF f16 and q4_0, checking that llama.cpp tokenizes Tibetan exactly as Hugging Face"
+if python -c "import llama_cpp" 2>/dev/null; then
+  python export_gguf.py --model_dir "$OUT/merged" --output_dir "$OUT/gguf" --quant_types q4_0 \
+    --check_file data/heldout/bo_modern_nanhai_deseg_heldout.txt
+else
+  echo "skipped: llama-cpp-python is not installed (pip install llama-cpp-python; see docs/export.md)"
+fi
+
+step 6/8 "evaluation, before (base) and after (merged)"
 TASKS=(heldout tokenizer)
 if [ -d "$EVAL_DATA" ]; then TASKS+=(tncc tusa ti_mmlu bo_en); fi
 python evaluate.py --models "base=$BASE" "yak=$OUT/merged" --tasks "${TASKS[@]}" --data_root "$EVAL_DATA" \
   --limit 40 --lm_max_bytes 30000 --max_new_tokens 24 --output_dir "$OUT/eval"
 
-step 6/7 "serving: serve_demo.py on a free local port, one Tibetan query to POST /api/chat"
+step 7/8 "serving: serve_demo.py on a free local port, one Tibetan query to POST /api/chat"
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python serve_demo.py --base_model "$OUT/merged" --port "$PORT" > "$OUT/server.log" 2>&1 &
 SERVER=$!
@@ -75,7 +84,7 @@ print(f"query:  {answer['query']}\nanswer: {shown}")
 PY
 kill $SERVER; wait $SERVER 2>/dev/null || true; trap - EXIT
 
-step 7/7 "summary"
+step 8/8 "summary"
 cat "$OUT/eval/results.md"
 cat <<EOF
 
@@ -84,6 +93,7 @@ Done in $(( $(date +%s) - START )) s. Everything is under $OUT:
   pt/stage1, pt/stage2            continued-pretraining outputs, with loss curves pt/stage*/loss.png
   sft                             the SFT adapter, loss curve sft/loss.png
   merged                          the merged model (Hugging Face format; merge_lora_low_mem.py --output_type pth for Meta's)
+  gguf                            llama.cpp files (f16, q4_0), when llama-cpp-python is installed
   eval/results.{md,json,png}      the evaluation table and chart, base vs merged
   chat.json, server.log           the served answer to a Tibetan query
 EOF

@@ -1,5 +1,6 @@
 """The newcomer's main job: run_demo.sh runs every stage on the shipped tiny model and sample data."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +18,12 @@ def test_run_demo_end_to_end(tmp_path):
                  "pt/stage2/adapter_model.safetensors", "pt/stage2/loss.png", "sft/adapter_model.safetensors",
                  "merged/config.json", "eval/results.md", "eval/results.png"]:
         assert (out / path).is_file(), path
+    # the merged model carries the complete tokenizer: SentencePiece file (llama.cpp), template in the config
+    assert (out / "merged/tokenizer.model").is_file()
+    assert "[INST]" in json.loads((out / "merged/tokenizer_config.json").read_text())["chat_template"]
+    if importlib.util.find_spec("llama_cpp"):  # the GGUF step ran, and its tokenization check passed
+        names = sorted(p.name for p in (out / "gguf").glob("*.gguf"))
+        assert len(names) == 2 and names[0].endswith("f16.gguf") and names[1].endswith("q4_0.gguf")
     config = json.loads((out / "merged/config.json").read_text())
     assert config["vocab_size"] == 512 + 3000 + 8  # 3,512 tokens padded to a multiple of 64
     results = json.loads((out / "eval/results.json").read_text())["results"]

@@ -43,6 +43,7 @@ from yak.modeling import (
     resize_for_adapters,
     save_embeddings,
 )
+from yak.tokenizer import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -587,7 +588,7 @@ class YakTrainer(Trainer):
                 state = {k: state_dict[k].detach().cpu().contiguous() for k in embedding_keys(self.model)}
             save_embeddings(self.model, output_dir, self.base_model_name_or_path, state=state)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+            save_tokenizer(self.processing_class, output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)

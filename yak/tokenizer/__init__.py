@@ -14,6 +14,7 @@ from yak.tokenizer.merge import (
     load_tokenizer,
     mismatching_lines,
     parse_script_ranges,
+    save_tokenizer,
     unreachable_pieces,
 )
 from yak.tokenizer.report import ReportArguments, run_report, tokenizer_stats
@@ -32,6 +33,7 @@ __all__ = [
     "mismatching_lines",
     "parse_script_ranges",
     "run_report",
+    "save_tokenizer",
     "tokenizer_stats",
     "unreachable_pieces",
 ]

@@ -561,6 +561,33 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(p))
 
 
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
+    """Save ``tokenizer`` as a complete toolkit tokenizer folder, like ``merged_tokenizer_hf/``.
+
+    transformers 5's ``save_pretrained`` alone moves the chat template to ``chat_template.jinja``, names the
+    class ``TokenizersBackend`` (unknown to transformers 4 and older vLLM) and drops ``tokenizer.model``, without
+    which llama.cpp's converter rebuilds the vocabulary differently (every Tibetan line then tokenizes
+    differently in llama.cpp). So: ``save_pretrained`` with the template in ``tokenizer_config.json``, then
+    ``tokenizer.model`` and the ``tokenizer_class`` of the folder the tokenizer was loaded from.
+
+    Args:
+        tokenizer: a (fast) tokenizer, possibly changed in memory (e.g. a chat template set).
+        out_dir: an existing folder.
+    """
+    out = Path(out_dir)
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    src = Path(tokenizer.name_or_path)
+    if (src / "tokenizer.model").is_file() and not (out / "tokenizer.model").is_file():
+        shutil.copyfile(src / "tokenizer.model", out / "tokenizer.model")
+    if (src / "tokenizer_config.json").is_file():
+        cls = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+        config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if cls and config.get("tokenizer_class") != cls:
+            config["tokenizer_class"] = cls
+            (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
+                                                       encoding="utf-8")
+
+
 def load_slow_tokenizer(path: str | os.PathLike):
     """Load the SentencePiece ("slow") processor of a tokenizer folder or ``tokenizer.model`` file.
 
