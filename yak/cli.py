@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from yak import YakError
 
-README_HINT = "see README.md"
+README_HINT = "(help: README.md, section 'When something goes wrong', and the guides in docs/)"
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -56,7 +56,7 @@ def run_main(fn: Callable[[], object]) -> Callable[[], None]:
         try:
             fn()
         except YakError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}\n{README_HINT}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
