@@ -108,7 +108,8 @@ def naive_trainer(model, stage: int, args, dataset, timer):
 
 
 def project_trainer(model, stage: int, args, dataset, timer, tokenizer_dir: str, compile_layers: bool):
-    from yak.modeling import ModelArguments, load_tokenizer
+    from yak.modeling import ModelArguments
+    from yak.tokenizer import load_tokenizer
     from yak.training import StageArguments, YakTrainer, build_model, collate_blocks
 
     model_args = ModelArguments(model_name_or_path="random", tokenizer_name_or_path=tokenizer_dir,

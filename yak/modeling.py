@@ -21,6 +21,7 @@ import torch
 
 from yak import YakError
 from yak.io import atomic_write_json
+from yak.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +132,6 @@ def resolve_dtype(name: str | torch.dtype) -> str | torch.dtype:
     if name not in DTYPES:
         raise YakError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The fast tokenizer of a folder (never executes code from it)."""
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise YakError(f"tokenizer folder {path} does not exist")
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def load_base_model(

@@ -36,14 +36,13 @@ from yak.modeling import (
     embedding_keys,
     load_base_model,
     load_embeddings,
-    load_tokenizer,
     prepare_lora,
     prepare_stage1,
     resize_and_init_embeddings,
     resize_for_adapters,
     save_embeddings,
 )
-from yak.tokenizer import save_tokenizer
+from yak.tokenizer import load_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
