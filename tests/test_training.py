@@ -309,6 +309,14 @@ def test_config_file_and_help(tmp_path, pt_dir):
     (tmp_path / "bad.json").write_text(json.dumps({**config, "lora_rnak": 8}))
     with pytest.raises(YakError, match="lora_rnak"):
         parse_train_args([str(tmp_path / "bad.json")])
+    for name, text in [
+        ("broken.yaml", "task: [sft\n"),
+        ("list.json", "[1, 2]"),
+        ("stage3.json", json.dumps({**config, "stage": 3})),
+    ]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(YakError, match=name):
+            parse_train_args([str(tmp_path / name)])
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--help"],
         capture_output=True,

@@ -171,14 +171,14 @@ def _data_arguments_class(task: str):
 def _peek_task(argv: Sequence[str]) -> str:
     """The ``--task`` value from the command line or the config file, before the full parse."""
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
-        text = Path(argv[0]).read_text(encoding="utf-8")
-        if argv[0].endswith(".json"):
-            config = json.loads(text)
-        else:
-            import yaml
+        import yaml
 
-            config = yaml.safe_load(text)
-        return str((config or {}).get("task", "pt"))
+        text = Path(argv[0]).read_text(encoding="utf-8")
+        try:
+            config = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError):
+            return "pt"  # parse_args reports the broken file
+        return str(config.get("task", "pt")) if isinstance(config, dict) else "pt"
     for i, arg in enumerate(argv):
         if arg == "--task" and i + 1 < len(argv):
             return argv[i + 1]
