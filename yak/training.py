@@ -237,6 +237,13 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
+    out = Path(training_args.output_dir).resolve()
+    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path]
+    for path in [p for p in inputs + list(model_args.adapters) if p]:
+        if out == Path(path).resolve() or out in Path(path).resolve().parents:
+            # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
+            problems.append(f"output_dir {training_args.output_dir} is (or contains) the input {path}; "
+                            "choose a new folder")
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
