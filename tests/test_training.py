@@ -238,6 +238,31 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_losses(pt_dir, tmp_pat
         run_training(*parse_train_args(argv(pt_dir, out, *extra)))
 
 
+def test_save_total_limit_keeps_the_last_complete_checkpoint_until_the_next_is_complete(
+    pt_dir, tmp_path, monkeypatch
+):
+    """Killed after checkpoint-4's files but before its marker (under ZeRO, while other ranks still write their
+    shards): with --save_total_limit 1, checkpoint-2 must still be there to resume from."""
+    import yak.training
+
+    write = yak.training.atomic_write_json
+
+    def killed_at_marker_4(path, obj):
+        if path.name == COMPLETE_MARKER and path.parent.name == "checkpoint-4":
+            raise KeyboardInterrupt("simulated kill while saving")
+        write(path, obj)
+
+    monkeypatch.setattr(yak.training, "atomic_write_json", killed_at_marker_4)
+    out = tmp_path / "run"
+    extra = ("--stage", "1", "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(*parse_train_args(argv(pt_dir, out, *extra)))
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+    monkeypatch.setattr(yak.training, "atomic_write_json", write)
+    run_training(*parse_train_args(argv(pt_dir, out, *extra)))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+
+
 def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -597,12 +597,27 @@ class YakTrainer(Trainer):
             save_tokenizer(self.processing_class, output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import rotate_checkpoints
+
+        # The Trainer deletes old checkpoints (--save_total_limit) at the end of its save, before the marker
+        # below: a kill in between would leave no complete checkpoint. Rotate only once this one is complete.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            run_dir = self._get_output_dir(trial=trial)
+            folder = Path(run_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
             atomic_write_json(
                 folder / COMPLETE_MARKER, {"global_step": self.state.global_step, "complete": True}
+            )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
             )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
