@@ -242,8 +242,10 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
     for path in [p for p in inputs + list(model_args.adapters) if p]:
         if out == Path(path).resolve() or out in Path(path).resolve().parents:
             # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
-            problems.append(f"output_dir {training_args.output_dir} is (or contains) the input {path}; "
-                            "choose a new folder")
+            problems.append(
+                f"output_dir {training_args.output_dir} is (or contains) the input {path}; "
+                "choose a new folder"
+            )
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
