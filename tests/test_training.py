@@ -314,6 +314,22 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     (tmp_path / "other" / "yak_run.json").write_text(json.dumps({"identity": {"task": "pt", "stage": 1}}))
     with pytest.raises(YakError, match=r"holds another run \(.*stage: 1 there, 2 now"):
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "other", "--max_steps", "1")))
+    # nor the checkpoint it is asked to resume from
+    (tmp_path / "other" / "checkpoint-1").mkdir()
+    (tmp_path / "other" / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")
+    with pytest.raises(YakError, match="inside output_dir"):
+        run_training(
+            *parse_train_args(
+                argv(
+                    pt_dir,
+                    tmp_path / "other",
+                    "--resume_from_checkpoint",
+                    str(tmp_path / "other" / "checkpoint-1"),
+                    "--overwrite_output_dir",
+                )
+            )
+        )
+    assert (tmp_path / "other" / "checkpoint-1" / COMPLETE_MARKER).is_file()
     # --overwrite_output_dir must not delete an input: here the stage-1 output given as --adapters
     (tmp_path / "other" / "yak_adapter.json").write_text("{}")
     with pytest.raises(YakError, match="is .or contains. the input"):

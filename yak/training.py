@@ -371,6 +371,11 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
             raise YakError(
                 f"--resume_from_checkpoint {resume} is not a complete checkpoint (no {COMPLETE_MARKER})"
             )
+        if delete and out.resolve() in Path(resume).resolve().parents:
+            raise YakError(
+                f"--resume_from_checkpoint {resume} is inside output_dir {out}, which --overwrite_output_dir "
+                f"would delete ({reason}); resume into the run's own settings, or copy the checkpoint out first"
+            )
     elif out.is_dir() and not delete:
         checkpoints = _checkpoints(out)
         incomplete = [c for c in checkpoints if not is_complete_checkpoint(c)]
