@@ -9,6 +9,10 @@
 #
 # The same scripts, with a Llama 2 checkpoint and GPUs, are the real recipe: see README.md.
 set -euo pipefail
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # the comment block above is the help
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  exit 0
+fi
 cd "$(dirname "$0")"
 
 OUT=${OUT:-outputs/demo}

@@ -2,6 +2,10 @@
 # Merge the trained parts into the base model, then export for llama.cpp (GGUF f16 + 4-bit).
 # Edit the paths below (or pass them as environment variables) and run: bash run_merge_export.sh
 set -euo pipefail
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # the comment block above is the help
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  exit 0
+fi
 
 base_model=${base_model:-path/to/llama-2-7b-hf}
 # applied in this order: stage-1 embeddings, CPT (stage 2) adapter, SFT adapter; drop what you do not have

@@ -59,6 +59,44 @@ def test_parse_args_refuses_unknown_keys(tmp_path):
         parse_args([_Args], ["--lr_typo", "3"])
 
 
+@dataclass
+class _Required:
+    model: str = field(metadata={"help": "a required folder"})
+    stage: int = field(default=2, metadata={"help": "stage", "choices": [1, 2]})
+    steps: int = field(default=1, metadata={"help": "steps"})
+
+
+@pytest.mark.parametrize(
+    "suffix, text, expected",
+    [
+        (".json", '{"stage": 1}', "model"),  # a required option left out
+        (".json", '{"model": "m", "stage": 3}', "stage"),  # outside its choices
+        (".yaml", "model: m\nsteps: ten\n", "steps"),  # not a number
+        (".json", '{"model": "m", "stage": true}', "stage"),  # a bool is not an int
+        (".yaml", "model: [unclosed\n", "c.yaml"),  # not YAML
+        (".json", "[1, 2]", "c.json"),  # not a mapping
+    ],
+)
+def test_parse_args_config_file_problems_are_yak_errors(tmp_path, suffix, text, expected):
+    """A config file is held to what the command line checks: required options, choices, number types."""
+    cfg = tmp_path / f"c{suffix}"
+    cfg.write_text(text)
+    with pytest.raises(YakError, match=expected):
+        parse_args([_Required], [str(cfg)])
+    cfg.write_text(
+        '{"model": "m", "stage": 1, "steps": 3}' if suffix == ".json" else "model: m\nstage: 1\nsteps: '3'\n"
+    )
+    (args,) = parse_args([_Required], [str(cfg)])
+    assert (args.model, args.stage, args.steps) == ("m", 1, 3)
+
+
+def test_parse_args_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 2e-4\n")  # PyYAML reads this as the string '2e-4'
+    (args,) = parse_args([_Args], [str(cfg)])
+    assert args.lr == 2e-4
+
+
 def test_chat_template_renders_llama2_format(tiny_model_dir):
     from transformers import AutoTokenizer
 

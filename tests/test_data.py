@@ -306,6 +306,10 @@ def test_undecodable_lines_skipped_and_counted(tok, tmp_path, caplog):
     caplog.clear()
     build_pretraining_datasets(tok, args)  # from the cache: still reported
     assert "skipped 1 lines" in caplog.text
+    # the cache entry of the skipping run must not let a run that asks to stop through
+    with pytest.raises(YakError, match="a.txt:8: not valid UTF-8"):
+        build_pretraining_datasets(tok, _args(tmp_path / "pt", tmp_path / "c", validation_split_percentage=0,
+                                              on_decode_error="stop"))
 
 
 def test_files_longer_than_a_chunk(tok, tmp_path, monkeypatch, caplog):

@@ -38,3 +38,14 @@ def test_run_demo_end_to_end(tmp_path):
     # a second run refuses to overwrite the first
     again = subprocess.run(["bash", "run_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_shell_scripts_answer_help_without_running(tmp_path):
+    """--help prints the script's description; it must not start the pipeline (which writes outputs)."""
+    env = {**os.environ, "OUT": str(tmp_path / "demo"), "output_dir": str(tmp_path / "merged")}
+    for script, words in [("run_demo.sh", "whole pipeline"), ("run_merge_export.sh", "Merge the trained parts")]:
+        for flag in ("--help", "-h"):
+            proc = subprocess.run(["bash", script, flag], cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=60)
+            assert proc.returncode == 0 and words in proc.stdout, (script, proc.stdout[-500:], proc.stderr[-500:])
+    assert list(tmp_path.iterdir()) == []

@@ -309,6 +309,16 @@ def test_problems_are_listed_before_any_model_is_loaded(tmp_path):
     assert "out already exists" in msg
 
 
+def test_output_dir_that_is_a_model_folder_is_refused(tmp_path, tiny_model_dir):
+    """With --overwrite the atomic rename would replace the model folder by the report."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for out in ("model", "."):
+        with pytest.raises(YakError, match=r"is \(or contains\) the model folder"):
+            prepare(_args(tmp_path, [model], ["tusa"], out=out, overwrite=True))
+    assert (model / "config.json").is_file()
+
+
 def test_records_missing_fields_and_unknown_keys(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "རྒྱུད་འབུམ།", "label": "Positive"}\n{"txt": "བཞུགས་སོ།"}\n', encoding="utf-8")

@@ -130,6 +130,9 @@ def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data)))
     with pytest.raises(YakError, match="exactly one of --interactive and --data_file"):
         run_inference(model, GenerationArguments(), InferenceArguments())
+    data.write_bytes(b"one\ncaf\xe9\n")
+    with pytest.raises(YakError, match="not valid UTF-8"):
+        run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data)))
     data.write_text("one\n", encoding="utf-8")
     with pytest.raises(YakError, match="pip install vllm"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data), use_vllm=True))

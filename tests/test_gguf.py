@@ -47,6 +47,19 @@ def test_bad_export_inputs_are_reported(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_output_dir_that_is_the_model_dir_is_refused(tiny_model_dir, tmp_path):
+    """With --overwrite, the atomic rename would replace the merged model by the GGUF files."""
+    import shutil
+
+    model = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, model)
+    for out in (model, tmp_path):
+        with pytest.raises(YakError, match=r"is \(or contains\) the model folder"):
+            export_gguf(GGUFArguments(model_dir=str(model), output_dir=str(out), overwrite=True,
+                                      llama_cpp_dir=str(tmp_path / "no_llama_cpp")))
+    assert (model / "config.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_model_dir, tmp_path_factory):
     """stories260K + a real peft adapter on the shipped merged tokenizer (3,512 tokens -> 3,520 rows), merged,

@@ -316,6 +316,12 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
     with pytest.raises(YakError, match=r"512 tokens .* 3520 rows"):
         merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
                              tokenizer_path=str(tiny_model_dir), output_dir=str(out)))
+    # a truncated adapter file (e.g. an interrupted copy)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(adapter, truncated)
+    (truncated / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes()[:100])
+    with pytest.raises(YakError, match="cannot read the weights of .*truncated"):
+        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(truncated), output_dir=str(out)))
     # too little disk space (the file system's free space, as the OS reports it, made small)
     import yak.merge
 

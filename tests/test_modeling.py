@@ -197,6 +197,23 @@ def test_untied_lora_adapter_carries_both_matrices(untied_model_dir, merged_tok_
     assert torch.equal(m.model.embed_tokens.weight, reference.model.embed_tokens.weight)
 
 
+def test_untied_adapter_without_lm_head_is_refused_not_loaded_with_random_rows(
+    untied_model_dir, merged_tok_dir, tmp_path
+):
+    """Training mean-initialised the new lm_head rows; an adapter that does not carry lm_head cannot bring them
+    back, so loading it would give the new tokens random output rows (the merge refuses it too)."""
+    model = load_base_model(untied_model_dir, dtype="float32")
+    resize_and_init_embeddings(model, load_tokenizer(merged_tok_dir), load_tokenizer(untied_model_dir))
+    peft_model = prepare_lora(
+        model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj"], modules_to_save=["embed_tokens"]
+    )
+    out = tmp_path / "adapter"
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
+    load_tokenizer(merged_tok_dir).save_pretrained(str(out))
+    with pytest.raises(YakError, match="lm_head"):
+        load_model_and_tokenizer(untied_model_dir, [out], dtype="float32", device="cpu")
+
+
 def test_dtype_option(tiny_model_dir):
     assert next(load_base_model(tiny_model_dir, dtype="bfloat16").parameters()).dtype == torch.bfloat16
     assert next(load_base_model(tiny_model_dir, dtype="auto").parameters()).dtype == torch.float32

@@ -1,5 +1,6 @@
 """The tokenizer stage: merge, export, the shipped tiny-model tokenizer, bad input."""
 
+import shutil
 import subprocess
 import sys
 
@@ -127,6 +128,18 @@ def test_bad_input_is_reported_at_once_and_leaves_nothing(tmp_path):
     with pytest.raises(YakError, match="--num_pieces 500000"):
         build_merged_tokenizer(too_many)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "exists", "latin1.txt"]
+
+
+def test_output_dir_holding_an_input_is_refused(tmp_path):
+    """With --overwrite the atomic rename would replace the folder that holds the base tokenizer or corpus."""
+    base = tmp_path / "work" / "base"
+    shutil.copytree(TINY_MODEL, base)
+    for out in (base, tmp_path / "work"):
+        args = TokenizerArguments(corpus=[str(PT_DATA / "bo")], base_tokenizer=str(base), num_pieces=100,
+                                  output_dir=str(out), overwrite=True)
+        with pytest.raises(YakError, match=r"is \(or contains\) the input"):
+            build_merged_tokenizer(args)
+    assert (base / "tokenizer.model").is_file()
 
 
 def test_merge_tokenizer_script_exits_2_on_bad_input(tmp_path):

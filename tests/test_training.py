@@ -238,6 +238,31 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_losses(pt_dir, tmp_pat
         run_training(*parse_train_args(argv(pt_dir, out, *extra)))
 
 
+def test_save_total_limit_keeps_the_last_complete_checkpoint_until_the_next_is_complete(
+    pt_dir, tmp_path, monkeypatch
+):
+    """Killed after checkpoint-4's files but before its marker (under ZeRO, while other ranks still write their
+    shards): with --save_total_limit 1, checkpoint-2 must still be there to resume from."""
+    import yak.training
+
+    write = yak.training.atomic_write_json
+
+    def killed_at_marker_4(path, obj):
+        if path.name == COMPLETE_MARKER and path.parent.name == "checkpoint-4":
+            raise KeyboardInterrupt("simulated kill while saving")
+        write(path, obj)
+
+    monkeypatch.setattr(yak.training, "atomic_write_json", killed_at_marker_4)
+    out = tmp_path / "run"
+    extra = ("--stage", "1", "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(*parse_train_args(argv(pt_dir, out, *extra)))
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+    monkeypatch.setattr(yak.training, "atomic_write_json", write)
+    run_training(*parse_train_args(argv(pt_dir, out, *extra)))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+
+
 def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -289,6 +314,37 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     (tmp_path / "other" / "yak_run.json").write_text(json.dumps({"identity": {"task": "pt", "stage": 1}}))
     with pytest.raises(YakError, match=r"holds another run \(.*stage: 1 there, 2 now"):
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "other", "--max_steps", "1")))
+    # nor the checkpoint it is asked to resume from
+    (tmp_path / "other" / "checkpoint-1").mkdir()
+    (tmp_path / "other" / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")
+    with pytest.raises(YakError, match="inside output_dir"):
+        run_training(
+            *parse_train_args(
+                argv(
+                    pt_dir,
+                    tmp_path / "other",
+                    "--resume_from_checkpoint",
+                    str(tmp_path / "other" / "checkpoint-1"),
+                    "--overwrite_output_dir",
+                )
+            )
+        )
+    assert (tmp_path / "other" / "checkpoint-1" / COMPLETE_MARKER).is_file()
+    # --overwrite_output_dir must not delete an input: here the stage-1 output given as --adapters
+    (tmp_path / "other" / "yak_adapter.json").write_text("{}")
+    with pytest.raises(YakError, match="is .or contains. the input"):
+        run_training(
+            *parse_train_args(
+                argv(
+                    pt_dir,
+                    tmp_path / "other",
+                    "--adapters",
+                    str(tmp_path / "other"),
+                    "--overwrite_output_dir",
+                )
+            )
+        )
+    assert (tmp_path / "other" / "yak_adapter.json").is_file()
 
 
 def test_config_file_and_help(tmp_path, pt_dir):
@@ -309,6 +365,14 @@ def test_config_file_and_help(tmp_path, pt_dir):
     (tmp_path / "bad.json").write_text(json.dumps({**config, "lora_rnak": 8}))
     with pytest.raises(YakError, match="lora_rnak"):
         parse_train_args([str(tmp_path / "bad.json")])
+    for name, text in [
+        ("broken.yaml", "task: [sft\n"),
+        ("list.json", "[1, 2]"),
+        ("stage3.json", json.dumps({**config, "stage": 3})),
+    ]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(YakError, match=name):
+            parse_train_args([str(tmp_path / name)])
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--help"],
         capture_output=True,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import logging
 import os
 import sys
@@ -36,16 +38,55 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
         path = args[0]
         if not os.path.isfile(path):
             raise YakError(f"config file {path} does not exist")
+        import yaml
+
         try:
-            if path.endswith(".json"):
-                return parser.parse_json_file(path, allow_extra_keys=False)
-            return parser.parse_yaml_file(path, allow_extra_keys=False)
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (ValueError, yaml.YAMLError) as e:
+            raise YakError(f"config file {path} cannot be read: {e}") from e
+        problems = _check_config(parser, config)
+        if problems:
+            raise YakError(f"config file {path}:\n  - " + "\n  - ".join(problems))
+        try:
+            return parser.parse_dict(config, allow_extra_keys=False)
         except ValueError as e:
             raise YakError(f"config file {path}: {e}") from e
     try:
         return parser.parse_args_into_dataclasses(args=args)
     except ValueError as e:  # unknown options
         raise YakError(f"{e}; run with --help for the options") from e
+
+
+def _check_config(parser, config) -> list[str]:
+    """What argparse would refuse on the command line, checked on a config file's values, which
+    ``parse_dict`` passes to the dataclasses unchecked (a missing required option is a TypeError there, a
+    value outside its choices or a string for a number goes through). Numbers written as strings are
+    converted as on the command line: YAML reads ``2e-4`` (no dot) as a string."""
+    if not isinstance(config, dict):
+        return [f"expected a mapping of option names to values, found {type(config).__name__}"]
+    actions = {a.dest: a for a in parser._actions}
+    problems = [f"'{a.dest}' is required" for a in parser._actions if a.required and a.dest not in config]
+    for key, value in config.items():
+        action = actions.get(key)
+        if action is None or value is None:  # unknown keys are reported by parse_dict
+            continue
+        many = isinstance(value, list) and action.nargs in ("+", "*")
+        values = list(value) if many else [value]
+        for i, v in enumerate(values):
+            if action.type in (int, float) and isinstance(v, str):
+                with contextlib.suppress(ValueError):
+                    values[i] = v = action.type(v)
+            if action.choices is not None and v not in action.choices:
+                problems.append(f"'{key}' is {v!r}; choose one of {', '.join(map(str, action.choices))}")
+            elif action.type in (int, float) and (
+                isinstance(v, bool) or not isinstance(v, (int, action.type))
+            ):
+                problems.append(
+                    f"'{key}' must be {'an integer' if action.type is int else 'a number'}, found {v!r}"
+                )
+        config[key] = values if many else values[0]
+    return problems
 
 
 def run_main(fn: Callable[[], object]) -> Callable[[], None]:

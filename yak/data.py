@@ -581,6 +581,14 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
                                     "that are not UTF-8")
         if not sum(scan.samples for scan in file_scans):
             problems.append(f"source {name}: its files hold no text (only blank or unusable lines)")
+    if data_args.on_decode_error == "stop":  # an entry cached by a run that skipped them does not hide them
+        for s in sources:
+            files = [] if s in todo else json.loads((entries[s.name] / "meta.json").read_text("utf-8"))["files"]
+            for f in files:
+                problems += [f"{f['path']}:{n}: not valid UTF-8" for n in f["undecodable_at"]]
+                if f["undecodable_lines"] > len(f["undecodable_at"]):
+                    problems.append(f"{f['path']}: {f['undecodable_lines'] - len(f['undecodable_at'])} more "
+                                    "lines that are not UTF-8")
     if problems:
         raise YakError(
             "the pretraining text has problems:" + _listed(problems) + "\nFix these lines (every *.jsonl line "

@@ -772,8 +772,11 @@ def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf
 
 
 def _read_inputs(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise YakError(f"--data_file {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     empty = [str(i + 1) for i, line in enumerate(lines) if not line.strip()]
     if not lines or empty:
         raise YakError(f"--data_file {path}: " + (f"empty lines {', '.join(empty[:10])}" if empty else "no lines")

@@ -118,6 +118,15 @@ class _Checkpoint:
                     self.shapes[k], self.dtypes[k] = h.shape_dtype(k)
 
 
+def _read_checkpoint(files: list[Path], problems: list[str]) -> _Checkpoint | None:
+    """The names and shapes of ``files``, or None with the problem noted (a truncated or corrupt file)."""
+    try:
+        return _Checkpoint(files)
+    except Exception as e:  # noqa: BLE001 - safetensors and torch raise various types for a broken file
+        problems.append(f"cannot read the weights of {', '.join(map(str, files))}: {type(e).__name__}: {e}")
+        return None
+
+
 class _Handle:
     """One open weight file: safetensors through ``safe_open`` or a .bin through ``torch.load(mmap=True)``."""
 
@@ -238,7 +247,9 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
         if not emb.is_file():
             problems.append(f"{path}: stage-1 output without embeddings.safetensors")
             return None
-        w = _Checkpoint([emb])
+        w = _read_checkpoint([emb], problems)
+        if w is None:
+            return None
         extra = set(w.shapes) - {EMBED, LM_HEAD}
         if extra or EMBED not in w.shapes:
             problems.append(f"{emb}: expected {EMBED} (and {LM_HEAD} when untied), found {sorted(w.shapes)}")
@@ -270,7 +281,9 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
         problems.append(f"{path / 'adapter_config.json'}: unsupported settings {unsupported}; merge this "
                         "adapter with peft's merge_and_unload() instead")
         return None
-    w = _Checkpoint(files)
+    w = _read_checkpoint(files, problems)
+    if w is None:
+        return None
     step = _Step(path, "lora", w, ties_lm_head=bool(cfg.get("ensure_weight_tying", False)))
     halves: dict[str, dict[str, str]] = {}
     for key in w.shapes:
@@ -358,7 +371,9 @@ def plan_merge(args: MergeArguments) -> _Plan:
     if files is None or config is None:  # nothing more can be checked without the base
         raise YakError("cannot merge:\n  - " + "\n  - ".join(problems))
 
-    base = _Checkpoint(files)
+    base = _read_checkpoint(files, problems)
+    if base is None:
+        raise YakError("cannot merge:\n  - " + "\n  - ".join(problems))
     tied = bool(config.get("tie_word_embeddings", False))
     names = [k for k in base.shapes if not k.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
     if tied:

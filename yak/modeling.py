@@ -460,8 +460,26 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
             "rows, and no adapter brings trained rows for the new tokens. Pass the stage-1/stage-2 output "
             "folders as adapters, or a merged model."
         )
+    if target != rows and not _is_tied(model) and not any(_carries_lm_head(a) for a in adapters):
+        # training mean-initialised the new output rows; resizing here would leave them random
+        raise YakError(
+            f"the model's lm_head is untied and is resized from {rows} to {target} rows, but none of the "
+            "adapters carries a trained lm_head for the new tokens (train with --modules_to_save "
+            "embed_tokens,lm_head, or put stage 1's output first)"
+        )
     if target != rows:
         model.resize_token_embeddings(target, mean_resizing=False)
+
+
+def _carries_lm_head(folder: str | os.PathLike) -> bool:
+    """Whether an adapter folder brings a full ``lm_head`` matrix (untied stage-1 output, or modules_to_save)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if adapter_kind(folder) == "embeddings":
+        return not _read_stage1(folder)["tie_word_embeddings"]
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        return PEFT_LM_HEAD_KEY in f.keys()  # noqa: SIM118 (safe_open is not a container)
 
 
 def load_model_and_tokenizer(

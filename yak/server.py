@@ -114,9 +114,14 @@ def _parse_json(raw: bytes) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
     try:
-        return json.loads(text, parse_constant=reject_constant)
+        obj = json.loads(text, parse_constant=reject_constant)
     except (ValueError, RecursionError) as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    try:  # "\ud800" is valid JSON but not text: the tokenizer would fail on it (a 500)
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("the request body has a \\u escape of a lone surrogate, which is not text") from None
+    return obj
 
 
 class ChatService:

@@ -171,14 +171,14 @@ def _data_arguments_class(task: str):
 def _peek_task(argv: Sequence[str]) -> str:
     """The ``--task`` value from the command line or the config file, before the full parse."""
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
-        text = Path(argv[0]).read_text(encoding="utf-8")
-        if argv[0].endswith(".json"):
-            config = json.loads(text)
-        else:
-            import yaml
+        import yaml
 
-            config = yaml.safe_load(text)
-        return str((config or {}).get("task", "pt"))
+        text = Path(argv[0]).read_text(encoding="utf-8")
+        try:
+            config = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError):
+            return "pt"  # parse_args reports the broken file
+        return str(config.get("task", "pt")) if isinstance(config, dict) else "pt"
     for i, arg in enumerate(argv):
         if arg == "--task" and i + 1 < len(argv):
             return argv[i + 1]
@@ -237,6 +237,15 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
+    out = Path(training_args.output_dir).resolve()
+    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path]
+    for path in [p for p in inputs + list(model_args.adapters) if p]:
+        if out == Path(path).resolve() or out in Path(path).resolve().parents:
+            # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
+            problems.append(
+                f"output_dir {training_args.output_dir} is (or contains) the input {path}; "
+                "choose a new folder"
+            )
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
@@ -361,6 +370,11 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
         if not is_complete_checkpoint(resume):
             raise YakError(
                 f"--resume_from_checkpoint {resume} is not a complete checkpoint (no {COMPLETE_MARKER})"
+            )
+        if delete and out.resolve() in Path(resume).resolve().parents:
+            raise YakError(
+                f"--resume_from_checkpoint {resume} is inside output_dir {out}, which --overwrite_output_dir "
+                f"would delete ({reason}); resume into the run's own settings, or copy the checkpoint out first"
             )
     elif out.is_dir() and not delete:
         checkpoints = _checkpoints(out)
@@ -590,12 +604,27 @@ class YakTrainer(Trainer):
             save_tokenizer(self.processing_class, output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        from transformers.trainer_utils import rotate_checkpoints
+
+        # The Trainer deletes old checkpoints (--save_total_limit) at the end of its save, before the marker
+        # below: a kill in between would leave no complete checkpoint. Rotate only once this one is complete.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            run_dir = self._get_output_dir(trial=trial)
+            folder = Path(run_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
             atomic_write_json(
                 folder / COMPLETE_MARKER, {"global_step": self.state.global_step, "complete": True}
+            )
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
             )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
