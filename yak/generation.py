@@ -224,7 +224,19 @@ def chat_messages(query: str, history: Sequence[Sequence[str]] = (), system_prom
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` formatted by the tokenizer's chat template, ready for the answer."""
+    """Token ids of ``messages`` formatted by the tokenizer's chat template, ready for the answer.
+
+    Raises:
+        ValueError: a message holds the text of a special token (``</s>``, ``<s>``, ...). The rendered
+            conversation is encoded with special tokens on, so that text would become the control token
+            itself: a user could end a turn or open a new one. Training data refuses it too (yak.sft).
+    """
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    for m in messages:
+        found = [t for t in specials if t in m["content"]]
+        if found:
+            raise ValueError(f"a {m['role']} message contains {found[0]!r}, the text of a control token; "
+                             "remove it")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # The template writes the BOS token itself, so the tokenizer must not add another one.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -799,7 +811,12 @@ def _predict_file(backend, gen_args: GenerationArguments, inf_args: InferenceArg
     from yak.io import atomic_write_text
 
     params = gen_args.sampling()
-    prompts = [_prompt(backend.tokenizer, line, [], gen_args, inf_args.with_prompt) for line in lines]
+    prompts = []
+    for i, line in enumerate(lines):
+        try:
+            prompts.append(_prompt(backend.tokenizer, line, [], gen_args, inf_args.with_prompt))
+        except ValueError as e:
+            raise YakError(f"--data_file {inf_args.data_file}, line {i + 1}: {e}") from None
     too_long = [str(i + 1) for i, p in enumerate(prompts) if len(p) + params.max_new_tokens > backend.max_total_tokens]
     if too_long:
         raise YakError(f"--data_file {inf_args.data_file}: lines {', '.join(too_long[:10])} do not fit "
@@ -841,7 +858,11 @@ def _interactive(backend, gen_args: GenerationArguments, with_prompt: bool) -> N
             continue
         if not line:
             continue
-        prompt = _prompt(backend.tokenizer, line, history, gen_args, with_prompt)
+        try:
+            prompt = _prompt(backend.tokenizer, line, history, gen_args, with_prompt)
+        except ValueError as e:
+            print(f"({e})", flush=True)
+            continue
         while len(prompt) + params.max_new_tokens > backend.max_total_tokens and history:
             history.pop(0)  # forget the oldest turn rather than refuse the question
             prompt = _prompt(backend.tokenizer, line, history, gen_args, with_prompt)

@@ -238,9 +238,9 @@ class ChatService:
         """Start generating; return ``(request, prompt_ids, streamer or None)``."""
         from transformers import TextIteratorStreamer
 
-        prompt_ids = encode_chat(self.tokenizer, messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True) if stream else None
         try:
+            prompt_ids = encode_chat(self.tokenizer, messages)
             request = self.engine.submit(prompt_ids, params, streamer)
         except ValueError as e:
             raise BadRequest(str(e)) from None
