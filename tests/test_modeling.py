@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import PT_DATA, ROOT
 from yak import YakError
@@ -38,27 +38,6 @@ def tibetan_lines(n: int = 40) -> list[str]:
 @pytest.fixture(scope="module")
 def merged_tok_dir():
     return MERGED_TOKENIZER
-
-
-@pytest.fixture(scope="module")
-def untied_model_dir(tiny_model_dir, tmp_path_factory):
-    """A small untied Llama (random weights) sharing the tiny model's tokenizer."""
-    out = tmp_path_factory.mktemp("untied")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_model_dir / name, out / name)
-    return out
 
 
 def _logits(model, tokenizer, text):

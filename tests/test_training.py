@@ -637,3 +637,18 @@ def test_run_pt_sh_on_cpu(tmp_path):
     )
     heldout = (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text(encoding="utf-8")[:3000]
     assert _loss(model, tok, heldout) < 12  # the resized base model: about 23.6
+
+
+def test_untied_model_without_lm_head_in_modules_to_save_is_refused_before_training(
+    untied_model_dir, pt_dir, tmp_path
+):
+    """An untied model whose vocabulary grows needs its new lm_head rows in the adapter; without them the
+    output could never be loaded or merged (both refuse it), so training refuses before it starts."""
+    a = argv(pt_dir, tmp_path / "out", "--stage", "2", "--max_steps", "1", "--modules_to_save", "embed_tokens")
+    a[a.index("--model_name_or_path") + 1] = str(untied_model_dir)
+    with pytest.raises(YakError, match="lm_head"):
+        run_training(*parse_train_args(a))
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    a[a.index("--modules_to_save") + 1] = "embed_tokens,lm_head"
+    a[a.index("--output_dir") + 1] = str(tmp_path / "with_lm_head")
+    assert run_training(*parse_train_args(a))["global_step"] == 1

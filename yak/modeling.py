@@ -201,7 +201,7 @@ def _kbit_config(bits: int, dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _is_tied(model) -> bool:
+def is_tied(model) -> bool:
     out = model.get_output_embeddings()
     return out is None or out.weight is model.get_input_embeddings().weight
 
@@ -272,7 +272,7 @@ def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
     pieces = tokenizer.convert_ids_to_tokens(list(range(n_base, len(tokenizer))))
     sources = [_base_piece_ids(p, base_tokenizer) for p in pieces]
     weights = [model.get_input_embeddings().weight]
-    if not _is_tied(model):
+    if not is_tied(model):
         weights.append(model.get_output_embeddings().weight)
     with gathered(weights, modify=True):
         for w in weights:
@@ -294,14 +294,14 @@ def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
 
 def embedding_keys(model) -> list[str]:
     """Key names of the trained embedding matrices in the stage-1 format: one for tied models, else two."""
-    return [EMBED_KEY] if _is_tied(_unwrap(model)) else [EMBED_KEY, LM_HEAD_KEY]
+    return [EMBED_KEY] if is_tied(_unwrap(model)) else [EMBED_KEY, LM_HEAD_KEY]
 
 
 def embedding_state(model) -> dict[str, torch.Tensor]:
     """The full embedding matrices under the base model's key names (gathered under ZeRO-3), on the CPU."""
     model = _unwrap(model)
     tensors = {EMBED_KEY: model.get_input_embeddings().weight}
-    if not _is_tied(model):
+    if not is_tied(model):
         tensors[LM_HEAD_KEY] = model.get_output_embeddings().weight
     with gathered(list(tensors.values())):
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
@@ -368,10 +368,10 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
     state = load_file(str(folder / EMBEDDINGS_FILE))
     rows = embedding_rows(model)
     problems = []
-    if info["tie_word_embeddings"] != _is_tied(model):
+    if info["tie_word_embeddings"] != is_tied(model):
         problems.append(
             f"it was trained with tie_word_embeddings={info['tie_word_embeddings']}, the model has "
-            f"{_is_tied(model)}"
+            f"{is_tied(model)}"
         )
     for key, t in state.items():
         if t.shape[0] != rows:
@@ -379,7 +379,7 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
     if problems:
         raise YakError(f"stage-1 embeddings {folder} do not fit the model: " + "; ".join(problems))
     targets = {EMBED_KEY: model.get_input_embeddings().weight}
-    if not _is_tied(model):
+    if not is_tied(model):
         targets[LM_HEAD_KEY] = model.get_output_embeddings().weight
     missing = sorted(set(targets) - set(state))
     if missing:
@@ -460,7 +460,7 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
             "rows, and no adapter brings trained rows for the new tokens. Pass the stage-1/stage-2 output "
             "folders as adapters, or a merged model."
         )
-    if target != rows and not _is_tied(model) and not any(_carries_lm_head(a) for a in adapters):
+    if target != rows and not is_tied(model) and not any(carries_lm_head(a) for a in adapters):
         # training mean-initialised the new output rows; resizing here would leave them random
         raise YakError(
             f"the model's lm_head is untied and is resized from {rows} to {target} rows, but none of the "
@@ -471,7 +471,7 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
         model.resize_token_embeddings(target, mean_resizing=False)
 
 
-def _carries_lm_head(folder: str | os.PathLike) -> bool:
+def carries_lm_head(folder: str | os.PathLike) -> bool:
     """Whether an adapter folder brings a full ``lm_head`` matrix (untied stage-1 output, or modules_to_save)."""
     from safetensors import safe_open
 
@@ -555,7 +555,7 @@ def prepare_lora(
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    tied = _is_tied(model)
+    tied = is_tied(model)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,

@@ -31,9 +31,11 @@ from yak.modeling import (
     ModelArguments,
     adapter_kind,
     apply_adapters,
+    carries_lm_head,
     check_tokenizer_extends,
     compile_decoder_layers,
     embedding_keys,
+    is_tied,
     load_base_model,
     load_embeddings,
     prepare_lora,
@@ -449,6 +451,7 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
             load_in_kbits=model_args.load_in_kbits,
             attn_implementation=model_args.attn_implementation,
         )
+    base_rows = model.config.vocab_size
     if model_args.adapters:
         resize_for_adapters(model, tokenizer, model_args.adapters, _tokenizer_dir(model_args))
         model = apply_adapters(model, model_args.adapters)
@@ -456,6 +459,16 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
         base_tok = load_tokenizer(model_args.base_tokenizer_name_or_path or model_args.model_name_or_path)
         resize_and_init_embeddings(model, tokenizer, base_tok)
     model.config.use_cache = False
+    if (stage_args.uses_lora and model.config.vocab_size != base_rows and not is_tied(model)
+            and "lm_head" not in stage_args.saved_modules()
+            and not any(carries_lm_head(a) for a in model_args.adapters)):
+        # the adapter would not carry the new tokens' output rows: the output could never be loaded or merged
+        raise YakError(
+            f"the vocabulary grows from {base_rows} to {model.config.vocab_size} rows and the model's lm_head "
+            f"is untied, but --modules_to_save {stage_args.modules_to_save!r} does not train lm_head and no "
+            "--adapters folder carries it: the new tokens' output rows would be lost. Add lm_head to "
+            "--modules_to_save, or start from stage 1's output with --adapters"
+        )
     if stage_args.uses_lora:
         model = prepare_lora(
             model,
