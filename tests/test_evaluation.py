@@ -25,15 +25,6 @@ FIXTURES = ROOT / "tests" / "data" / "eval"
 RECORD_TASKS = ["tncc", "tusa", "ti_mmlu", "ti_mmlu_5shot", "bo_en", "bo_zh", "tibetan_qa"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine they cost 10x or more.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _args(tmp_path, models, tasks, **kw) -> EvalArguments:
     kw.setdefault("max_length", 160)
     kw.setdefault("lm_max_bytes", 400)

@@ -28,16 +28,7 @@ STARTS = ["Once upon a time", "Lily went to the park", "The cat", "Tom had a big
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # The tiny model is fastest on one thread, and the CI machine's two cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model_dir, one_thread):
+def model_and_tokenizer(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE

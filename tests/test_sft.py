@@ -40,15 +40,6 @@ def _tiny_tokenizer(tiny_model_dir):
     return tok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core CI machine, 2 threads made the tiny model 10-25x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
     return _tiny_tokenizer(tiny_model_dir)
