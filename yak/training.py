@@ -414,6 +414,17 @@ def _barrier(training_args) -> None:
         torch.distributed.barrier()
 
 
+def _leave_process_group(training_args) -> None:
+    """All ranks finish together and close the process group before the interpreter exits.
+
+    Without it a rank can exit while gloo's or NCCL's threads are still live in another, which aborts that
+    rank at shutdown ("terminate called without an active exception") after a run that succeeded.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _barrier(training_args)
+        torch.distributed.destroy_process_group()
+
+
 def _config_dict(*arg_objects) -> dict:
     """The options as JSON-able dicts (TrainingArguments.to_dict masks secrets such as hub_token)."""
     return {
@@ -918,7 +929,7 @@ def run_training(
         base_dir = model_args.base_tokenizer_name_or_path or model_args.model_name_or_path
         check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), _tokenizer_dir(model_args), base_dir)
     datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
-    return train_on_datasets(
+    summary = train_on_datasets(
         model_args,
         stage_args,
         training_args,
@@ -930,6 +941,8 @@ def run_training(
         or getattr(data_args, "max_seq_length", None),
         callbacks=callbacks,
     )
+    _leave_process_group(training_args)
+    return summary
 
 
 def _tokenizer_dir(model_args: ModelArguments) -> str:
