@@ -16,6 +16,7 @@ from transformers import TrainerCallback, TrainingArguments
 from tests.conftest import HELDOUT, PT_DATA, ROOT
 from yak import YakError
 from yak.modeling import (
+    ModelArguments,
     load_base_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -25,6 +26,7 @@ from yak.modeling import (
 from yak.training import (
     COMPLETE_MARKER,
     StageArguments,
+    build_model,
     optimizer_groups,
     parse_train_args,
     resolve_schedule,
@@ -436,6 +438,32 @@ def test_loraplus_groups_keep_embeddings_out_of_the_A_group(tiny_model_dir, tmp_
     ]  # tied: one matrix
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == trainable
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_model_keeps_a_bf16_residual_stream_with_fp32_trained_embeddings(stage, tmp_path):
+    """Trained weights are fp32 master copies, but the hidden states stay in the frozen weights' dtype (as in
+    the bf16 model the base is and that inference runs), while gradients still reach the fp32 rows."""
+    model_args = ModelArguments(
+        model_name_or_path=str(ROOT / "models" / "stories260K"),
+        tokenizer_name_or_path=str(MERGED_TOKENIZER),
+        torch_dtype="bfloat16",
+    )
+    stage_args = StageArguments(task="pt", stage=stage, lora_rank=4, lora_alpha=8)
+    model = build_model(
+        model_args, stage_args, load_tokenizer(MERGED_TOKENIZER), cpu_args(tmp_path, bf16=True)
+    )
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.dtype == torch.float32 and embeddings.requires_grad
+    seen = []
+    layer = (model.get_base_model() if stage == 2 else model).model.layers[0]
+    layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    ids = torch.tensor([[1, 300, 3000, 3500]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert seen[0].dtype == torch.bfloat16
+    assert embeddings.grad.dtype == torch.float32 and embeddings.grad[3500].abs().sum() > 0
 
 
 @pytest.mark.parametrize("config, stage", [("ds_z2_config.json", "2"), ("ds_z3_config.json", "1")])

@@ -492,9 +492,12 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
     else:
         prepare_stage1(model)
     if not training_args.deepspeed:
+        compute_dtype = model.get_input_embeddings().weight.dtype
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # in place on the Parameter: tied weights stay one tensor
+        if compute_dtype != torch.float32:
+            keep_hidden_dtype(model, compute_dtype)
     if training_args.gradient_checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if model_args.compile_layers:
@@ -505,6 +508,17 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
         "trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total
     )
     return model
+
+
+def keep_hidden_dtype(model, dtype: torch.dtype) -> None:
+    """Cast the input embeddings' output to ``dtype``, the dtype of the frozen weights.
+
+    The trained embeddings are kept in fp32 (the master copy), and an fp32 lookup would otherwise make the
+    whole residual stream fp32: every norm, residual add and saved activation twice the bytes of the bf16
+    model that the base was trained as and that inference runs. The cast keeps the forward what it is in the
+    model's own dtype; gradients still reach the fp32 rows in fp32.
+    """
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.to(dtype))
 
 
 def _numel(p: torch.nn.Parameter) -> int:
