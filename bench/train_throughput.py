@@ -93,7 +93,7 @@ def training_args(bs: int, steps: int, ckpt: bool, deepspeed: str | None = None,
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=bs, max_steps=steps, bf16=True,
         gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
         logging_steps=10_000, save_strategy="no", report_to=[], learning_rate=2e-5, dataloader_num_workers=2,
-        deepspeed=deepspeed, use_liger_kernel=liger,
+        deepspeed=deepspeed, use_liger_kernel=liger, disable_tqdm=True,
     )
 
 
