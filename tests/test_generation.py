@@ -41,10 +41,10 @@ def engine(model_and_tokenizer):
     return Engine(model, stop_token_ids(model, tokenizer), max_batch_size=16, max_total_tokens=256)
 
 
-def _hf_greedy(model, ids, max_new_tokens, repetition_penalty=1.0, eos=2):
+def _hf_greedy(model, ids, max_new_tokens, repetition_penalty=1.0, eos=(2,)):
     out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                         repetition_penalty=repetition_penalty)[0, len(ids):].tolist()
-    return out[: out.index(eos)] if eos in out else out
+                         repetition_penalty=repetition_penalty, eos_token_id=list(eos))[0, len(ids):].tolist()
+    return next((out[:i] for i, t in enumerate(out) if t in eos), out)
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
@@ -69,6 +69,42 @@ def test_max_new_tokens_counts_only_new_tokens_and_eos_stops(model_and_tokenizer
     stopping = Engine(model, [stop_at], max_batch_size=2, max_total_tokens=128)
     cut = stopping.submit(prompt, SamplingParams(max_new_tokens=7, temperature=0)).wait()
     assert cut.output_ids == out.output_ids[:first] and cut.finish_reason == "stop"
+
+
+def test_requests_ending_while_the_next_step_is_enqueued(model_and_tokenizer):
+    # Greedy steps run one ahead: each request below ends (end token, its length, the engine's whole length)
+    # while the step after is already launched, at a different step from the others; then the rows are reused.
+    model, tokenizer = model_and_tokenizer
+    prompts = [encode_raw(tokenizer, s) for s in STARTS[:4]]
+    stop_at = _hf_greedy(model, prompts[0], 20)[6]  # an end token for this test, first met mid-answer
+    eos = (2, stop_at)
+    engine = Engine(model, eos, max_batch_size=4, max_total_tokens=64)
+    lengths = [20, 1, 64 - len(prompts[2]), 64 - len(prompts[3])]  # the last two fill their whole cache rows
+    params = [SamplingParams(max_new_tokens=n, temperature=0, repetition_penalty=1.2) for n in lengths]
+    for _ in range(2):
+        requests = engine.generate(prompts, params)
+        for prompt, n, request in zip(prompts, lengths, requests):
+            expected = _hf_greedy(model, prompt, n, 1.2, eos)
+            assert request.output_ids == expected
+            assert request.finish_reason == ("length" if len(expected) == n else "stop")
+    assert requests[0].finish_reason == "stop" and requests[1].finish_reason == "length"
+
+
+def test_greedy_and_sampled_requests_in_one_batch(engine, model_and_tokenizer):
+    # Sampled rows pick their tokens after the step; top_k 1 makes that path deterministic (= greedy), and the
+    # greedy rows must not notice the sampled ones, nor the run-ahead that starts once the sampled ones end.
+    model, tokenizer = model_and_tokenizer
+    prompts = [encode_raw(tokenizer, s) for s in STARTS]
+    params = [SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.3),
+              SamplingParams(max_new_tokens=30, temperature=0.7, top_k=1, repetition_penalty=1.3),
+              SamplingParams(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0),
+              SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.0),
+              SamplingParams(max_new_tokens=25, temperature=0.9, top_k=1, repetition_penalty=1.0)]
+    requests = engine.generate(prompts, params)
+    for prompt, p, request in zip(prompts, params, requests):
+        if p.greedy or p.top_k == 1:
+            assert request.output_ids == _hf_greedy(model, prompt, p.max_new_tokens, p.repetition_penalty)
+    assert 1 <= len(requests[2].output_ids) <= 8 and requests[2].finish_reason in ("stop", "length")
 
 
 def test_submit_rejects_bad_requests(engine):
@@ -137,7 +173,8 @@ def test_cuda_graphs_decode_like_eager(tiny_model_dir, model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda().eval()
     prompts = [encode_raw(tokenizer, s) for s in STARTS]
-    params = SamplingParams(max_new_tokens=60, temperature=0)
+    # greedy rows (with the default repetition penalty) decode inside the graph, the top_k=1 row after it
+    params = [SamplingParams(max_new_tokens=60, temperature=0)] * 4 + [SamplingParams(max_new_tokens=30, top_k=1)]
     eager = Engine(model, [2], max_batch_size=8, max_total_tokens=256, cuda_graphs=False)
     expected = [r.output_ids for r in eager.generate(prompts, params)]
     for compile_ in (False, True):

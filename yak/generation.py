@@ -6,7 +6,9 @@ share every forward pass instead of queueing behind each other (continuous batch
 values live in one row ("slot") of a preallocated cache and are written at that row's own position, so rows of
 different lengths need no padding. On CUDA every decode step replays a CUDA graph captured at start-up for
 that batch size and cache length, which removes the per-kernel launch cost that dominates plain ``generate``
-at batch 1 (see ``bench/decode_throughput.py``).
+at batch 1 (see ``bench/decode_throughput.py``). A step's inputs (each row's last token and position) stay on
+the device, and a greedy row's next token is picked inside the step itself, so while every request is greedy
+the host launches step t+1 before it reads step t's tokens, and the device never waits for the host.
 
 Why not ``model.generate``: it takes one sampling configuration per batch, has no way to add or drop rows while
 decoding, and streams batch size 1 only. transformers' own continuous batching (5.x) samples or decodes greedily
@@ -258,6 +260,19 @@ def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------------- sampling
 
 
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Apply the repetition penalty (CTRL paper, as ``generate``): seen tokens' logits are divided by the penalty
+    when positive, multiplied when negative.
+
+    Args:
+        logits: ``(B, V)`` float logits.
+        seen: ``(B, T)`` ids already in each row's sequence (repeats are harmless).
+        penalty: ``(B, 1)`` each row's penalty; 1 leaves the row unchanged.
+    """
+    score = logits.gather(1, seen)
+    return logits.scatter(1, seen, torch.where(score < 0, score * penalty, score / penalty))
+
+
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor | None) -> torch.Tensor:
     """Pick one token per row with each row's own settings, in ``generate``'s order of processors.
 
@@ -273,9 +288,7 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     dev = logits.device
     penalties = [p.repetition_penalty for p in params]
     if seen is not None and any(r != 1.0 for r in penalties):
-        r = torch.tensor(penalties, device=dev)[:, None]  # (B, 1)
-        score = logits.gather(1, seen)
-        logits = logits.scatter(1, seen, torch.where(score < 0, score * r, score / r))
+        logits = penalise_repeats(logits, seen, torch.tensor(penalties, device=dev)[:, None])
     greedy = logits.argmax(-1)  # (B,)
     if all(p.greedy for p in params):
         return greedy
@@ -406,11 +419,19 @@ def _buckets(limit: int, start: int) -> list[int]:
     return sizes + [limit]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
     request: Request
-    pos: int  # position of the last token (the one fed next)
-    token: int  # the last token
+    pos: int  # position of the token that the next launched step feeds (its id is on the device, in Engine._ids)
+
+
+@dataclass
+class _Launched:
+    """A decode step enqueued on the device whose tokens the host has not read yet."""
+
+    running: list[tuple[int, _Slot]]  # (slot, its state when the step was launched)
+    tokens: torch.Tensor  # (rows,) on the host: each row's new token once ``event`` has passed
+    event: torch.cuda.Event | None  # None on the CPU, where the copy is done when launched
 
 
 class Engine:
@@ -460,12 +481,23 @@ class Engine:
         # second idle) and compiles once for every batch size; the weights are read once either way.
         self._batch_buckets = _buckets(max_batch_size, 2 if compile and max_batch_size > 1 else 1)
         self._len_buckets = _buckets(self.max_total_tokens, 64)
+        # The decode step's inputs live on the device and each step writes the next step's into them: the
+        # token each row feeds next and its position. Idle rows decode a dummy token in their own (unused) row.
         self._ids = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self._cols = torch.arange(self.max_total_tokens + 1, device=self.device)
-        # Ids seen by each slot, for the repetition penalty; unused columns repeat the row's first token.
-        self._seen = torch.zeros(max_batch_size, self.max_total_tokens, dtype=torch.long, device=self.device)
+        # Ids seen by each slot, for the repetition penalty; unused columns repeat the row's first token. One
+        # column more than a request can use: a step launched before its request's end is known writes there.
+        self._seen = torch.zeros(max_batch_size, self.max_total_tokens + 1, dtype=torch.long, device=self.device)
+        # Per row, copied from the host only when requests join or leave (_upload_rows): does it run (its
+        # position advances), does it decode greedily (the step itself writes its next token), its penalty.
+        self._running = torch.zeros(max_batch_size, dtype=torch.bool, device=self.device)
+        self._greedy = torch.zeros(max_batch_size, dtype=torch.bool, device=self.device)
+        self._penalty = torch.ones(max_batch_size, 1, device=self.device)
+        self._sampled: list[int] = []  # running slots that sample (their tokens are picked after the step)
+        self._sampled_index = torch.zeros(0, dtype=torch.long, device=self.device)
         self._slots: list[_Slot | None] = [None] * max_batch_size
+        self._uploaded: tuple[_Slot | None, ...] = tuple(self._slots)  # the slots as the row buffers describe them
         self._queue: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -544,11 +576,23 @@ class Engine:
         mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[:, None, None, :]  # (B, 1, 1, L)
         return self._forward(ids, pos[:, None], mask, 1)[:, -1]  # (B, V)
 
-    def _decode_forward(self, rows: int, length: int) -> torch.Tensor:
-        """One decode step of slots ``0..rows-1`` over cache positions ``0..length-1`` (static buffers)."""
+    def _decode_step(self, rows: int, length: int) -> torch.Tensor:
+        """One decode step of slots ``0..rows-1`` over cache positions ``0..length-1``, on static buffers only.
+
+        Running rows advance their position; greedy rows also take the (penalised) argmax as their next input
+        token, so a greedy step needs nothing from the host and the next one can be launched at once. Returns
+        the logits ``(rows, V)``, from which the rows that sample pick their token afterwards.
+        """
         ids, pos, cols = self._ids[:rows], self._pos[:rows], self._cols[:length]
         self.cache.slots, self.cache.pos, self.cache.cols = None, pos, cols
-        return self._step_fn(ids, pos, cols)
+        logits = self._step_fn(ids, pos, cols)  # (B, V)
+        seen, greedy = self._seen[:rows], self._greedy[:rows, None]
+        best = penalise_repeats(logits.float(), seen, self._penalty[:rows]).argmax(-1, keepdim=True)  # (B, 1)
+        ids.copy_(torch.where(greedy, best, ids))
+        pos.add_(self._running[:rows])
+        at = pos[:, None]
+        seen.scatter_(1, at, torch.where(greedy, best, seen.gather(1, at)))
+        return logits
 
     def _prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Fill the cache rows ``slots`` with ``prompts`` in one forward; return each one's next-token logits."""
@@ -573,11 +617,11 @@ class Engine:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the graph (allocates the cache, picks kernels)
                 for _ in range(2):
-                    self._decode_forward(rows, length)
+                    self._decode_step(rows, length)  # no row runs yet: the input buffers stay as they are
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._decode_forward(rows, length)
+                logits = self._decode_step(rows, length)
             self._graphs[(rows, length)] = (graph, logits)
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (batch %s x length %s)", len(self._graphs), self._batch_buckets,
@@ -601,7 +645,7 @@ class Engine:
                         if request._cancelled:
                             request._finish("cancelled")
                     if any(self._slots):
-                        self._step()
+                        self._decode()
                 except Exception as e:  # e.g. out of memory: fail the running requests, keep serving
                     logger.exception("generation failed")
                     for _, request in admitted:
@@ -631,20 +675,21 @@ class Engine:
             logits = self._prefill(slots, [r.prompt_ids for _, r in group])
             index = torch.tensor(slots, device=self.device)
             tokens = sample_next(logits, [r.params for _, r in group], self._seen[index])
+            first = torch.tensor([len(r.prompt_ids) for _, r in group], device=self.device)  # their position
+            self._ids[index, 0] = tokens
+            self._pos[index] = first
+            self._seen[index, first] = tokens
             for (slot, request), token in zip(group, tokens.tolist()):
-                self._slots[slot] = _Slot(request, pos=len(request.prompt_ids), token=token)
+                self._slots[slot] = _Slot(request, pos=len(request.prompt_ids))
                 self._accept(slot, token)
 
     def _accept(self, slot: int, token: int) -> None:
-        """Record a sampled token of ``slot``; finish the request on an end token, its length, or a cancel."""
-        s = self._slots[slot]
-        request = s.request
+        """Hand a new token to the request of ``slot``; finish it on an end token, its length, or a cancel."""
+        request = self._slots[slot].request
         if token in self.eos:
             reason = "stop"
         else:
             request._emit(token)
-            self._seen[slot, s.pos] = token
-            s.token = token
             reason = "length" if len(request.output_ids) >= request.params.max_new_tokens else None
         if request._cancelled:
             reason = "cancelled"
@@ -652,30 +697,76 @@ class Engine:
             request._finish(reason)
             self._slots[slot] = None
 
-    def _step(self) -> None:
-        """One decode step for every running slot."""
+    def _decode(self) -> None:
+        """Decode steps until a waiting request can be admitted, a request samples, or none runs.
+
+        While every running request is greedy, step t+1 is launched before the host reads step t's tokens (its
+        inputs are already on the device), so the device computes while the host hands out tokens and feeds
+        the streamers. A request that ended at step t simply has its row of step t+1 ignored (no step is run
+        ahead when all requests reach their length at step t). Sampled rows build their settings on the host
+        in every step, which waits for the device anyway: they are not run ahead.
+        """
+        step = self._launch()
+        while True:
+            requests = [s.request for s in self._slots if s is not None]
+            outlives = any(len(r.output_ids) + 1 < r.params.max_new_tokens for r in requests)  # step t's length
+            greedy = all(r.params.greedy for r in requests)
+            admissible = self._queue and len(requests) < len(self._slots)  # unlocked read: at worst a step late
+            ahead = self._launch() if outlives and greedy and not admissible else None
+            self._collect(step)
+            if ahead is None:
+                return
+            step = ahead
+
+    def _launch(self) -> _Launched:
+        """Enqueue one decode step of every running slot and the copy of its new tokens to the host."""
+        if tuple(self._slots) != self._uploaded:
+            self._upload_rows()
         last = max(i for i, s in enumerate(self._slots) if s is not None)
         rows = next(b for b in self._batch_buckets if b > last)
-        longest = max(s.pos for s in self._slots[:rows] if s is not None)
-        length = next(n for n in self._len_buckets if n > longest)
-        active = [(i, s) for i, s in enumerate(self._slots[:rows]) if s is not None]
-        self.peak_running = max(self.peak_running, len(active))
-        ids = [0] * rows
-        pos = [0] * rows  # idle rows decode a dummy token at position 0 of their own (unused) row
-        for i, s in active:
-            ids[i], pos[i] = s.token, s.pos
-        self._ids[:rows, 0].copy_(torch.tensor(ids))
-        self._pos[:rows].copy_(torch.tensor(pos))
+        running = [(i, s) for i, s in enumerate(self._slots[:rows]) if s is not None]
+        length = next(n for n in self._len_buckets if n > max(s.pos for _, s in running))
+        self.peak_running = max(self.peak_running, len(running))
         if (rows, length) in self._graphs:
             graph, logits = self._graphs[(rows, length)]
             graph.replay()
         else:
-            logits = self._decode_forward(rows, length)
-        index = torch.tensor([i for i, _ in active], device=self.device)
-        tokens = sample_next(logits[index], [s.request.params for _, s in active], self._seen[index])
-        for (i, s), token in zip(active, tokens.tolist()):
+            logits = self._decode_step(rows, length)
+        if self._sampled:
+            index = self._sampled_index
+            params = [self._slots[i].request.params for i in self._sampled]
+            tokens = sample_next(logits[index], params, self._seen[index])
+            self._ids[index, 0] = tokens
+            self._seen[index, self._pos[index]] = tokens  # the step already advanced their positions
+        for _, s in running:
             s.pos += 1
-            self._accept(i, token)
+        new = self._ids[:rows, 0]
+        if self.device.type != "cuda":
+            return _Launched(running, new.clone(), None)  # a copy: the next step overwrites the buffer
+        tokens = torch.empty(rows, dtype=torch.long, pin_memory=True)
+        tokens.copy_(new, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return _Launched(running, tokens, event)
+
+    def _collect(self, step: _Launched) -> None:
+        """Wait for ``step``'s tokens and hand each to its request; rows whose request has ended are skipped."""
+        if step.event is not None:
+            step.event.synchronize()
+        tokens = step.tokens.tolist()
+        for i, s in step.running:
+            if self._slots[i] is s:  # else it ended at the step before, read after this one was launched
+                self._accept(i, tokens[i])
+
+    def _upload_rows(self) -> None:
+        """Describe the running requests to the device: which rows run, decode greedily, and their penalties."""
+        slots = self._slots
+        self._running.copy_(torch.tensor([s is not None for s in slots]))
+        self._greedy.copy_(torch.tensor([s is not None and s.request.params.greedy for s in slots]))
+        self._penalty.copy_(torch.tensor([[s.request.params.repetition_penalty if s else 1.0] for s in slots]))
+        self._sampled = [i for i, s in enumerate(slots) if s is not None and not s.request.params.greedy]
+        self._sampled_index = torch.tensor(self._sampled, dtype=torch.long, device=self.device)
+        self._uploaded = tuple(slots)
 
 
 # --------------------------------------------------------------------------------------------------- the CLI
