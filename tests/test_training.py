@@ -470,7 +470,8 @@ def test_bf16_model_keeps_a_bf16_residual_stream_with_fp32_trained_embeddings(st
 def test_deepspeed_on_cpu(config, stage, pt_dir, tmp_path):
     """Real DeepSpeed runs: two processes over gloo on the CPU, launched by torchrun.
 
-    ZeRO-2 with LoRA+ (stage 2); ZeRO-3 (partitioned weights) must still save complete embeddings.
+    ZeRO-2 with LoRA+ (stage 2) and per-layer compilation, as run_pt.sh runs on GPUs; ZeRO-3 (partitioned
+    weights) must still save complete embeddings.
     """
     out = tmp_path / "ds"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -500,6 +501,7 @@ def test_deepspeed_on_cpu(config, stage, pt_dir, tmp_path):
             "1e-3",
             "--deepspeed",
             str(ROOT / config),
+            *(["--compile_layers"] if stage == "2" else []),
         ),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env, timeout=600)
