@@ -90,6 +90,45 @@ def test_parse_args_config_file_problems_are_yak_errors(tmp_path, suffix, text, 
     assert (args.model, args.stage, args.steps) == ("m", 1, 3)
 
 
+@dataclass
+class _Typed:
+    overwrite: bool = field(default=False, metadata={"help": "delete the output"})
+    modules: str = field(default="a,b", metadata={"help": "comma-separated modules"})
+    folders: list[str] = field(default_factory=list, metadata={"help": "folders", "nargs": "+"})
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"overwrite": "false"}', (False, "a,b", [])),  # the string "false" is truthy: it was kept as is
+        ('{"overwrite": "yes"}', (True, "a,b", [])),
+        ('{"overwrite": 0}', (False, "a,b", [])),
+        ('{"folders": "one"}', (False, "a,b", ["one"])),  # one folder, not its characters
+        ('{"overwrite": "maybe"}', "must be true or false"),
+        ('{"modules": ["a", "b"]}', "must be a string"),
+    ],
+)
+def test_parse_args_config_file_bools_strings_and_lists(tmp_path, text, expected):
+    """Config values are read as the command line reads them, or refused."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(text)
+    if isinstance(expected, str):
+        with pytest.raises(YakError, match=expected):
+            parse_args([_Typed], [str(cfg)])
+    else:
+        (args,) = parse_args([_Typed], [str(cfg)])
+        assert (args.overwrite, args.modules, args.folders) == expected
+
+
+def test_parse_args_config_file_keeps_training_arguments_lists_and_dicts(tmp_path):
+    from transformers import TrainingArguments
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: o\nreport_to: [none]\nlr_scheduler_kwargs: {min_lr: 0.1}\nbf16: 'false'\n")
+    (args,) = parse_args([TrainingArguments], [str(cfg)])
+    assert (args.report_to, args.lr_scheduler_kwargs, args.bf16) == ([], {"min_lr": 0.1}, False)
+
+
 def test_parse_args_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: 2e-4\n")  # PyYAML reads this as the string '2e-4'

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from typing import Callable, Sequence
 
 from yak import YakError
@@ -63,21 +64,36 @@ def _check_config(parser, config) -> list[str]:
     ``parse_dict`` passes to the dataclasses unchecked (a missing required option is a TypeError there, a
     value outside its choices or a string for a number goes through). Numbers written as strings are
     converted as on the command line: YAML reads ``2e-4`` (no dot) as a string."""
+    from argparse import ArgumentTypeError
+
+    from transformers.hf_argparser import string_to_bool
+
     if not isinstance(config, dict):
         return [f"expected a mapping of option names to values, found {type(config).__name__}"]
     actions = {a.dest: a for a in parser._actions}
+    strings = {k for t in parser.dataclass_types for k, hint in typing.get_type_hints(t).items() if hint is str}
     problems = [f"'{a.dest}' is required" for a in parser._actions if a.required and a.dest not in config]
     for key, value in config.items():
         action = actions.get(key)
         if action is None or value is None:  # unknown keys are reported by parse_dict
             continue
+        if action.nargs in ("+", "*") and not isinstance(value, list):
+            value = [value]  # "adapters: DIR" is one folder, not a list of its characters
         many = isinstance(value, list) and action.nargs in ("+", "*")
         values = list(value) if many else [value]
         for i, v in enumerate(values):
             if action.type in (int, float) and isinstance(v, str):
                 with contextlib.suppress(ValueError):
                     values[i] = v = action.type(v)
-            if action.choices is not None and v not in action.choices:
+            if action.type is string_to_bool and isinstance(v, (str, int)) and not isinstance(v, bool):
+                # parse_dict would keep the string, and "false" is truthy: overwrite_output_dir: "false" deletes
+                with contextlib.suppress(ArgumentTypeError):
+                    values[i] = v = string_to_bool(str(v))
+            if action.type is string_to_bool and not isinstance(v, bool):
+                problems.append(f"'{key}' must be true or false, found {v!r}")
+            if key in strings and not isinstance(v, str):
+                problems.append(f"'{key}' must be a string, found {v!r}")
+            elif action.choices is not None and v not in action.choices:
                 problems.append(f"'{key}' is {v!r}; choose one of {', '.join(map(str, action.choices))}")
             elif action.type in (int, float) and (
                 isinstance(v, bool) or not isinstance(v, (int, action.type))
