@@ -408,6 +408,23 @@ def test_schedule_refuses_endless_warmup_and_counts_tokens(tmp_path):
     assert summary["warmup_steps"] == 100
 
 
+def test_schedule_by_epochs_counts_the_steps_the_trainer_takes(tmp_path):
+    """With batches per epoch not a multiple of the accumulation, the Trainer takes a last shorter step;
+    the logged schedule (and a warm-up ratio converted to steps) must count it."""
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    lines = (PT_DATA / "bo" / "mila.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    (pt / "bo.txt").write_text("".join(lines[:5]), encoding="utf-8")
+    summary = run_training(
+        *parse_train_args(
+            argv(pt, tmp_path / "out", "--stage", "1", "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "3", "--num_train_epochs", "2")
+        )
+    )
+    assert summary["global_step"] == summary["steps"] == 2 * summary["steps_per_epoch"]
+    assert summary["steps_per_epoch"] == 5  # 27 blocks = 14 batches of 2 = 4 accumulations of 3 + 1 of 2
+
+
 def test_loraplus_groups_keep_embeddings_out_of_the_A_group(tiny_model_dir, tmp_path):
     model = load_base_model(tiny_model_dir)
     model = prepare_lora(

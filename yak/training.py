@@ -707,7 +707,8 @@ def resolve_schedule(
         * training_args.world_size
     )
     batches = math.ceil(n_train / (training_args.per_device_train_batch_size * training_args.world_size))
-    steps_per_epoch = max(batches // training_args.gradient_accumulation_steps, 1)  # as the Trainer counts
+    # as the Trainer counts: a last, shorter accumulation of an epoch is a step too
+    steps_per_epoch = max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)
     changes = {}
     if stage_args.max_train_tokens:
         changes["max_steps"] = math.ceil(stage_args.max_train_tokens / (per_step * tokens_per_sample))
