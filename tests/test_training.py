@@ -311,14 +311,18 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
                 )
             )
         )
+    # the run above stopped before training: the corrected command may use its folder
+    assert [p.name for p in (tmp_path / "y").iterdir()] == ["yak_run.json"]
+    run_training(*parse_train_args(argv(pt_dir, tmp_path / "y", "--stage", "1", "--max_steps", "1")))
+    assert (tmp_path / "y" / "yak_adapter.json").is_file()
     # another run's folder: a stage-1 folder is not continued as stage 2
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "yak_run.json").write_text(json.dumps({"identity": {"task": "pt", "stage": 1}}))
+    (tmp_path / "other" / "checkpoint-1").mkdir()
+    (tmp_path / "other" / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")
     with pytest.raises(YakError, match=r"holds another run \(.*stage: 1 there, 2 now"):
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "other", "--max_steps", "1")))
     # nor the checkpoint it is asked to resume from
-    (tmp_path / "other" / "checkpoint-1").mkdir()
-    (tmp_path / "other" / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")
     with pytest.raises(YakError, match="inside output_dir"):
         run_training(
             *parse_train_args(

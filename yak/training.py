@@ -335,7 +335,8 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
     """Claim ``output_dir`` for this run and return the checkpoint to resume from (or None).
 
     A folder holding another run (other settings), a finished run, or files that are not a Yak run is an
-    error (``--overwrite_output_dir`` deletes a Yak run). Incomplete checkpoints (no ``yak_checkpoint.json``)
+    error (``--overwrite_output_dir`` deletes a Yak run); a folder holding only the run file of a run that
+    stopped before its first checkpoint is claimed. Incomplete checkpoints (no ``yak_checkpoint.json``)
     are never resumed from; the newest complete one is, unless ``--resume_from_checkpoint`` names one.
     Every rank takes the same decisions and passes the same barriers; only rank 0 changes the folder.
     """
@@ -344,7 +345,9 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
     run_file = out / RUN_FILE
     _barrier(training_args)  # every rank looks at the folder before rank 0 changes it
     delete = False
-    if out.is_dir() and any(out.iterdir()):
+    # a folder holding only the run file is a run that stopped before its first checkpoint (a wrong tokenizer,
+    # bad data): nothing to keep, and the corrected command may claim it
+    if out.is_dir() and {p.name for p in out.iterdir()} - {RUN_FILE}:
         if not run_file.is_file():
             raise YakError(
                 f"output_dir {out} holds files that are not from a Yak run; choose an empty or new folder"
