@@ -311,6 +311,13 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
                 )
             )
         )
+    # evaluation without validation data (the Trainer's ValueError came after the model was loaded)
+    with pytest.raises(YakError, match="--eval_strategy steps needs validation data"):
+        run_training(
+            *parse_train_args(
+                argv(pt_dir, tmp_path / "z", "--validation_split_percentage", "0", "--eval_strategy", "steps")
+            )
+        )
     # the run above stopped before training: the corrected command may use its folder
     assert [p.name for p in (tmp_path / "y").iterdir()] == ["yak_run.json"]
     run_training(*parse_train_args(argv(pt_dir, tmp_path / "y", "--stage", "1", "--max_steps", "1")))

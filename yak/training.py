@@ -870,10 +870,15 @@ def train_on_datasets(
     """
     from transformers import set_seed
 
-    set_seed(training_args.seed)  # LoRA's A matrices are initialised at random: same seed, same run
-    model = build_model(model_args, stage_args, tokenizer, training_args)
     train_ds, eval_ds = datasets["train"], datasets.get("validation")
     eval_ds = eval_ds if eval_ds is not None and len(eval_ds) else None
+    if eval_ds is None and training_args.eval_strategy != "no":
+        raise YakError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs validation data, and the validation "
+            "split is empty: raise --validation_split_percentage above 0, or pass --eval_strategy no"
+        )
+    set_seed(training_args.seed)  # LoRA's A matrices are initialised at random: same seed, same run
+    model = build_model(model_args, stage_args, tokenizer, training_args)
     tokens_per_sample = tokens_per_sample or len(train_ds[0]["input_ids"])
     training_args, schedule = resolve_schedule(training_args, stage_args, len(train_ds), tokens_per_sample)
     trainer = YakTrainer(
