@@ -20,6 +20,7 @@ from yak.sft import (
     SFTDataArguments,
     SFTDataCollator,
     build_sft_datasets,
+    read_conversations,
     tokenize_conversations,
 )
 from yak.template import LLAMA2_CHAT_TEMPLATE
@@ -189,6 +190,16 @@ def test_bad_records_are_all_reported_with_file_and_line(tok, tmp_path):
     assert f"{tmp_path / 'c.json'}:2: expected ','" in msg
     assert f"{tmp_path / 'd.jsonl'}: not UTF-8 text (invalid start byte at byte 0)" in msg
     assert msg.startswith("17 problem(s)")
+
+
+def test_json_lines_may_hold_unicode_line_separators_inside_strings(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings; they are not line
+    breaks of JSON Lines (str.splitlines() split the record there and called it invalid JSON)."""
+    records = [{"instruction": "a\u2028b", "output": "c\x85d"}, {"instruction": "e\u2029f", "output": "g"}]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in records), encoding="utf-8")
+    conversations = read_conversations([path])
+    assert [[m["content"] for m in c] for c in conversations] == [["a\u2028b", "c\x85d"], ["e\u2029f", "g"]]
 
 
 def test_collator_pads_right_with_unk_and_masks_labels(tok):

@@ -147,7 +147,8 @@ def _iter_json(path: Path) -> Iterator[tuple[int, object]]:
     decoder = json.JSONDecoder()
     pos = _WS.match(text).end()
     if not text.startswith("[", pos):  # JSON Lines, whatever the suffix
-        for line_no, line in enumerate(text.splitlines(), 1):
+        # split at "\n" only: splitlines() also splits at U+2028, U+0085..., which JSON strings may hold raw
+        for line_no, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     yield line_no, json.loads(line)
