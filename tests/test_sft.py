@@ -302,6 +302,16 @@ def test_options_are_checked(tmp_path):
         build_sft_datasets(None, sft_args(dataset_dir=str(tmp_path)))
 
 
+def test_documented_sft_after_run_pt_sh_finds_its_outputs():
+    """The documented 'bash run_pt.sh' then 'ADAPTERS=... bash run_sft.sh' names the folders run_pt.sh writes."""
+    import re
+
+    out = re.search(r"^OUT=\$\{OUT:-(\S+)\}", (ROOT / "run_pt.sh").read_text(), re.M).group(1)
+    for doc in ("run_sft.sh", "docs/sft.md"):
+        examples = re.findall(r'ADAPTERS="([^"]+)" bash run_sft.sh', (ROOT / doc).read_text())
+        assert examples and all(e == f"{out}/stage1 {out}/stage2" for e in examples), (doc, examples, out)
+
+
 @pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py (engineer M) is not merged yet")
 def test_short_sft_run_with_run_sft_sh_lowers_the_loss_on_the_training_answers(tiny_model_dir, tmp_path):
     """run_sft.sh (torchrun, 1 CPU process) -> train.py --task sft on the tiny model and merged tokenizer."""
