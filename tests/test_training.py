@@ -288,10 +288,21 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
                     "5",
                     "--max_train_tokens",
                     "1000",
+                    "--lora_rank",
+                    "0",
+                    "--lora_dropout",
+                    "1.5",
+                    "--embedding_learning_rate",
+                    "0",
                 )
             )
         )
     message = str(e.value)
+    # these were peft / torch tracebacks after the model had loaded (or, lr 0, silently --learning_rate)
+    assert "--lora_rank must be at least 1" in message and "--lora_dropout must be in [0, 1)" in message
+    assert "--embedding_learning_rate must be positive" in message
+    with pytest.raises(YakError, match="--max_train_tokens must be a positive"):  # was: 3 epochs instead
+        run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--max_train_tokens", "0")))
     assert "--block_size 1024 is longer than the model's context (512 positions" in message
     assert "--bf16 with float16 weights" in message and "--loraplus_lr_ratio must be >= 1" in message
     assert "either --max_train_tokens or --max_steps" in message

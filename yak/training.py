@@ -252,12 +252,23 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
         )
+    if stage_args.max_train_tokens is not None and stage_args.max_train_tokens < 1:
+        problems.append(f"--max_train_tokens must be a positive number of tokens, got {stage_args.max_train_tokens}")
     if stage_args.max_train_tokens and training_args.max_steps > 0:
         problems.append("give either --max_train_tokens or --max_steps, not both")
     if stage_args.task == "sft" and stage_args.max_train_tokens:
         problems.append("--max_train_tokens is for --task pt (SFT sequences vary in length); use --max_steps")
     if stage_args.uses_lora and not stage_args.trainable_modules():
         problems.append("--trainable is empty: LoRA needs at least one module (e.g. q_proj,v_proj)")
+    if stage_args.uses_lora and stage_args.lora_rank < 1:
+        problems.append(f"--lora_rank must be at least 1, got {stage_args.lora_rank}")
+    if stage_args.uses_lora and not 0 <= stage_args.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1), got {stage_args.lora_dropout}")
+    if stage_args.embedding_learning_rate is not None and stage_args.embedding_learning_rate <= 0:
+        problems.append(
+            f"--embedding_learning_rate must be positive, got {stage_args.embedding_learning_rate} (to keep "
+            "the embeddings frozen in stage 2 or SFT, leave them out of --modules_to_save)"
+        )
     if stage_args.loraplus_lr_ratio < 1:
         problems.append(
             f"--loraplus_lr_ratio must be >= 1 (B learns at least as fast as A), got "
