@@ -202,6 +202,14 @@ def test_json_lines_may_hold_unicode_line_separators_inside_strings(tmp_path):
     assert [[m["content"] for m in c] for c in conversations] == [["a\u2028b", "c\x85d"], ["e\u2029f", "g"]]
 
 
+def test_a_json_file_holding_one_object_says_what_to_give(tmp_path):
+    """A pretty-printed record (or a {"data": [...]} wrapper) was reported as 'invalid JSON' on its line 1."""
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2))
+    with pytest.raises(YakError, match=r"a.json:1: the file is one JSON object \(keys: data\).*JSON array of rec"):
+        read_conversations([path])
+
+
 def test_collator_pads_right_with_unk_and_masks_labels(tok):
     assert tok.pad_token_id is None  # stories260K has no pad token: the unk id pads
     features = [{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 7], "labels": [-100, 7]}]

@@ -16,6 +16,7 @@ tokens of every assistant answer, including the end-of-sequence token the templa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -153,6 +154,14 @@ def _iter_json(path: Path) -> Iterator[tuple[int, object]]:
                 try:
                     yield line_no, json.loads(line)
                 except json.JSONDecodeError as e:
+                    whole = None
+                    with contextlib.suppress(json.JSONDecodeError):
+                        whole = json.loads(text)
+                    if isinstance(whole, dict):  # e.g. a pretty-printed record, or {"data": [...]}
+                        raise ValueError(
+                            1, f"the file is one JSON object (keys: {', '.join(list(whole)[:5])}) over several "
+                            "lines; give a JSON array of records ([{...}, {...}]) or one record a line (JSON Lines)"
+                        ) from None
                     raise ValueError(line_no, f"invalid JSON ({e.msg} at column {e.colno})") from None
         return
     line_no, counted = 1, 0
