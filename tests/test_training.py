@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -369,6 +370,11 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
             )
         )
     assert (tmp_path / "other" / "yak_adapter.json").is_file()
+    # nor the training data kept inside it
+    shutil.copytree(pt_dir, tmp_path / "other" / "data")
+    with pytest.raises(YakError, match="is .or contains. the input"):
+        run_training(*parse_train_args(argv(tmp_path / "other" / "data", tmp_path / "other", "--overwrite_output_dir")))
+    assert (tmp_path / "other" / "data" / "bo" / "mila.txt").is_file()
 
 
 def test_config_file_and_help(tmp_path, pt_dir):

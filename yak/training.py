@@ -240,7 +240,8 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
         except YakError as e:
             problems.append(f"--adapters: {e}")
     out = Path(training_args.output_dir).resolve()
-    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path]
+    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
+              data_args.dataset_dir]
     for path in [p for p in inputs + list(model_args.adapters) if p]:
         if out == Path(path).resolve() or out in Path(path).resolve().parents:
             # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
