@@ -217,6 +217,9 @@ def test_bad_inputs_are_explained(tiny_model_dir, merged_tok_dir, tmp_path):
     (bin_only / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(YakError, match="no \\*.safetensors weights"):
         load_base_model(bin_only)
+    # a misspelt attention implementation (was transformers' ValueError traceback)
+    with pytest.raises(YakError, match="--attn_implementation spda: .*not supported"):
+        load_base_model(tiny_model_dir, attn_implementation="spda")
     with pytest.raises(YakError, match="neither a stage-1 output"):
         load_model_and_tokenizer(tiny_model_dir, [tmp_path])
     # a peft adapter without safetensors

@@ -176,7 +176,12 @@ def load_base_model(
     if device is not None:
         kwargs["device_map"] = {"": device}
     AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # a clear error on a broken config first
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (ValueError, ImportError) as e:
+        if attn_implementation and "attn_implementation" in str(e):  # a typo, or flash-attn not installed
+            raise YakError(f"--attn_implementation {attn_implementation}: {e}") from e
+        raise
 
 
 def _kbit_config(bits: int, dtype):
