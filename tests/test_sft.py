@@ -314,7 +314,7 @@ def test_documented_sft_after_run_pt_sh_finds_its_outputs():
     """The documented 'bash run_pt.sh' then 'ADAPTERS=... bash run_sft.sh' names the folders run_pt.sh writes."""
     import re
 
-    out = re.search(r"^OUT=\$\{OUT:-(\S+)\}", (ROOT / "run_pt.sh").read_text(), re.M).group(1)
+    out = re.search(r"^OUT=\$\{OUT:-(\S+)\}", (ROOT / "run_pt.sh").read_text(), re.MULTILINE).group(1)
     for doc in ("run_sft.sh", "docs/sft.md"):
         examples = re.findall(r'ADAPTERS="([^"]+)" bash run_sft.sh', (ROOT / doc).read_text())
         assert examples and all(e == f"{out}/stage1 {out}/stage2" for e in examples), (doc, examples, out)

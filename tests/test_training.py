@@ -727,3 +727,8 @@ def test_untied_model_without_lm_head_in_modules_to_save_is_refused_before_train
     a[a.index("--modules_to_save") + 1] = "embed_tokens,lm_head"
     a[a.index("--output_dir") + 1] = str(tmp_path / "with_lm_head")
     assert run_training(*parse_train_args(a))["global_step"] == 1
+    # tied: without embed_tokens the new rows were lost too (the adapter trained, then could not be loaded)
+    tied = argv(pt_dir, tmp_path / "tied", "--stage", "2", "--max_steps", "1", "--modules_to_save", "")
+    with pytest.raises(YakError, match="does not train embed_tokens and no --adapters"):
+        run_training(*parse_train_args(tied))
+    assert not (tmp_path / "tied" / "adapter_model.safetensors").exists()

@@ -157,8 +157,9 @@ def _iter_json(path: Path) -> Iterator[tuple[int, object]]:
                     whole = None
                     with contextlib.suppress(json.JSONDecodeError):
                         whole = json.loads(text)
-                    if isinstance(whole, dict):  # e.g. a pretty-printed record, or {"data": [...]}
-                        raise ValueError(
+                    # e.g. a pretty-printed record, or {"data": [...]}; ValueError(line, why) is the contract
+                    if isinstance(whole, dict):
+                        raise ValueError(  # noqa: TRY004
                             1, f"the file is one JSON object (keys: {', '.join(list(whole)[:5])}) over several "
                             "lines; give a JSON array of records ([{...}, {...}]) or one record a line (JSON Lines)"
                         ) from None

@@ -485,16 +485,21 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
         base_tok = load_tokenizer(model_args.base_tokenizer_name_or_path or model_args.model_name_or_path)
         resize_and_init_embeddings(model, tokenizer, base_tok)
     model.config.use_cache = False
-    if (stage_args.uses_lora and model.config.vocab_size != base_rows and not is_tied(model)
-            and "lm_head" not in stage_args.saved_modules()
-            and not any(carries_lm_head(a) for a in model_args.adapters)):
-        # the adapter would not carry the new tokens' output rows: the output could never be loaded or merged
-        raise YakError(
-            f"the vocabulary grows from {base_rows} to {model.config.vocab_size} rows and the model's lm_head "
-            f"is untied, but --modules_to_save {stage_args.modules_to_save!r} does not train lm_head and no "
-            "--adapters folder carries it: the new tokens' output rows would be lost. Add lm_head to "
-            "--modules_to_save, or start from stage 1's output with --adapters"
-        )
+    if stage_args.uses_lora and model.config.vocab_size != base_rows:
+        # the adapter would not carry the new tokens' rows: the output could never be loaded or merged
+        saved = stage_args.saved_modules()
+        lost = []
+        if "embed_tokens" not in saved and not model_args.adapters:  # with adapters, one brings the rows
+            lost.append("embed_tokens")
+        if not is_tied(model) and "lm_head" not in saved and not any(carries_lm_head(a) for a in model_args.adapters):
+            lost.append("lm_head")
+        if lost:
+            raise YakError(
+                f"the vocabulary grows from {base_rows} to {model.config.vocab_size} rows, but --modules_to_save "
+                f"{stage_args.modules_to_save!r} does not train {' and '.join(lost)} and no --adapters folder "
+                f"carries {'them' if len(lost) > 1 else 'it'}: the new tokens' rows would be lost. Add "
+                f"{','.join(lost)} to --modules_to_save, or start from stage 1's output with --adapters"
+            )
     if stage_args.uses_lora:
         model = prepare_lora(
             model,
