@@ -23,6 +23,7 @@ from yak.modeling import (
     prepare_lora,
     prepare_stage1,
     resize_and_init_embeddings,
+    resize_for_adapters,
     save_embeddings,
 )
 
@@ -227,6 +228,31 @@ def test_bad_inputs_are_explained(tiny_model_dir, merged_tok_dir, tmp_path):
     (tmp_path / "ad" / "adapter_config.json").write_text("{}")
     with pytest.raises(YakError, match="no adapter_model.safetensors"):
         load_model_and_tokenizer(tiny_model_dir, [tmp_path / "ad"])
+
+
+def test_adapter_trained_with_another_tokenizer_of_the_same_size_is_refused(
+    tiny_model_dir, merged_tok_dir, tmp_path
+):
+    """Same number of pieces, other ids (a tokenizer rebuilt from other text): the adapter's rows would mean
+    other tokens. The size check alone let it through, in training (--adapters) and in loading."""
+    model = load_base_model(tiny_model_dir)
+    resize_and_init_embeddings(model, load_tokenizer(merged_tok_dir), load_tokenizer(tiny_model_dir))
+    stage1 = tmp_path / "stage1"
+    save_embeddings(model, stage1, str(tiny_model_dir))
+    shutil.copytree(merged_tok_dir, stage1, dirs_exist_ok=True)
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(merged_tok_dir, other)
+    (other / "tokenizer.model").unlink()
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    a, b = (next(p for p, i in vocab.items() if i == n) for n in (600, 601))
+    vocab[a], vocab[b] = 601, 600  # two Tibetan pieces swap ids
+    (other / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    # what train.py --adapters stage1 --tokenizer_name_or_path other does before training
+    with pytest.raises(YakError, match="stage1 was trained with another tokenizer of that size"):
+        resize_for_adapters(load_base_model(tiny_model_dir), load_tokenizer(other), [stage1], str(other))
+    resize_for_adapters(fresh := load_base_model(tiny_model_dir), load_tokenizer(merged_tok_dir), [stage1], "same")
+    assert fresh.get_input_embeddings().weight.shape[0] == 3520
 
 
 def test_load_in_kbits_without_bitsandbytes_is_a_clear_error(tiny_model_dir):

@@ -452,6 +452,9 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
         n = adapter_vocab_rows(folder)
         if n is not None and n != target:
             problems.append(f"{folder} carries embeddings of {n} rows")
+        elif n is not None and has_tokenizer(folder) and load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
+            # same size, other pieces (e.g. a tokenizer rebuilt from other text): its rows mean other tokens
+            problems.append(f"{folder} was trained with another tokenizer of that size (saved there)")
     if problems:
         raise YakError(
             f"the tokenizer {tokenizer_name} has {len(tokenizer)} tokens, so the model is resized to {target} "
