@@ -298,6 +298,9 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             problems.append("--fp16 with bfloat16 weights: use --bf16 (or --torch_dtype float32)")
         elif dtype == torch.float16 and training_args.bf16:
             problems.append("--bf16 with float16 weights (the original's defect): use --torch_dtype bfloat16")
+        elif dtype == torch.float16 and (training_args.use_cpu or not torch.cuda.is_available()):
+            # fp16 mixed precision needs CUDA; on the CPU the fp32 trained rows met fp16 activations (a traceback)
+            problems.append("--torch_dtype float16 trains on GPUs only: on the CPU use bfloat16 or float32")
         elif dtype == torch.bfloat16 and not training_args.bf16:
             logger.info(
                 "--torch_dtype %s: bfloat16 weights, so bf16 mixed precision is on", model_args.torch_dtype
