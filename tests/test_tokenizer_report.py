@@ -46,6 +46,11 @@ def test_report_writes_table_json_and_png(tmp_path, capsys):
     assert converted["vocab_size"] == tiny["vocab_size"] and "tokens_vs_source_alone" not in converted
     with pytest.raises(YakError, match="already exists"):
         run_report(args)
+    # a held-out file without the script (it was an IndexError traceback in the last column)
+    args.heldout, args.output_dir = [str(PT_DATA / "en" / "austen_pride_and_prejudice.txt")], str(tmp_path / "r2")
+    with pytest.raises(YakError, match="austen_pride_and_prejudice holds no text in the script 0F00-0FFF"):
+        run_report(args)
+    assert not (tmp_path / "r2").exists()
 
 
 def test_report_script_help_and_bad_input(tmp_path):

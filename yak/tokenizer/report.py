@@ -298,6 +298,9 @@ def run_report(args: ReportArguments) -> list[dict]:
         other = _lines(find_corpus_files(args.other_text, "--other_text")) if args.other_text else {}
     except YakError as e:
         problems.append(str(e))
+    problems += [f"--heldout: {name} holds no text in the script {args.script_ranges}; held-out files are text in "
+                 "the new script (other languages go to --other_text)"
+                 for name, lines in heldout.items() if not any(has_script(x, ranges) for x in lines)]
     if problems:
         raise YakError("; ".join(problems))
     reference = sp_processor(load_sp_model(args.reference, option="--reference"))
