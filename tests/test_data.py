@@ -290,7 +290,12 @@ def test_bad_lines_are_all_listed_with_file_and_line(tok, tmp_path):
     for where in ['a.jsonl: line 2: no "text" string', "a.jsonl: line 3: not JSON", 'a.jsonl: line 4: no "text"',
                   "b.txt:2: not valid UTF-8"]:
         assert where in msg
+    assert "--on_decode_error skip" in msg
     assert not (tmp_path / "c").exists() or not _entries(tmp_path / "c")
+    bad.unlink()  # JSON problems alone: --on_decode_error skip would not fix them, so it is not suggested
+    with pytest.raises(YakError, match='line 2: no "text" string') as e:
+        build_pretraining_datasets(tok, _args(root, tmp_path / "c", mix="none"))
+    assert "--on_decode_error" not in str(e.value)
 
 
 def test_undecodable_lines_skipped_and_counted(tok, tmp_path, caplog):

@@ -593,10 +593,11 @@ def build_pretraining_datasets(tokenizer, data_args: DataArguments, seed: int = 
                     problems.append(f"{f['path']}: {f['undecodable_lines'] - len(f['undecodable_at'])} more "
                                     "lines that are not UTF-8")
     if problems:
+        undecodable = any("UTF-8" in p for p in problems)  # only --on_decode_error stop lists them
         raise YakError(
             "the pretraining text has problems:" + _listed(problems) + "\nFix these lines (every *.jsonl line "
-            "must be a JSON object with a \"text\" string; text must be UTF-8), or pass --on_decode_error skip "
-            "to leave out undecodable lines"
+            "must be a JSON object with a \"text\" string; text must be UTF-8)"
+            + (", or pass --on_decode_error skip to leave out undecodable lines" if undecodable else "")
         )
     short = []
     backend_json = _backend_json(tokenizer) if todo else ""
