@@ -75,10 +75,15 @@ LAUNCH=(torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$G
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 
 # Stage 1: embeddings only; every other weight stays as in the base model.
-"${LAUNCH[@]}" train.py "${COMMON[@]}" \
-  --stage 1 --tokenizer_name_or_path "$TOKENIZER" \
-  --learning_rate "$STAGE1_LR" --max_train_tokens "$STAGE1_TOKENS" \
-  --output_dir "$OUT/stage1" "$@"
+# Started again after a crash in stage 2, the script goes on with stage 2 (which resumes from its checkpoint).
+if [ -f "$OUT/stage1/yak_adapter.json" ]; then
+  echo "stage 1 already finished in $OUT/stage1 (delete that folder to train it again): going on with stage 2"
+else
+  "${LAUNCH[@]}" train.py "${COMMON[@]}" \
+    --stage 1 --tokenizer_name_or_path "$TOKENIZER" \
+    --learning_rate "$STAGE1_LR" --max_train_tokens "$STAGE1_TOKENS" \
+    --output_dir "$OUT/stage1" "$@"
+fi
 
 # Stage 2: LoRA+ on the projections, embeddings keep training; starts from stage 1's embeddings.
 "${LAUNCH[@]}" train.py "${COMMON[@]}" \

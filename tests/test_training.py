@@ -707,6 +707,14 @@ def test_run_pt_sh_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("stage1", "stage2"):
         assert (tmp_path / "pt" / stage / "loss.png").is_file()
+    # a crash in stage 2 after its checkpoint, then the same command: stage 1 is not refused as finished
+    (tmp_path / "pt" / "stage2" / "adapter_config.json").unlink()
+    result = subprocess.run(
+        ["bash", str(ROOT / "run_pt.sh")], capture_output=True, text=True, check=False, env=env, timeout=1200
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage 1 already finished" in result.stdout and "resuming from" in result.stderr
+    assert (tmp_path / "pt" / "stage2" / "adapter_config.json").is_file()
     model, tok = load_model_and_tokenizer(
         ROOT / "models" / "stories260K",
         [tmp_path / "pt" / "stage1", tmp_path / "pt" / "stage2"],
