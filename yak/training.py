@@ -396,6 +396,13 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
                 f"--resume_from_checkpoint {resume} is inside output_dir {out}, which --overwrite_output_dir "
                 f"would delete ({reason}); resume into the run's own settings, or copy the checkpoint out first"
             )
+        kind = adapter_kind(resume)  # (a YakError for a folder in neither format)
+        if kind != ("lora" if stage_args.uses_lora else "embeddings"):
+            raise YakError(
+                f"--resume_from_checkpoint {resume} is a checkpoint of "
+                f"{'a LoRA run (stage 2 or SFT)' if kind == 'lora' else 'stage 1'}, and this run is "
+                f"{'a LoRA run' if stage_args.uses_lora else 'stage 1'}; give a checkpoint of this stage"
+            )
     elif out.is_dir() and not delete:
         checkpoints = _checkpoints(out)
         incomplete = [c for c in checkpoints if not is_complete_checkpoint(c)]
