@@ -14,12 +14,17 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+DEVICE=${DEVICE:-cpu}                       # cpu or gpu
+if [ "$DEVICE" = cpu ]; then                # a small run of the tiny model: minutes on a laptop (unless set)
+  : "${BLOCK_SIZE:=64}" "${BATCH:=8}" "${GRAD_ACC:=1}" "${DTYPE:=float32}" "${WARMUP_STEPS:=5}"
+  : "${STAGE1_TOKENS:=51200}" "${STAGE2_TOKENS:=51200}" "${LOGGING_STEPS:=5}" "${STAGE1_LR:=5e-3}"
+  : "${LR:=1e-3}" "${LORA_RANK:=8}" "${LORA_ALPHA:=16}"
+fi
 BASE=${BASE:-models/stories260K}                                     # base model (HF folder, safetensors)
 TOKENIZER=${TOKENIZER:-tokenizer/stories260K_bo/merged_tokenizer_hf}   # the merged tokenizer
 DATA=${DATA:-data/pt}                       # one sub-folder per source: bo/ en/ zh/ (*.txt, *.jsonl)
 CACHE=${CACHE:-data_cache}                  # tokenized blocks, keyed by file content + tokenizer
 OUT=${OUT:-output/pt}                       # stage 1 -> $OUT/stage1, stage 2 -> $OUT/stage2
-DEVICE=${DEVICE:-cpu}                       # cpu or gpu
 GPUS=${GPUS:-1}                             # processes (GPUs) per node
 NODES=${NODES:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
@@ -48,10 +53,7 @@ DEEPSPEED=${DEEPSPEED:-ds_z2_config.json}   # or ds_z3_config.json for models th
 COMPILE_LAYERS=${COMPILE_LAYERS:-1}         # GPUs: per-layer torch.compile, ~1.9x faster (bench/RESULTS.md)
 GRAD_CKPT=${GRAD_CKPT:-0}                   # GPUs: 1 = gradient checkpointing (less memory, slower; 13B)
 
-if [ "$DEVICE" = cpu ]; then                # a small run of the tiny model: minutes on a laptop
-  BLOCK_SIZE=${CPU_BLOCK_SIZE:-64}; BATCH=${CPU_BATCH:-8}; GRAD_ACC=1; DTYPE=float32; WARMUP_STEPS=5
-  STAGE1_TOKENS=${CPU_STAGE1_TOKENS:-51200}; STAGE2_TOKENS=${CPU_STAGE2_TOKENS:-51200}; LOGGING_STEPS=5
-  STAGE1_LR=${CPU_STAGE1_LR:-5e-3}; LR=${CPU_LR:-1e-3}; EMBEDDING_LR=$LR; LORA_RANK=8; LORA_ALPHA=16
+if [ "$DEVICE" = cpu ]; then
   DEVICE_ARGS=(--use_cpu)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else

@@ -705,17 +705,22 @@ def test_stage2_bf16_gradient_checkpointing_on_gpu(pt_dir, tmp_path):
 
 @pytest.mark.slow
 def test_run_pt_sh_on_cpu(tmp_path):
-    """run_pt.sh as shipped: stage 1 then stage 2 of the tiny model on data/pt, on the CPU (about a minute)."""
+    """run_pt.sh: stage 1 then stage 2 of the tiny model on data/pt, on the CPU, with its variables set."""
     env = {
         **os.environ,
         "OUT": str(tmp_path / "pt"),
         "CACHE": str(tmp_path / "cache"),
         "MASTER_PORT": str(29600 + os.getpid() % 1000),
-    }
+        # the CPU defaults used to overwrite these: 51,200 tokens in 64-token blocks, no accumulation
+        "BLOCK_SIZE": "32", "GRAD_ACC": "2", "STAGE1_TOKENS": "40960",
+    }  # fmt: skip
     result = subprocess.run(
         ["bash", str(ROOT / "run_pt.sh")], capture_output=True, text=True, check=False, env=env, timeout=1200
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "32-token blocks" in result.stderr
+    # 40,960 and (the CPU default) 51,200 tokens / (8 blocks x 2 accumulated x 32 tokens)
+    assert "schedule: 80 steps" in result.stderr and "schedule: 100 steps" in result.stderr
     for stage in ("stage1", "stage2"):
         assert (tmp_path / "pt" / stage / "loss.png").is_file()
     # a crash in stage 2 after its checkpoint, then the same command: stage 1 is not refused as finished
