@@ -107,6 +107,23 @@ def test_greedy_and_sampled_requests_in_one_batch(engine, model_and_tokenizer):
     assert 1 <= len(requests[2].output_ids) <= 8 and requests[2].finish_reason in ("stop", "length")
 
 
+def test_extreme_sampling_settings_neither_fail_nor_disturb_the_batch(engine, model_and_tokenizer):
+    # float32 makes temperature 1e-45 and top_p 1e-300 zero: the division by zero or the empty nucleus failed
+    # sampling, and with it every request decoded in the same batch (HTTP 500 for all of them).
+    model, tokenizer = model_and_tokenizer
+    prompts = [encode_raw(tokenizer, s) for s in STARTS[:4]]
+    params = [SamplingParams(max_new_tokens=20, temperature=0, repetition_penalty=1.0),
+              SamplingParams(max_new_tokens=20, temperature=1e-45, repetition_penalty=1.0),
+              SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1e-300, repetition_penalty=1.0),
+              SamplingParams(max_new_tokens=20, temperature=1e-300, top_p=1e-300, repetition_penalty=10)]
+    requests = engine.generate(prompts, params)
+    for prompt, request in zip(prompts[:3], requests):  # a tiny temperature or top_p decodes greedily
+        assert request.output_ids == _hf_greedy(model, prompt, 20)
+    assert requests[3].finish_reason in ("stop", "length")
+    with pytest.raises(ValueError, match="repetition_penalty must be in"):  # 1e-300 divides the logits by 0
+        engine.submit(prompts[0], SamplingParams(repetition_penalty=1e-300))
+
+
 def test_submit_rejects_bad_requests(engine):
     with pytest.raises(ValueError, match="over the limit of 256 tokens"):
         engine.submit([1] * 250, SamplingParams(max_new_tokens=10))

@@ -33,6 +33,12 @@ from yak.template import LLAMA2_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
+# Sampling runs in float32: a temperature below this decodes greedily (as in vLLM), since dividing the logits by
+# it would overflow to inf (1e-45 is 0 in float32) and fail the whole batch; a repetition penalty below this
+# bound does the same by dividing the logits by it.
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01
+
 
 # --------------------------------------------------------------------------------------------------- settings
 
@@ -43,7 +49,7 @@ class SamplingParams:
 
     Args:
         max_new_tokens: generated tokens at most (the prompt does not count).
-        temperature: softmax temperature; 0 picks the most likely token (greedy).
+        temperature: softmax temperature; 0 (or below ``MIN_TEMPERATURE``) picks the most likely token (greedy).
         top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (1 = off).
         top_k: keep the ``top_k`` most likely tokens (0 = off).
         repetition_penalty: divide the logits of tokens already in the sequence (CTRL paper; 1 = off).
@@ -57,7 +63,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def problems(self) -> list[str]:
         """Return what is out of range, one sentence per field (empty when valid)."""
@@ -70,8 +76,8 @@ class SamplingParams:
             out.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             out.append(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if not 0 < self.repetition_penalty <= 10:
-            out.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10:
+            out.append(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 10], got {self.repetition_penalty}")
         return out
 
 
@@ -292,7 +298,7 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     greedy = logits.argmax(-1)  # (B,)
     if all(p.greedy for p in params):
         return greedy
-    temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
+    temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)[:, None]
     logits = logits / temp
     sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
     vocab = logits.shape[-1]
@@ -301,8 +307,10 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     drop = ranks >= k
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-    # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
+    # Drop a token when the tokens ranked above it already reach top_p; the first token always stays (also when
+    # a tiny top_p is 0 in float32).
     drop |= (probs.cumsum(-1) - probs) >= top_p
+    drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(sorted_logits.softmax(-1), 1)  # (B, 1) ranks
     sampled = order.gather(1, choice)[:, 0]
