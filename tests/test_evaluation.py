@@ -267,6 +267,10 @@ def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
     tok.chat_template = LLAMA2_CHAT_TEMPLATE
     ids = Scorer(model, tok, 64, chat_template=True).encode_prompt("Title: x")
     assert ids.count(tok.bos_token_id) == 1 and tok.decode(ids).endswith("Title: x [/INST]")
+    # documents are scored as plain text: the template's tokens would add to the bits of the document's bytes
+    text = sorted(HELDOUT.glob("*.txt"))[0].read_text(encoding="utf-8")[:300]
+    plain, chat = (Scorer(model, tok, 64, chat_template=c).rolling_nll([text], 32) for c in (False, True))
+    assert chat == plain
 
 
 def test_tokenizer_section(tmp_path, tiny_model_dir):

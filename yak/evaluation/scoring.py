@@ -107,6 +107,11 @@ class Scorer:
             text, add_special_tokens=False, verbose=False
         ).input_ids  # long documents are windowed
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text: BOS + text."""
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self.encode(text)
+
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt: BOS + text, or the chat-templated prompt (which brings its own BOS)."""
         if self.chat_template:
@@ -114,8 +119,7 @@ class Scorer:
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
             return self.encode(text)
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.encode(prompt)
+        return self.encode_text(prompt)
 
     # -- scoring --
     @torch.no_grad()
@@ -199,7 +203,8 @@ class Scorer:
             )
         requests, owner = [], []
         for d, text in enumerate(texts):
-            tokens = self.encode_prompt(text)  # BOS + text: the first token is predicted from BOS
+            # BOS + text, never the chat template: its tokens would be scored too, but not counted in the bytes
+            tokens = self.encode_text(text)  # the first token is predicted from BOS
             start = 1
             while start < len(tokens):
                 end = min(start + stride, len(tokens))
