@@ -333,6 +333,26 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
 
 
+def test_adapters_in_the_wrong_order_are_refused(tiny_model_dir, resized_adapter, tmp_path):
+    """SFT trained on top of CPT, given before it: the merge ran and kept CPT's embeddings, silently."""
+    from yak.modeling import load_model_and_tokenizer
+
+    adapter, _, _ = resized_adapter
+    cpt, sft = tmp_path / "cpt", tmp_path / "sft"
+    shutil.copytree(adapter, cpt)
+    shutil.copytree(adapter, sft)
+    # what training writes (yak_run.json): the --adapters it was trained on top of
+    (sft / "yak_run.json").write_text(json.dumps({"identity": {"task": "sft", "adapters": [str(cpt)]}}))
+    out = tmp_path / "out"
+    with pytest.raises(YakError, match=r"sft was trained on top of .*cpt, so it must come after it"):
+        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{sft},{cpt}", output_dir=str(out)))
+    assert not out.exists()
+    with pytest.raises(YakError, match="adapters in the wrong order"):  # inference, serving, evaluation
+        load_model_and_tokenizer(tiny_model_dir, [sft, cpt])
+    merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{cpt},{sft}", output_dir=str(out)))
+    assert (out / "model.safetensors").is_file()
+
+
 def test_nan_result_is_refused_and_nothing_is_written(tiny_model_dir, resized_adapter, tmp_path):
     adapter, _, _ = resized_adapter
     bad = tmp_path / "bad"

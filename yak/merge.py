@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from yak import YakError
 from yak.io import atomic_output_dir, atomic_write_json
+from yak.modeling import adapter_order_problems
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +366,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
     if not lora_dirs:
         problems.append("--lora_model: give at least one adapter or stage-1 folder")
     steps = [s for s in (_load_step(p, problems) for p in lora_dirs) if s is not None]
+    problems += [f"--lora_model: {p}" for p in adapter_order_problems(lora_dirs)]
     if config is not None and config.get("model_type") not in ("llama", None):
         problems.append(f"{base_dir / 'config.json'}: model_type {config.get('model_type')!r}; only Llama "
                         "models are supported")

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 VOCAB_MULTIPLE = 64  # rows padded to a multiple of 64: tensor-core friendly, the usual choice (LLaMA-Factory)
 EMBEDDINGS_FILE = "embeddings.safetensors"
 YAK_ADAPTER_FILE = "yak_adapter.json"
+RUN_FILE = "yak_run.json"  # a training output's settings, with the --adapters it was trained on top of
 YAK_ADAPTER_FORMAT = "yak-embeddings"
 YAK_ADAPTER_VERSION = 1
 EMBED_KEY = "model.embed_tokens.weight"
@@ -405,6 +406,28 @@ def adapter_kind(folder: str | os.PathLike) -> str:
     )
 
 
+def adapter_order_problems(adapters: Sequence[str | os.PathLike]) -> list[str]:
+    """Folders given after an adapter that was trained on top of them, as its ``yak_run.json`` records.
+
+    Stages apply in the order they were trained (stage 1, CPT, SFT). The reverse order loads without error
+    but gives the earlier stage's embeddings instead of the last one's. Folders moved since training are not
+    recognised, so this never refuses a correct order.
+    """
+    resolved = [Path(a).resolve() for a in adapters]
+    problems = []
+    for i, folder in enumerate(adapters):
+        try:
+            run = json.loads((Path(folder) / RUN_FILE).read_text(encoding="utf-8"))
+            trained_on = run["identity"]["adapters"] or []
+        except (OSError, ValueError, KeyError, TypeError):  # not a Yak training output: nothing recorded
+            continue
+        for earlier in trained_on:
+            if Path(earlier).resolve() in resolved[i + 1:]:
+                problems.append(f"{folder} was trained on top of {earlier}, so it must come after it "
+                                "(order: stage 1, stage 2 / CPT, SFT)")
+    return problems
+
+
 def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
     """Number of embedding rows an adapter folder carries (None if it carries no embeddings)."""
     from safetensors import safe_open
@@ -506,6 +529,9 @@ def load_model_and_tokenizer(
     adapters = [Path(a) for a in adapters]
     for a in adapters:
         adapter_kind(a)  # validate every folder before loading anything large
+    problems = adapter_order_problems(adapters)
+    if problems:
+        raise YakError("adapters in the wrong order: " + "; ".join(problems))
     tok_dir = next((a for a in reversed(adapters) if has_tokenizer(a)), None)
     tok_dir = tok_dir or (Path(tokenizer_path) if tokenizer_path else Path(base_model))
     tokenizer = load_tokenizer(tok_dir)

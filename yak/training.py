@@ -28,8 +28,10 @@ from yak.cli import parse_args
 from yak.io import atomic_write_json
 from yak.modeling import (
     DTYPES,
+    RUN_FILE,
     ModelArguments,
     adapter_kind,
+    adapter_order_problems,
     apply_adapters,
     carries_lm_head,
     check_tokenizer_extends,
@@ -50,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "yak_checkpoint.json"  # written last: a checkpoint without it is incomplete
-RUN_FILE = "yak_run.json"  # the settings of the run an output folder belongs to
 FINAL_TMP = ".final.tmp"
 # settings that make an output folder "another run" when they differ
 RUN_IDENTITY = (
@@ -239,6 +240,7 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
+    problems += [f"--adapters: {p}" for p in adapter_order_problems(model_args.adapters)]
     out = Path(training_args.output_dir).resolve()
     inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path]
     for path in [p for p in inputs + list(model_args.adapters) if p]:
