@@ -175,6 +175,10 @@ def test_inference_hf_file_and_interactive_modes_equal_the_server(server, tiny_m
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["input"] for r in records] == QUERIES and [r["id"] for r in records] == list(range(len(QUERIES)))
     assert [r["output"] for r in records] == [_chat(server, q) for q in QUERIES]
+    # the summary counts the generated tokens (as the server's usage does), not the answers' text re-encoded
+    usage = [_post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": q}]})[1]["usage"]
+             for q in QUERIES]
+    assert f"| {len(QUERIES)} | {sum(u['completion_tokens'] for u in usage)} |" in run.stdout
 
     q1, q2 = QUERIES[0], QUERIES[1]
     stdin = f"{q1}\n{q2}\n/clear\n{q2}\n/quit\n"

@@ -808,9 +808,11 @@ class _EngineBackend:
         self.engine = gen_args.build_engine(model, self.tokenizer)
         self.max_total_tokens = self.engine.max_total_tokens
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> list[str]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> tuple[list[str], int]:
+        """The answers, and how many tokens were generated in all."""
         requests = self.engine.generate(prompts, params, progress=progress)
-        return [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in requests]
+        texts = [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in requests]
+        return texts, sum(len(r.output_ids) for r in requests)
 
     def chat_once(self, prompt: list[int], params: SamplingParams, on_text) -> str:
         from transformers import TextIteratorStreamer
@@ -848,16 +850,17 @@ class _VllmBackend:
                        dtype=model_args.dtype, tensor_parallel_size=gpus, max_model_len=gen_args.max_total_tokens)
         self.max_total_tokens = gen_args.max_total_tokens
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> list[str]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> tuple[list[str], int]:
+        """The answers, and how many tokens were generated in all."""
         from vllm import SamplingParams as VllmParams
 
         vp = VllmParams(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k or -1, repetition_penalty=params.repetition_penalty)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], vp, use_tqdm=progress is not None)
-        return [o.outputs[0].text for o in outputs]
+        return [o.outputs[0].text for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs)
 
     def chat_once(self, prompt: list[int], params: SamplingParams, on_text) -> str:
-        text = self.generate([prompt], params, None)[0]  # vLLM's offline API does not stream
+        text = self.generate([prompt], params, None)[0][0]  # vLLM's offline API does not stream
         on_text(text)
         return text
 
@@ -923,7 +926,7 @@ def _predict_file(backend, gen_args: GenerationArguments, inf_args: InferenceArg
                        f"{params.max_new_tokens}; raise the first or lower the second")
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="generating", unit="input") as bar:
-        outputs = backend.generate(prompts, params, bar)
+        outputs, tokens = backend.generate(prompts, params, bar)
     seconds = time.perf_counter() - start
     records = [{"id": i, "input": line, "output": out} for i, (line, out) in enumerate(zip(lines, outputs))]
     if inf_args.predictions_file.endswith(".jsonl"):
@@ -931,7 +934,6 @@ def _predict_file(backend, gen_args: GenerationArguments, inf_args: InferenceArg
     else:
         text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
     atomic_write_text(inf_args.predictions_file, text)
-    tokens = sum(len(backend.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     print(f"\n| inputs | answer tokens | seconds | tokens/s |\n|---|---|---|---|\n"
           f"| {len(lines)} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} |\n"
           f"predictions: {inf_args.predictions_file}")
