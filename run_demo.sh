@@ -26,6 +26,9 @@ if [ -e "$OUT" ]; then
 fi
 mkdir -p "$OUT"
 START=$(date +%s)
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# torchrun's rendezvous port: a free one, so that the demo also runs beside a training that holds 29500
+export MASTER_PORT=${MASTER_PORT:-$(free_port)}
 step() { printf '\n=== [%s] %s (%ss)\n' "$1" "$2" "$(( $(date +%s) - START ))"; }
 
 step 1/8 "merged tokenizer: stories260K's 512 pieces + 3,000 Tibetan BPE pieces learnt from data/pt/bo"
@@ -59,7 +62,7 @@ python evaluate.py --models "base=$BASE" "yak=$OUT/merged" --tasks "${TASKS[@]}"
   --limit 40 --lm_max_bytes 30000 --max_new_tokens 24 --output_dir "$OUT/eval"
 
 step 7/8 "serving: serve_demo.py on a free local port, one Tibetan query to POST /api/chat"
-PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 python serve_demo.py --base_model "$OUT/merged" --port "$PORT" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

@@ -1,8 +1,10 @@
 """The newcomer's main job: run_demo.sh runs every stage on the shipped tiny model and sample data."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 
 from tests.conftest import ROOT
@@ -10,9 +12,14 @@ from tests.conftest import ROOT
 
 def test_run_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "OUT": str(out)}
-    proc = subprocess.run(["bash", "run_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"} | {"OUT": str(out)}
+    # another training on this machine holds torchrun's default port (29500): the demo must still run
+    with socket.socket() as busy:
+        with contextlib.suppress(OSError):  # already taken: the same situation
+            busy.bind(("", 29500))
+            busy.listen()
+        proc = subprocess.run(["bash", "run_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for path in ["tokenizer/merged_tokenizer_hf/tokenizer.json", "pt/stage1/embeddings.safetensors",
                  "pt/stage2/adapter_model.safetensors", "pt/stage2/loss.png", "sft/adapter_model.safetensors",
