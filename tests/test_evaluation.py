@@ -326,6 +326,34 @@ def test_records_missing_fields_and_unknown_keys(tmp_path):
         load_task(str(cfg))
 
 
+def test_task_yaml_mistakes_are_listed_not_tracebacks(tmp_path):
+    data = FIXTURES / "tusa" / "validation.jsonl"
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(f"kind: classification\ntest: {data}\nprompt: '{{text'\ntarget: ' x'\nnum_fewshot: '3'\n"
+                   "normalize: text\nchoices: [Positive, Negative]\n")
+    with pytest.raises(YakError) as e:
+        load_task(str(cfg))
+    for part in ("'num_fewshot' must be an integer, found '3'", "'normalize' must be a mapping of strings",
+                 "prompt '{text' is not a valid template", "target ' x' must contain {choice}"):
+        assert part in str(e.value)
+    cfg.write_text("kind: language_modelling\nfiles: 3\nstride: true\n")
+    with pytest.raises(YakError, match="'files' must be a list of strings, found 3; 'stride' must be an integer"):
+        load_task(str(cfg))
+    cfg.write_text(f"kind: classification\ntest: {data}\nprompt: 'Review: {{0}}'\nchoices: [Positive, Negative]\n")
+    with pytest.raises(YakError, match=r"name the fields, e.g. \{text\}"):
+        load_task(str(cfg))
+
+
+def test_num_fewshot_override_checks_the_fewshot_file(tmp_path):
+    """tusa's few-shot file is only read when shots are asked for: --num_fewshot must check it up front."""
+    shutil.copytree(FIXTURES / "tusa", tmp_path / "root" / "tusa")
+    (tmp_path / "root" / "tusa" / "train.jsonl").unlink()
+    for shots, message in [(2, "fewshot data file .*train.jsonl does not exist"), (-1, "num_fewshot must be >= 0")]:
+        with pytest.raises(YakError, match=message):
+            prepare(_args(tmp_path, [ROOT / "models" / "stories260K"], ["tusa"], data_root=str(tmp_path / "root"),
+                          num_fewshot=shots))
+
+
 def test_unloadable_model_leaves_no_output(tmp_path, tiny_model_dir):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)

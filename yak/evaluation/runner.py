@@ -135,15 +135,9 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
     tasks = []
     for name in args.tasks:
         try:
-            cfg = load_task(name, args.data_root)
+            tasks.append(load_task(name, args.data_root, args.num_fewshot, args.max_new_tokens))
         except YakError as e:
             problems.append(str(e))
-            continue
-        if args.num_fewshot is not None and cfg.kind in ("classification", "multiple_choice", "generation"):
-            cfg.num_fewshot = args.num_fewshot
-        if args.max_new_tokens is not None and cfg.kind == "generation":
-            cfg.max_new_tokens = args.max_new_tokens
-        tasks.append(cfg)
     if len({t.name for t in tasks}) != len(tasks):
         problems.append(f"task names must differ, found {[t.name for t in tasks]}")
     if problems:
