@@ -178,6 +178,15 @@ def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
     with pytest.raises(YakError, match="not valid UTF-8"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data)))
     data.write_text("one\n", encoding="utf-8")
+    folder = tmp_path / "answers.json"
+    folder.mkdir()
+    with pytest.raises(YakError, match="is a folder"):  # was an IsADirectoryError once every answer was done
+        run_inference(model, GenerationArguments(),
+                      InferenceArguments(data_file=str(data), predictions_file=str(folder)))
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("one\n", encoding="utf-8")
+    with pytest.raises(YakError, match="would replace the inputs"):
+        run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(inputs), predictions_file=str(inputs)))
     with pytest.raises(YakError, match="pip install vllm"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data), use_vllm=True))
     quantized = ModelArguments(base_model=str(tiny_model_dir), load_in_8bit=True)
