@@ -335,6 +335,7 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
 
 def test_adapters_in_the_wrong_order_are_refused(tiny_model_dir, resized_adapter, tmp_path):
     """SFT trained on top of CPT, given before it: the merge ran and kept CPT's embeddings, silently."""
+    from yak.evaluation.runner import EvalArguments, prepare
     from yak.modeling import load_model_and_tokenizer
 
     adapter, _, _ = resized_adapter
@@ -349,6 +350,9 @@ def test_adapters_in_the_wrong_order_are_refused(tiny_model_dir, resized_adapter
     assert not out.exists()
     with pytest.raises(YakError, match="adapters in the wrong order"):  # inference, serving, evaluation
         load_model_and_tokenizer(tiny_model_dir, [sft, cpt])
+    with pytest.raises(YakError, match="model yak: .*sft was trained on top of"):  # before any model loads
+        prepare(EvalArguments(models=[f"yak={tiny_model_dir},{sft},{cpt}"], tasks=["heldout"],
+                              output_dir=str(out)))
     merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{cpt},{sft}", output_dir=str(out)))
     assert (out / "model.safetensors").is_file()
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.modeling import adapter_kind, load_model_and_tokenizer
+from yak.modeling import adapter_kind, adapter_order_problems, load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ModelSpec:
                 adapter_kind(a)
             except YakError as e:
                 out.append(f"model {self.name}: {e}")
-        return out
+        return out + [f"model {self.name}: {p}" for p in adapter_order_problems(self.adapters)]
 
 
 def load_model(spec: ModelSpec, dtype: str = "auto", device: str = "auto"):
