@@ -201,6 +201,14 @@ def test_scripts_answer_help():
     assert "--interactive" in run.stdout and "--max_new_tokens_cap" in run.stdout
 
 
+def test_busy_port_fails_before_the_model_loads(server, tiny_model_dir):
+    """A 7B model takes minutes to load; a port already in use must not be found only afterwards."""
+    port = server.rsplit(":", 1)[1]
+    run = subprocess.run([sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--port", port],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "in use" in run.stderr and "loaded" not in run.stderr
+
+
 def test_app_factory_for_wsgi_servers(tiny_model_dir, tmp_path):
     from yak.server import app_from_config
 

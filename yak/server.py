@@ -380,8 +380,6 @@ def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
     if server_args.max_new_tokens_cap >= gen_args.max_total_tokens:
         problems.append(f"--max_new_tokens_cap {server_args.max_new_tokens_cap} leaves no room for the prompt in "
                         f"--max_total_tokens {gen_args.max_total_tokens}")
-    if not 0 < server_args.port < 65536:
-        problems.append(f"--port must be in 1..65535, got {server_args.port}")
     if problems:
         raise YakError("; ".join(problems))
     model, tokenizer = load_for_inference(model_args)
@@ -409,8 +407,12 @@ def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args
     """Load the model and serve until interrupted, with werkzeug's threaded server (one thread per request)."""
     from werkzeug.serving import make_server
 
+    if not 0 < server_args.port < 65536:
+        raise YakError(f"--port must be in 1..65535, got {server_args.port}")
+    # Bind first: a busy port fails at once (werkzeug says so and exits), not after minutes of model loading.
+    server = make_server(server_args.host, server_args.port, None, threaded=True)
     service = build_service(model_args, gen_args, server_args)
-    server = make_server(server_args.host, server_args.port, create_app(service), threaded=True)
+    server.app = create_app(service)
     if server_args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the server is reachable from other machines and has no authentication",
                        server_args.host)
