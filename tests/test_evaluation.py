@@ -344,6 +344,12 @@ def test_task_yaml_mistakes_are_listed_not_tracebacks(tmp_path):
         load_task(str(cfg))
 
 
+def test_max_length_over_the_model_context_is_refused(tmp_path, tiny_model_dir):
+    """stories260K knows 512 positions; a 2048-token window ran past them silently (no error, wrong bits)."""
+    with pytest.raises(YakError, match="--max_length 2048 is over model stories260K's context of 512"):
+        prepare(_args(tmp_path, [tiny_model_dir], ["heldout"], max_length=2048))
+
+
 def test_num_fewshot_override_checks_the_fewshot_file(tmp_path):
     """tusa's few-shot file is only read when shots are asked for: --num_fewshot must check it up front."""
     shutil.copytree(FIXTURES / "tusa", tmp_path / "root" / "tusa")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -126,6 +127,11 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
             continue
         problems += spec.problems()
         specs.append(spec)
+        config = Path(spec.base_model) / "config.json"
+        limit = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+        if args.max_length and limit and args.max_length > limit:  # RoPE runs past it silently, untrained
+            problems.append(f"--max_length {args.max_length} is over model {spec.name}'s context of {limit} "
+                            "positions (max_position_embeddings); lower it or leave it out")
         out = Path(args.output_dir).resolve()
         for path in [spec.base_model, *spec.adapters]:  # --overwrite would replace the folder by the report
             if out == Path(path).resolve() or out in Path(path).resolve().parents:
