@@ -333,7 +333,7 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
 
 
-def test_adapters_in_the_wrong_order_are_refused(tiny_model_dir, resized_adapter, tmp_path):
+def test_adapters_in_the_wrong_order_or_already_merged_are_refused(tiny_model_dir, resized_adapter, tmp_path):
     """SFT trained on top of CPT, given before it: the merge ran and kept CPT's embeddings, silently."""
     from yak.evaluation.runner import EvalArguments, prepare
     from yak.modeling import load_model_and_tokenizer
@@ -355,6 +355,11 @@ def test_adapters_in_the_wrong_order_are_refused(tiny_model_dir, resized_adapter
                               output_dir=str(out)))
     merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{cpt},{sft}", output_dir=str(out)))
     assert (out / "model.safetensors").is_file()
+    # the merged model records what it holds: applying SFT again on top would add its LoRA update twice
+    with pytest.raises(YakError, match=r"sft is merged into .*out already"):
+        load_model_and_tokenizer(out, [sft])
+    with pytest.raises(YakError, match=r"sft is merged into .*out already"):
+        merge(MergeArguments(base_model=str(out), lora_model=str(sft), output_dir=str(tmp_path / "twice")))
 
 
 def test_nan_result_is_refused_and_nothing_is_written(tiny_model_dir, resized_adapter, tmp_path):

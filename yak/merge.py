@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from yak import YakError
 from yak.io import atomic_output_dir, atomic_write_json
-from yak.modeling import adapter_order_problems
+from yak.modeling import MERGE_FILE, adapter_order_problems, merged_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
     if not lora_dirs:
         problems.append("--lora_model: give at least one adapter or stage-1 folder")
     steps = [s for s in (_load_step(p, problems) for p in lora_dirs) if s is not None]
-    problems += [f"--lora_model: {p}" for p in adapter_order_problems(lora_dirs)]
+    problems += [f"--lora_model: {p}" for p in adapter_order_problems(base_dir, lora_dirs)]
     if config is not None and config.get("model_type") not in ("llama", None):
         problems.append(f"{base_dir / 'config.json'}: model_type {config.get('model_type')!r}; only Llama "
                         "models are supported")
@@ -776,6 +776,9 @@ def merge(args: MergeArguments) -> Path:
         for name in TOKENIZER_FILES:
             if (plan.tokenizer_dir / name).is_file():
                 shutil.copy2(plan.tokenizer_dir / name, tmp / name)
+        # what is merged in (also what the base had), so that nobody applies it a second time on top
+        atomic_write_json(tmp / MERGE_FILE, {"base_model": str(plan.base_dir.resolve()), "adapters": [
+            *merged_adapters(plan.base_dir), *(str(s.path.resolve()) for s in plan.steps)]})
     rows = [
         ("inputs applied", " -> ".join([Path(args.base_model).name] + [s.path.name for s in plan.steps])),
         ("tensors", str(len(plan.order))),

@@ -29,6 +29,7 @@ VOCAB_MULTIPLE = 64  # rows padded to a multiple of 64: tensor-core friendly, th
 EMBEDDINGS_FILE = "embeddings.safetensors"
 YAK_ADAPTER_FILE = "yak_adapter.json"
 RUN_FILE = "yak_run.json"  # a training output's settings, with the --adapters it was trained on top of
+MERGE_FILE = "yak_merge.json"  # in a merged model: the folders merged into it (merge_lora_low_mem.py)
 YAK_ADAPTER_FORMAT = "yak-embeddings"
 YAK_ADAPTER_VERSION = 1
 EMBED_KEY = "model.embed_tokens.weight"
@@ -406,26 +407,42 @@ def adapter_kind(folder: str | os.PathLike) -> str:
     )
 
 
-def adapter_order_problems(adapters: Sequence[str | os.PathLike]) -> list[str]:
-    """Folders given after an adapter that was trained on top of them, as its ``yak_run.json`` records.
+def adapter_order_problems(base_model: str | os.PathLike | None, adapters: Sequence[str | os.PathLike]) -> list[str]:
+    """Adapters that cannot apply in this order on this base, as the folders' own records say.
 
-    Stages apply in the order they were trained (stage 1, CPT, SFT). The reverse order loads without error
-    but gives the earlier stage's embeddings instead of the last one's. Folders moved since training are not
-    recognised, so this never refuses a correct order.
+    Stages apply in the order they were trained (stage 1, CPT, SFT): a folder must not come after one that
+    its ``yak_run.json`` says was trained on top of it (the reverse order loads without error but gives the
+    earlier stage's embeddings). A folder that the base's ``yak_merge.json`` lists is merged into it already
+    (applying it again adds its LoRA update twice). Folders moved since are not recognised, so this never
+    refuses a correct list.
     """
     resolved = [Path(a).resolve() for a in adapters]
     problems = []
     for i, folder in enumerate(adapters):
-        try:
-            run = json.loads((Path(folder) / RUN_FILE).read_text(encoding="utf-8"))
-            trained_on = run["identity"]["adapters"] or []
-        except (OSError, ValueError, KeyError, TypeError):  # not a Yak training output: nothing recorded
-            continue
-        for earlier in trained_on:
+        for earlier in _recorded(Path(folder) / RUN_FILE, ("identity", "adapters")):
             if Path(earlier).resolve() in resolved[i + 1:]:
                 problems.append(f"{folder} was trained on top of {earlier}, so it must come after it "
                                 "(order: stage 1, stage 2 / CPT, SFT)")
+    merged = {Path(p).resolve() for p in merged_adapters(base_model)} if base_model else set()
+    problems += [f"{a} is merged into {base_model} already; leave it out" for a, r in zip(adapters, resolved)
+                 if r in merged]
     return problems
+
+
+def merged_adapters(model_dir: str | os.PathLike) -> list[str]:
+    """The folders merged into ``model_dir`` as its ``yak_merge.json`` lists them (empty for other models)."""
+    return _recorded(Path(model_dir) / MERGE_FILE, ("adapters",))
+
+
+def _recorded(path: Path, keys: tuple[str, ...]) -> list[str]:
+    """The list of folders at ``keys`` in a JSON record of a Yak output; empty when there is none."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        for key in keys:
+            value = value[key]
+    except (OSError, ValueError, KeyError, TypeError):  # not a Yak output: nothing recorded
+        return []
+    return value if isinstance(value, list) else []
 
 
 def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
@@ -529,7 +546,7 @@ def load_model_and_tokenizer(
     adapters = [Path(a) for a in adapters]
     for a in adapters:
         adapter_kind(a)  # validate every folder before loading anything large
-    problems = adapter_order_problems(adapters)
+    problems = adapter_order_problems(base_model, adapters)
     if problems:
         raise YakError("adapters in the wrong order: " + "; ".join(problems))
     tok_dir = next((a for a in reversed(adapters) if has_tokenizer(a)), None)

@@ -240,7 +240,7 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
-    problems += [f"--adapters: {p}" for p in adapter_order_problems(model_args.adapters)]
+    problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
     out = Path(training_args.output_dir).resolve()
     inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path]
     for path in [p for p in inputs + list(model_args.adapters) if p]:

@@ -54,7 +54,7 @@ class ModelSpec:
                 adapter_kind(a)
             except YakError as e:
                 out.append(f"model {self.name}: {e}")
-        return out + [f"model {self.name}: {p}" for p in adapter_order_problems(self.adapters)]
+        return out + [f"model {self.name}: {p}" for p in adapter_order_problems(self.base_model, self.adapters)]
 
 
 def load_model(spec: ModelSpec, dtype: str = "auto", device: str = "auto"):
