@@ -144,6 +144,15 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
     for body, message in bad_openai:
         got, answer = _post(server + "/v1/chat/completions", body)
         assert got == 400 and message in answer["error"]["message"], answer
+    # an oversize body sent in chunks (no Content-Length): werkzeug cut it at the limit, then "not valid JSON"
+    import http.client
+
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    conn.request("POST", "/api/chat", body=iter([b'{"query": "', b"a" * 5000, b'"}']), encode_chunked=True,
+                 headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    response = conn.getresponse()
+    assert response.status == 413 and "--max_body_bytes" in json.load(response)["error"]["message"]
+    conn.close()
     with urllib.request.urlopen(server + "/health", timeout=10) as r:
         assert json.load(r)["status"] == "ok"
     assert _chat(server, QUERIES[2])

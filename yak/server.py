@@ -295,7 +295,12 @@ def create_app(service: ChatService):
         return error(f"internal error: {e}", 500)
 
     def body() -> Any:
-        return _parse_json(request.get_data(cache=False))
+        raw = request.get_data(cache=False)
+        # A chunked body has no Content-Length for werkzeug to refuse: it stops reading at the limit instead.
+        if request.content_length is None and len(raw) >= service.args.max_body_bytes:
+            raise BadRequest(f"the request body is over {service.args.max_body_bytes} bytes (the server's "
+                             "--max_body_bytes)", status=413)
+        return _parse_json(raw)
 
     @app.get("/health")
     def health():
