@@ -342,6 +342,10 @@ def test_task_yaml_mistakes_are_listed_not_tracebacks(tmp_path):
     cfg.write_text(f"kind: classification\ntest: {data}\nprompt: 'Review: {{0}}'\nchoices: [Positive, Negative]\n")
     with pytest.raises(YakError, match=r"name the fields, e.g. \{text\}"):
         load_task(str(cfg))
+    for name in ("../../elsewhere", "tusa: mine"):  # a path out of predictions/; a chart panel never found
+        cfg.write_text(f"name: '{name}'\nkind: language_modelling\nfiles: {HELDOUT}/*.txt\n")
+        with pytest.raises(YakError, match="use letters, digits"):
+            load_task(str(cfg))
 
 
 def test_max_length_over_the_model_context_is_refused(tmp_path, tiny_model_dir):

@@ -174,6 +174,9 @@ def load_task(name_or_path: str, data_root: str = DEFAULT_DATA_ROOT, num_fewshot
     if "kind" not in raw:
         problems.append(f"missing key 'kind' (one of {', '.join(KINDS)})")
     problems += _type_problems({k: v for k, v in raw.items() if k in known})
+    if isinstance(raw["name"], str) and not re.fullmatch(r"[\w.+-]+", raw["name"]):  # as model names
+        problems.append(f"name {raw['name']!r}: use letters, digits, '.', '_', '+', '-' (it names the "
+                        "predictions file and the chart's panels)")
     if problems:
         raise YakError(f"task config {path}: " + "; ".join(problems))
     cfg = TaskConfig(**raw, path=str(path))
