@@ -265,8 +265,18 @@ def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
     with pytest.raises(YakError, match="no chat_template"):
         Scorer(model, tok, 64, chat_template=True)
     tok.chat_template = LLAMA2_CHAT_TEMPLATE
-    ids = Scorer(model, tok, 64, chat_template=True).encode_prompt("Title: x")
+    scorer = Scorer(model, tok, 160, chat_template=True)
+    ids = scorer.encode_prompt("Title: x")
     assert ids.count(tok.bos_token_id) == 1 and tok.decode(ids).endswith("Title: x [/INST]")
+    # a choice is scored where the answer goes, after [/INST]: it was put inside the user message, and the
+    # tokens scored were the template's own "/INST]"
+    prompt = "Review: good\nSentiment:"
+    (got,), _ = scorer.loglikelihoods([(prompt, " positive")])
+    ids, whole = scorer.encode_prompt(prompt), scorer.encode_prompt(prompt, " positive")
+    assert whole[: len(ids)] == ids and tok.decode(whole[len(ids) :]).strip() == "positive"
+    with torch.no_grad():
+        logp = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+    assert got == pytest.approx(sum(logp[i - 1, whole[i]].item() for i in range(len(ids), len(whole))), abs=1e-4)
     # documents are scored as plain text: the template's tokens would add to the bits of the document's bytes
     text = sorted(HELDOUT.glob("*.txt"))[0].read_text(encoding="utf-8")[:300]
     plain, chat = (Scorer(model, tok, 64, chat_template=c).rolling_nll([text], 32) for c in (False, True))

@@ -112,14 +112,15 @@ class Scorer:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         return bos + self.encode(text)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a prompt: BOS + text, or the chat-templated prompt (which brings its own BOS)."""
+    def encode_prompt(self, prompt: str, continuation: str = "") -> list[int]:
+        """Token ids of a prompt and what follows it: BOS + text, or the chat-templated prompt (which brings its
+        own BOS) with the continuation after it, where the assistant's answer goes."""
         if self.chat_template:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
-            return self.encode(text)
-        return self.encode_text(prompt)
+            return self.encode(text + continuation)
+        return self.encode_text(prompt + continuation)
 
     # -- scoring --
     @torch.no_grad()
@@ -179,7 +180,7 @@ class Scorer:
             if context not in cache:
                 cache[context] = self.encode_prompt(context)
             ctx = cache[context]
-            whole = self.encode_prompt(context + continuation)
+            whole = self.encode_prompt(context, continuation)
             n = max(1, len(whole) - len(ctx))
             truncated.append(len(whole) > self.max_length)
             if truncated[-1]:
