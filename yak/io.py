@@ -45,6 +45,16 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         os.replace(tmp, path)
 
 
+def inputs_inside(output_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> list[str]:
+    """The ``inputs`` (files or folders; ``None`` skipped) that ``output_dir`` is or contains.
+
+    Replacing ``output_dir`` as a whole (``--overwrite``) would delete them, so callers refuse such an
+    output folder up front.
+    """
+    out = Path(output_dir).resolve()
+    return [str(p) for p in inputs if p and (out == Path(p).resolve() or out in Path(p).resolve().parents)]
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)

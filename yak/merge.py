@@ -34,7 +34,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.io import atomic_output_dir, atomic_write_json
+from yak.io import atomic_output_dir, atomic_write_json, inputs_inside
 
 logger = logging.getLogger(__name__)
 
@@ -447,11 +447,9 @@ def plan_merge(args: MergeArguments) -> _Plan:
     else:
         dtype = DTYPES.get(args.output_dtype, torch.float16)
     out = Path(args.output_dir).resolve()
-    for p in [base_dir, *lora_dirs, tok_dir]:
-        p = p.resolve()
-        if out == p or out in p.parents:
-            problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
-                            "choose a new folder")
+    for p in inputs_inside(out, [base_dir, *lora_dirs, tok_dir]):
+        problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
+                        "choose a new folder")
     if out.exists() and not args.overwrite:
         problems.append(f"--output_dir {out} already exists; choose another folder or pass --overwrite")
     if args.output_type == "pth":

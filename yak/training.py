@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from yak import YakError
 from yak.cli import parse_args
-from yak.io import atomic_write_json
+from yak.io import atomic_write_json, inputs_inside
 from yak.modeling import (
     DTYPES,
     ModelArguments,
@@ -239,15 +239,13 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
-    out = Path(training_args.output_dir).resolve()
-    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path]
-    for path in [p for p in inputs + list(model_args.adapters) if p]:
-        if out == Path(path).resolve() or out in Path(path).resolve().parents:
-            # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
-            problems.append(
-                f"output_dir {training_args.output_dir} is (or contains) the input {path}; "
-                "choose a new folder"
-            )
+    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
+              *model_args.adapters]
+    # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
+    for path in inputs_inside(training_args.output_dir, inputs):
+        problems.append(
+            f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
+        )
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
