@@ -212,6 +212,25 @@ def _checkpoint_dtype(model_dir: str) -> torch.dtype:
     return dtype or torch.float32
 
 
+def _report_to_problems(report_to: list[str]) -> list[str]:
+    """``--report_to`` names that transformers does not know or whose package is not installed (the Trainer
+    would only fail on them once the data is tokenized and the model loaded)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    problems = []
+    for name in report_to:
+        if name in installed:
+            continue
+        found = "its package is not installed" if name in INTEGRATION_TO_CALLBACK else "unknown"
+        problems.append(
+            f"--report_to {name}: {found}; choose none, all or an installed integration "
+            f"({', '.join(installed) or 'none is installed'}; transformers knows "
+            f"{', '.join(INTEGRATION_TO_CALLBACK)})"
+        )
+    return problems
+
+
 def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args, training_args):
     """Check every option up front; raise one :class:`YakError` listing all problems.
 
@@ -246,6 +265,7 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
         problems.append(
             f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
         )
+    problems += _report_to_problems(training_args.report_to)
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
