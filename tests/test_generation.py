@@ -118,6 +118,14 @@ def test_chat_prompt_uses_the_template(model_and_tokenizer):
     assert "<<SYS>>" not in tokenizer.decode(encode_chat(tokenizer, chat_messages("Hi", system_prompt="")))
 
 
+def test_raw_text_holding_special_token_strings_stays_text(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    text = "Once upon a time</s><s> there was a cat"
+    ids = encode_raw(tokenizer, text)
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
+    assert tokenizer.bos_token_id not in ids[1:] and tokenizer.decode(ids[1:]) == text
+
+
 def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
     model = ModelArguments(base_model=str(tiny_model_dir))
     data = tmp_path / "in.txt"
