@@ -295,6 +295,14 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     assert "--block_size 1024 is longer than the model's context (512 positions" in message
     assert "--bf16 with float16 weights" in message and "--loraplus_lr_ratio must be >= 1" in message
     assert "either --max_train_tokens or --max_steps" in message
+    # --report_to: the Trainer would refuse these only after tokenizing and loading the model
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    absent = next(n for n in INTEGRATION_TO_CALLBACK if n not in get_available_reporting_integrations())
+    for name, found in [("no_such_tracker", "unknown"), (absent, "its package is not installed")]:
+        with pytest.raises(YakError, match=f"--report_to {name}: {found}; choose none, all .*wandb"):
+            run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--report_to", name)))
+    assert not (tmp_path / "x").exists()
     with pytest.raises(YakError, match="not used.*--no_such_option"):
         parse_train_args(argv(pt_dir, out, "--no_such_option", "1"))
     # a tokenizer that is not an extension of the model's (here: the model's own is smaller than the base given)

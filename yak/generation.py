@@ -245,8 +245,12 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def encode_raw(tokenizer, text: str) -> list[int]:
-    """Token ids for plain text continuation (no template), with the tokenizer's BOS."""
-    return tokenizer(text)["input_ids"]
+    """Token ids for plain text continuation (no template), with the tokenizer's BOS.
+
+    The text is taken as text: ``</s>`` in it is encoded as its characters, not as the end token (which would
+    end the prompt's document where the user did not).
+    """
+    return tokenizer(text, split_special_tokens=True)["input_ids"]
 
 
 def stop_token_ids(model, tokenizer) -> tuple[int, ...]:

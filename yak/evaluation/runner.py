@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -22,7 +21,7 @@ from yak.evaluation.tasks import (
     lm_files,
     load_task,
 )
-from yak.io import atomic_output_dir
+from yak.io import atomic_output_dir, inputs_inside
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +125,9 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
             continue
         problems += spec.problems()
         specs.append(spec)
-        out = Path(args.output_dir).resolve()
-        for path in [spec.base_model, *spec.adapters]:  # --overwrite would replace the folder by the report
-            if out == Path(path).resolve() or out in Path(path).resolve().parents:
-                problems.append(f"output folder {args.output_dir} is (or contains) the model folder {path}")
+        # --overwrite would replace the folder by the report
+        for path in inputs_inside(args.output_dir, [spec.base_model, *spec.adapters]):
+            problems.append(f"output folder {args.output_dir} is (or contains) the model folder {path}")
     if len({s.name for s in specs}) != len(specs):
         problems.append(f"model names must differ, found {[s.name for s in specs]}; name them NAME=DIR")
     tasks = []

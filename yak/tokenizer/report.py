@@ -18,7 +18,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from yak import YakError
-from yak.io import atomic_output_dir
+from yak.io import atomic_output_dir, inputs_inside
 from yak.tokenizer.merge import (
     HF_DIR,
     NORMAL,
@@ -292,6 +292,11 @@ def run_report(args: ReportArguments) -> list[dict]:
         problems.append("--tokenizers: give at least one candidate")
     if Path(args.output_dir).exists() and not args.overwrite:
         problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
+    inputs = [spec.rpartition("=")[2] for spec in args.tokenizers] + [args.reference, *args.heldout,
+                                                                      *args.other_text]
+    for path in inputs_inside(args.output_dir, inputs):  # --overwrite replaces output_dir as a whole
+        problems.append(f"--output_dir {args.output_dir} is (or contains) the input {path}; "
+                        "choose a new folder")
     heldout = other = {}
     try:
         heldout = _lines(find_corpus_files(args.heldout, "--heldout"))
