@@ -155,8 +155,7 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
 
 def _tibetan_only_model(folder: Path) -> None:
     """A random Llama with the tiny Tibetan tokenizer that always answers དང་ (a syllable and its tsheg): a long
-    answer without a space, which transformers' streamer holds back after the first tsheg (it sends symbols when
-    a word ends), so a stream writes no text."""
+    answer without a space."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -25,6 +25,7 @@ from yak.generation import (
     GenerationArguments,
     ModelArguments,
     SamplingParams,
+    TextStreamer,
     chat_messages,
     encode_chat,
     load_for_inference,
@@ -33,9 +34,9 @@ from yak.generation import (
 logger = logging.getLogger(__name__)
 
 CONFIG_ENV = "YAK_SERVE_CONFIG"
-# While a stream has no new text (waiting in the queue, or text the streamer holds back until a word ends, as
-# all of a Tibetan answer without spaces), an SSE comment goes out this often: a server notices that its
-# client went away only when a write fails, and the generation is then cancelled.
+# While a stream has no new text (waiting in the queue, or text the streamer holds back until a word ends), an
+# SSE comment goes out this often: a server notices that its client went away only when a write fails, and the
+# generation is then cancelled.
 HEARTBEAT_S = 0.5
 HEARTBEAT = ": keep-alive\n\n"
 
@@ -242,9 +243,7 @@ class ChatService:
 
     def submit(self, messages: list[dict], params: SamplingParams, stream: bool):
         """Start generating; return ``(request, prompt_ids, streamer or None)``."""
-        from transformers import TextIteratorStreamer
-
-        streamer = (TextIteratorStreamer(self.tokenizer, skip_special_tokens=True, timeout=HEARTBEAT_S)
+        streamer = (TextStreamer(self.tokenizer, skip_special_tokens=True, timeout=HEARTBEAT_S)
                     if stream else None)
         try:
             prompt_ids = encode_chat(self.tokenizer, messages)
