@@ -41,7 +41,7 @@ def test_report_writes_table_json_and_png(tmp_path, capsys):
     assert tiny == json.loads(json.dumps(results[0]))
     assert tiny["reachable"] == tiny["fast_slow_agreement"] == tiny["round_trip"] == 1.0
     assert tiny["added_pieces"] == 3000 and tiny["heldout"]["mila"]["length_reduction"] > 0.6
-    assert tiny["tokens_vs_source_alone"] <= 1.0 and tiny["encode_mb_s"] > 0
+    assert tiny["tokens_vs_source_alone"] <= 1.0 and tiny["encode_mb_s"] > 0 and tiny["encode_mb_s_with_offsets"] > 0
     # transformers' own conversion of the same tokenizer.model: same pieces, its own pipeline
     assert converted["vocab_size"] == tiny["vocab_size"] and "tokens_vs_source_alone" not in converted
     with pytest.raises(YakError, match="already exists"):
