@@ -320,7 +320,7 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
     truncated = tmp_path / "truncated"
     shutil.copytree(adapter, truncated)
     (truncated / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes()[:100])
-    with pytest.raises(YakError, match="cannot read the weights of .*truncated"):
+    with pytest.raises(YakError, match="truncated.adapter_model.safetensors cannot be read"):
         merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(truncated), output_dir=str(out)))
     # too little disk space (the file system's free space, as the OS reports it, made small)
     import yak.merge

@@ -46,11 +46,11 @@ def _post(url: str, data: bytes | dict, timeout: float = 60) -> tuple[int, dict 
         return e.code, json.loads(e.read().decode())
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def _start_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """serve_demo.py on a free port; returns the process and its URL once /health answers."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--port", str(port), *GEN, *LIMITS],
+        [sys.executable, "serve_demo.py", "--base_model", str(model_dir), "--port", str(port), *options],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -60,12 +60,16 @@ def server(tiny_model_dir):
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 assert json.load(r)["status"] == "ok"
-                break
+                return proc, url
         except OSError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start in 120 s")
+    proc.kill()
+    pytest.fail("server did not start in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    proc, url = _start_server(tiny_model_dir, *GEN, *LIMITS)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -156,6 +160,63 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
     with urllib.request.urlopen(server + "/health", timeout=10) as r:
         assert json.load(r)["status"] == "ok"
     assert _chat(server, QUERIES[2])
+
+
+def _tibetan_only_model(folder: Path) -> None:
+    """A random Llama with the tiny Tibetan tokenizer that always answers དང་ (a syllable and its tsheg): a long
+    answer without a space."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer/stories260K_bo/merged_tokenizer_hf")
+    dang = tokenizer.convert_tokens_to_ids("དང་")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=4096))
+    with torch.no_grad():  # the residual stream's first feature is large and positive, and only དང་ reads it
+        model.model.embed_tokens.weight[:, 0] = 100.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[dang, 0] = 1.0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _engine_is_idle(url: str) -> bool:
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        load = json.load(r)
+    return load["running"] == load["waiting"] == 0
+
+
+def test_a_stream_whose_client_goes_away_is_cancelled(tmp_path):
+    """A streaming client that disconnects before the first byte of text frees the engine within a second or
+    two, not after its whole (long) answer; both endpoints."""
+    _tibetan_only_model(tmp_path / "dang")
+    proc, url = _start_server(tmp_path / "dang", "--temperature", "0", "--max_new_tokens", "2000",
+                              "--max_new_tokens_cap", "2000", "--max_total_tokens", "2200", "--max_batch_size", "2")
+    try:
+        start = time.perf_counter()
+        status, short = _post(url + "/api/chat", {"query": QUERIES[0], "max_new_tokens": 200})
+        assert status == 200 and short["output"] == "དང་" * 200
+        full_s = 10 * (time.perf_counter() - start)  # at most what 2000 tokens take (attention grows)
+        host, port = url.removeprefix("http://").split(":")
+        for path, body in [("/api/chat", {"query": QUERIES[0], "stream": True}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": QUERIES[0]}],
+                                                     "stream": True})]:
+            raw = json.dumps(body).encode()
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            start = time.perf_counter()  # the client went away without reading a byte
+            time.sleep(0.1)
+            while not _engine_is_idle(url) and time.perf_counter() - start < full_s:
+                time.sleep(0.05)
+            freed_s = time.perf_counter() - start
+            assert freed_s < min(3.0, full_s / 2), (path, freed_s, full_s)
+        assert _post(url + "/api/chat", {"query": QUERIES[0], "max_new_tokens": 3})[1]["output"] == "དང་" * 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_16_concurrent_requests_each_equal_its_answer_alone(server):

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from transformers import TextIteratorStreamer
 
 from yak import YakError
 from yak.template import LLAMA2_CHAT_TEMPLATE
@@ -251,8 +252,12 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def encode_raw(tokenizer, text: str) -> list[int]:
-    """Token ids for plain text continuation (no template), with the tokenizer's BOS."""
-    return tokenizer(text)["input_ids"]
+    """Token ids for plain text continuation (no template), with the tokenizer's BOS.
+
+    The text is taken as text: ``</s>`` in it is encoded as its characters, not as the end token (which would
+    end the prompt's document where the user did not).
+    """
+    return tokenizer(text, split_special_tokens=True)["input_ids"]
 
 
 def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
@@ -319,6 +324,22 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
 
 
 # --------------------------------------------------------------------------------------------------- requests
+
+
+class TextStreamer(TextIteratorStreamer):
+    """transformers' ``TextIteratorStreamer``, streaming Tibetan syllable by syllable instead of by sentence.
+
+    transformers sends text that ends in a CJK character at once, but holds text with punctuation back until
+    the next space, in case a later token changes it. A Tibetan syllable ends in a tsheg (a punctuation mark)
+    and Tibetan puts a space only after a shad, so answers came a sentence at a time. Text that ends in a
+    Tibetan character (U+0F00-U+0FFF) is as complete as text that ends in a CJK character: nothing after it
+    changes it, so it is sent at once too.
+    """
+
+    def _is_chinese_char(self, cp: int) -> bool:
+        return 0x0F00 <= cp <= 0x0FFF or super()._is_chinese_char(cp)
+
+
 
 
 class Request:
@@ -815,9 +836,7 @@ class _EngineBackend:
         return texts, sum(len(r.output_ids) for r in requests)
 
     def chat_once(self, prompt: list[int], params: SamplingParams, on_text) -> str:
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True)
+        streamer = TextStreamer(self.tokenizer, skip_special_tokens=True)
         request = self.engine.submit(prompt, params, streamer)
         for piece in streamer:
             on_text(piece)

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from yak import YakError
-from yak.io import atomic_output_dir
+from yak.io import atomic_output_dir, inputs_inside
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +241,7 @@ def export_gguf(args: GGUFArguments) -> list[Path]:
         problems.append(f"--check_file {args.check_file}: no such file")
     if Path(args.output_dir).exists() and not args.overwrite:
         problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
-    out = Path(args.output_dir).resolve()
-    if out == model_dir.resolve() or out in model_dir.resolve().parents:  # --overwrite would replace the model
+    if inputs_inside(args.output_dir, [model_dir]):  # --overwrite would replace the model
         problems.append(f"--output_dir {args.output_dir} is (or contains) the model folder {model_dir}; "
                         "choose a new folder")
     if args.llama_cpp_dir and not _has_parts(Path(args.llama_cpp_dir)):

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.io import atomic_output_dir, atomic_write_json
+from yak.io import atomic_output_dir, atomic_write_json, inputs_inside, read_json, unreadable
 from yak.modeling import MERGE_FILE, adapter_order_problems, merged_adapters
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _read_checkpoint(files: list[Path], problems: list[str]) -> _Checkpoint | No
     try:
         return _Checkpoint(files)
     except Exception as e:  # noqa: BLE001 - safetensors and torch raise various types for a broken file
-        problems.append(f"cannot read the weights of {', '.join(map(str, files))}: {type(e).__name__}: {e}")
+        problems.append(str(unreadable(", ".join(map(str, files)), e)))
         return None
 
 
@@ -225,9 +225,9 @@ class _Plan:
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        problems.append(f"{path}: cannot read ({e})")
+        return read_json(path)
+    except YakError as e:
+        problems.append(str(e))
         return None
 
 
@@ -449,11 +449,9 @@ def plan_merge(args: MergeArguments) -> _Plan:
     else:
         dtype = DTYPES.get(args.output_dtype, torch.float16)
     out = Path(args.output_dir).resolve()
-    for p in [base_dir, *lora_dirs, tok_dir]:
-        p = p.resolve()
-        if out == p or out in p.parents:
-            problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
-                            "choose a new folder")
+    for p in inputs_inside(out, [base_dir, *lora_dirs, tok_dir]):
+        problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
+                        "choose a new folder")
     if out.exists() and not args.overwrite:
         problems.append(f"--output_dir {out} already exists; choose another folder or pass --overwrite")
     if args.output_type == "pth":

@@ -10,7 +10,6 @@ uses the same pieces (:func:`load_base_model`, :func:`resize_and_init_embeddings
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from yak import YakError
-from yak.io import atomic_write_json
+from yak.io import atomic_write_json, read_json, unreadable
 from yak.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -349,7 +348,7 @@ def save_embeddings(
 
 
 def _read_stage1(folder: Path) -> dict:
-    info = json.loads((folder / YAK_ADAPTER_FILE).read_text(encoding="utf-8"))
+    info = read_json(folder / YAK_ADAPTER_FILE)
     if info.get("format") != YAK_ADAPTER_FORMAT or info.get("version") != YAK_ADAPTER_VERSION:
         raise YakError(
             f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version "
@@ -391,14 +390,33 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
             w.copy_(state[key].to(w.dtype))
 
 
+def _check_safetensors(path: Path) -> None:
+    """Read the header of a safetensors file, which fails for a file cut short (the header covers the data)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (OSError, SafetensorError) as e:
+        raise unreadable(path, e) from e
+
+
 def adapter_kind(folder: str | os.PathLike) -> str:
-    """``"embeddings"`` (stage 1) or ``"lora"`` (peft adapter); raise for anything else."""
+    """``"embeddings"`` (stage 1) or ``"lora"`` (peft adapter); raise for anything else.
+
+    The folder's files are checked here, before anything large is loaded: a JSON file that is not JSON or a
+    weight file cut short is a :class:`YakError` naming the file, not a traceback from deep in peft.
+    """
     folder = Path(folder)
     if (folder / YAK_ADAPTER_FILE).is_file():
+        _read_stage1(folder)
+        _check_safetensors(folder / EMBEDDINGS_FILE)
         return "embeddings"
     if (folder / "adapter_config.json").is_file():
         if not (folder / "adapter_model.safetensors").is_file():
             raise YakError(f"adapter {folder} has no adapter_model.safetensors (only safetensors are loaded)")
+        read_json(folder / "adapter_config.json")
+        _check_safetensors(folder / "adapter_model.safetensors")
         return "lora"
     if not folder.is_dir():
         raise YakError(f"adapter folder {folder} does not exist")

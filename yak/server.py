@@ -12,10 +12,11 @@ import json
 import logging
 import math
 import os
+import queue
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from yak import YakError
 from yak.generation import (
@@ -24,6 +25,7 @@ from yak.generation import (
     GenerationArguments,
     ModelArguments,
     SamplingParams,
+    TextStreamer,
     chat_messages,
     encode_chat,
     load_for_inference,
@@ -32,6 +34,11 @@ from yak.generation import (
 logger = logging.getLogger(__name__)
 
 CONFIG_ENV = "YAK_SERVE_CONFIG"
+# While a stream has no new text (waiting in the queue, or text the streamer holds back until a word ends), an
+# SSE comment goes out this often: a server notices that its client went away only when a write fails, and the
+# generation is then cancelled.
+HEARTBEAT_S = 0.5
+HEARTBEAT = ": keep-alive\n\n"
 
 
 @dataclass
@@ -236,9 +243,8 @@ class ChatService:
 
     def submit(self, messages: list[dict], params: SamplingParams, stream: bool):
         """Start generating; return ``(request, prompt_ids, streamer or None)``."""
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True) if stream else None
+        streamer = (TextStreamer(self.tokenizer, skip_special_tokens=True, timeout=HEARTBEAT_S)
+                    if stream else None)
         try:
             prompt_ids = encode_chat(self.tokenizer, messages)
             request = self.engine.submit(prompt_ids, params, streamer)
@@ -260,17 +266,38 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _stream_text(request, streamer) -> Iterator[str]:
-    """Text pieces as they come; cancels the request when the client goes away (generator closed)."""
-    try:
-        yield from (piece for piece in streamer if piece)
-    finally:
-        request.cancel()
+def _text_events(streamer, event: Callable[[str], str]) -> Iterator[str]:
+    """``event(piece)`` for each piece of text as it comes, and :data:`HEARTBEAT` when none came for a while
+    (the streamer gives an empty piece for each token whose text it holds back, and nothing while queued)."""
+    last = time.monotonic()
+    while True:
+        try:
+            piece = next(streamer)
+        except queue.Empty:  # the streamer's timeout
+            piece = ""
+        except StopIteration:
+            return
+        if piece or time.monotonic() - last >= HEARTBEAT_S:
+            yield event(piece) if piece else HEARTBEAT
+            last = time.monotonic()
+
+
+def _event_stream(events: Iterator[str], request):
+    """The SSE response; closing it (the client went away, or the stream ended) cancels the request.
+
+    The server closes the response even when the generator never ran, which a ``finally`` in the generator
+    would miss.
+    """
+    from flask import Response
+
+    response = Response(events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    response.call_on_close(request.cancel)
+    return response
 
 
 def create_app(service: ChatService):
     """Build the Flask app around a ready :class:`ChatService` (the model is already loaded)."""
-    from flask import Flask, Response, request
+    from flask import Flask, request
     from werkzeug.exceptions import HTTPException
 
     app = Flask("yak")
@@ -316,14 +343,13 @@ def create_app(service: ChatService):
             return {"query": query, "output": service.answer(req)}
 
         def events():
-            for piece in _stream_text(req, streamer):
-                yield _sse({"delta": piece})
+            yield from _text_events(streamer, lambda piece: _sse({"delta": piece}))
             if req.error is not None:
                 yield _sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error"}})
             else:
                 yield _sse({"query": query, "output": service.answer(req), "finish_reason": req.finish_reason})
 
-        return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(events(), req)
 
     @app.get("/v1/models")
     def models():
@@ -354,8 +380,7 @@ def create_app(service: ChatService):
 
         def events():
             yield chunk({"role": "assistant", "content": ""})
-            for piece in _stream_text(req, streamer):
-                yield chunk({"content": piece})
+            yield from _text_events(streamer, lambda piece: chunk({"content": piece}))
             if req.error is not None:
                 yield _sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error"}})
                 return
@@ -364,7 +389,7 @@ def create_app(service: ChatService):
                 yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
 
-        return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(events(), req)
 
     return app
 

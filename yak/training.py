@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from yak import YakError
 from yak.cli import parse_args
-from yak.io import atomic_write_json
+from yak.io import atomic_write_json, inputs_inside
 from yak.modeling import (
     DTYPES,
     RUN_FILE,
@@ -213,6 +213,25 @@ def _checkpoint_dtype(model_dir: str) -> torch.dtype:
     return dtype or torch.float32
 
 
+def _report_to_problems(report_to: list[str]) -> list[str]:
+    """``--report_to`` names that transformers does not know or whose package is not installed (the Trainer
+    would only fail on them once the data is tokenized and the model loaded)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    problems = []
+    for name in report_to:
+        if name in installed:
+            continue
+        found = "its package is not installed" if name in INTEGRATION_TO_CALLBACK else "unknown"
+        problems.append(
+            f"--report_to {name}: {found}; choose none, all or an installed integration "
+            f"({', '.join(installed) or 'none is installed'}; transformers knows "
+            f"{', '.join(INTEGRATION_TO_CALLBACK)})"
+        )
+    return problems
+
+
 def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args, training_args):
     """Check every option up front; raise one :class:`YakError` listing all problems.
 
@@ -241,15 +260,14 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
         except YakError as e:
             problems.append(f"--adapters: {e}")
     problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
-    out = Path(training_args.output_dir).resolve()
-    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path]
-    for path in [p for p in inputs + list(model_args.adapters) if p]:
-        if out == Path(path).resolve() or out in Path(path).resolve().parents:
-            # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
-            problems.append(
-                f"output_dir {training_args.output_dir} is (or contains) the input {path}; "
-                "choose a new folder"
-            )
+    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
+              *model_args.adapters]
+    # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
+    for path in inputs_inside(training_args.output_dir, inputs):
+        problems.append(
+            f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
+        )
+    problems += _report_to_problems(training_args.report_to)
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -23,7 +21,7 @@ from yak.evaluation.tasks import (
     lm_files,
     load_task,
 )
-from yak.io import atomic_output_dir
+from yak.io import atomic_output_dir, inputs_inside, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +125,18 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
             continue
         problems += spec.problems()
         specs.append(spec)
-        config = Path(spec.base_model) / "config.json"
-        limit = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+        config = os.path.join(spec.base_model, "config.json")
+        try:
+            limit = read_json(config).get("max_position_embeddings") if os.path.isfile(config) else None
+        except YakError as e:
+            problems.append(f"model {spec.name}: {e}")
+            limit = None
         if args.max_length and limit and args.max_length > limit:  # RoPE runs past it silently, untrained
             problems.append(f"--max_length {args.max_length} is over model {spec.name}'s context of {limit} "
                             "positions (max_position_embeddings); lower it or leave it out")
-        out = Path(args.output_dir).resolve()
-        for path in [spec.base_model, *spec.adapters]:  # --overwrite would replace the folder by the report
-            if out == Path(path).resolve() or out in Path(path).resolve().parents:
-                problems.append(f"output folder {args.output_dir} is (or contains) the model folder {path}")
+        # --overwrite would replace the folder by the report
+        for path in inputs_inside(args.output_dir, [spec.base_model, *spec.adapters]):
+            problems.append(f"output folder {args.output_dir} is (or contains) the model folder {path}")
     if len({s.name for s in specs}) != len(specs):
         problems.append(f"model names must differ, found {[s.name for s in specs]}; name them NAME=DIR")
     tasks = []
