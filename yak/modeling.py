@@ -454,11 +454,13 @@ def merged_adapters(model_dir: str | os.PathLike) -> list[str]:
 
 def _recorded(path: Path, keys: tuple[str, ...]) -> list[str]:
     """The list of folders at ``keys`` in a JSON record of a Yak output; empty when there is none."""
+    if not path.is_file():  # not a Yak output: nothing recorded
+        return []
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = read_json(path)
         for key in keys:
             value = value[key]
-    except (OSError, ValueError, KeyError, TypeError):  # not a Yak output: nothing recorded
+    except (YakError, KeyError, TypeError):  # unreadable, or written by another version: nothing to check
         return []
     return value if isinstance(value, list) else []
 
