@@ -352,6 +352,10 @@ def test_task_yaml_mistakes_are_listed_not_tracebacks(tmp_path):
     cfg.write_text(f"kind: classification\ntest: {data}\nprompt: 'Review: {{0}}'\nchoices: [Positive, Negative]\n")
     with pytest.raises(YakError, match=r"name the fields, e.g. \{text\}"):
         load_task(str(cfg))
+    cfg.write_text(f"kind: generation\ntest: {FIXTURES}/parallel/bo-en.dev.jsonl\nprompt: '{{bo}}'\n"
+                   "reference_field: tgt\nmetrics: [bleu]\nbleu_tokenize: chinese\n")
+    with pytest.raises(YakError, match="bleu_tokenize 'chinese' is not one of sacrebleu's"):  # was a KeyError
+        load_task(str(cfg))  # once every model had generated its answers
     for name in ("../../elsewhere", "tusa: mine"):  # a path out of predictions/; a chart panel never found
         cfg.write_text(f"name: '{name}'\nkind: language_modelling\nfiles: {HELDOUT}/*.txt\n")
         with pytest.raises(YakError, match="use letters, digits"):

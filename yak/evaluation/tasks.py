@@ -283,6 +283,11 @@ def _check(cfg: TaskConfig, data_root: str) -> list[str]:
             )
         if cfg.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, found {cfg.max_new_tokens}")
+        import sacrebleu
+
+        if "bleu" in cfg.metrics and cfg.bleu_tokenize not in sacrebleu.BLEU.TOKENIZERS:  # else a KeyError at the end
+            problems.append(f"bleu_tokenize {cfg.bleu_tokenize!r} is not one of sacrebleu's "
+                            f"{', '.join(sacrebleu.BLEU.TOKENIZERS)}")
     if problems:
         return problems
     for key in ("test",) + (("fewshot",) if cfg.num_fewshot > 0 and cfg.fewshot else ()):
