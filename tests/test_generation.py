@@ -201,6 +201,14 @@ def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
     inputs.write_text("one\n", encoding="utf-8")
     with pytest.raises(YakError, match="would replace the inputs"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(inputs), predictions_file=str(inputs)))
+    # an engine without slots never started a request: inference_hf.py and every server request hung
+    from yak.server import ServerArguments, build_service
+
+    empty = GenerationArguments(max_batch_size=0, temperature=-1)
+    with pytest.raises(YakError, match="--temperature must be in .*--max_batch_size must be at least 1"):
+        run_inference(model, empty, InferenceArguments(data_file=str(data)))
+    with pytest.raises(YakError, match="--max_batch_size must be at least 1"):
+        build_service(model, empty, ServerArguments())
     with pytest.raises(YakError, match="pip install vllm"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data), use_vllm=True))
     quantized = ModelArguments(base_model=str(tiny_model_dir), load_in_8bit=True)

@@ -141,6 +141,16 @@ class GenerationArguments:
                       max_total_tokens=self.max_total_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
                       max_queue=max_queue)
 
+    def problems(self) -> list[str]:
+        """What is out of range: the sampling settings and the engine's capacity (empty when valid)."""
+        out = [f"--{p}" for p in self.sampling().problems()]
+        if self.max_batch_size < 1:  # an engine without slots never starts a request: every one would hang
+            out.append(f"--max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_total_tokens < 2:
+            out.append(f"--max_total_tokens must be at least 2 (a prompt token and an answer token), got "
+                       f"{self.max_total_tokens}")
+        return out
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
@@ -886,7 +896,7 @@ class _VllmBackend:
 
 def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf_args: InferenceArguments) -> None:
     """``inference_hf.py``: interactive chat or file predictions, with the engine or vLLM."""
-    problems = gen_args.sampling().problems()
+    problems = gen_args.problems()
     if inf_args.interactive == (inf_args.data_file is not None):
         problems.append("give exactly one of --interactive and --data_file")
     if inf_args.data_file is not None and not os.path.isfile(inf_args.data_file):

@@ -401,7 +401,7 @@ def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
                   server_args: ServerArguments) -> ChatService:
     """Check the options, load the model once, start the engine, and return the service."""
     defaults = gen_args.sampling()
-    problems = defaults.problems()
+    problems = gen_args.problems()
     if server_args.max_new_tokens_cap < 1:
         problems.append(f"--max_new_tokens_cap must be at least 1, got {server_args.max_new_tokens_cap}")
     if gen_args.max_new_tokens > server_args.max_new_tokens_cap:
