@@ -207,8 +207,8 @@ def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
     empty = GenerationArguments(max_batch_size=0, temperature=-1)
     with pytest.raises(YakError, match="--temperature must be in .*--max_batch_size must be at least 1"):
         run_inference(model, empty, InferenceArguments(data_file=str(data)))
-    with pytest.raises(YakError, match="--max_batch_size must be at least 1"):
-        build_service(model, empty, ServerArguments())
+    with pytest.raises(YakError, match="--max_batch_size must be at least 1.*--max_queue must be at least 1"):
+        build_service(model, empty, ServerArguments(max_queue=0))  # which refused every request (503)
     with pytest.raises(YakError, match="pip install vllm"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data), use_vllm=True))
     quantized = ModelArguments(base_model=str(tiny_model_dir), load_in_8bit=True)

@@ -402,8 +402,12 @@ def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
     """Check the options, load the model once, start the engine, and return the service."""
     defaults = gen_args.sampling()
     problems = gen_args.problems()
-    if server_args.max_new_tokens_cap < 1:
-        problems.append(f"--max_new_tokens_cap must be at least 1, got {server_args.max_new_tokens_cap}")
+    # at 0 every request would be refused (413, 400 or 503)
+    for name in ("max_new_tokens_cap", "max_body_bytes", "max_query_chars", "max_queue"):
+        if getattr(server_args, name) < 1:
+            problems.append(f"--{name} must be at least 1, got {getattr(server_args, name)}")
+    if server_args.max_history_turns < 0:
+        problems.append(f"--max_history_turns must be 0 or more, got {server_args.max_history_turns}")
     if gen_args.max_new_tokens > server_args.max_new_tokens_cap:
         problems.append(f"--max_new_tokens {gen_args.max_new_tokens} is over --max_new_tokens_cap "
                         f"{server_args.max_new_tokens_cap}")
