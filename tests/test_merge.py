@@ -316,6 +316,9 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
     with pytest.raises(YakError, match=r"512 tokens .* 3520 rows"):
         merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
                              tokenizer_path=str(tiny_model_dir), output_dir=str(out)))
+    with pytest.raises(YakError, match="--num_shards must be at least 1, got -1"):  # was a RuntimeError from chunk
+        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter), output_dir=str(out),
+                             output_type="pth", num_shards=-1))
     # a truncated adapter file (e.g. an interrupted copy)
     truncated = tmp_path / "truncated"
     shutil.copytree(adapter, truncated)

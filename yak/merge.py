@@ -633,6 +633,9 @@ def _write_huggingface(plan: _Plan, out: Path) -> list[str]:
 def _check_pth(config: dict, shapes: dict, args: MergeArguments, problems: list[str]) -> None:
     if config.get("attention_bias") or config.get("mlp_bias"):
         problems.append("--output_type pth: Meta's layout has no biases, but the base model has some")
+    if args.num_shards is not None and args.num_shards < 1:
+        problems.append(f"--num_shards must be at least 1, got {args.num_shards}")
+        return
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     mp = args.num_shards or META_SHARDS_BY_HIDDEN.get(hidden, 1)
