@@ -236,19 +236,20 @@ def test_16_concurrent_requests_each_equal_its_answer_alone(server):
 
 def test_inference_hf_file_and_interactive_modes_equal_the_server(server, tiny_model_dir, tmp_path):
     data = tmp_path / "inputs.txt"
-    data.write_text("\n".join(QUERIES) + "\n", encoding="utf-8")
+    inputs = [*QUERIES[:-1], QUERIES[-1] + "\u2028" + QUERIES[0]]  # U+2028 breaks no line of a --data_file
+    data.write_text("\n".join(inputs) + "\n", encoding="utf-8")
     out = tmp_path / "pred.jsonl"
     base = [sys.executable, "inference_hf.py", "--base_model", str(tiny_model_dir), "--with_prompt", *GEN]
     run = subprocess.run([*base, "--data_file", str(data), "--predictions_file", str(out)],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["input"] for r in records] == QUERIES and [r["id"] for r in records] == list(range(len(QUERIES)))
-    assert [r["output"] for r in records] == [_chat(server, q) for q in QUERIES]
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n")[:-1]]
+    assert [r["input"] for r in records] == inputs and [r["id"] for r in records] == list(range(len(inputs)))
+    assert [r["output"] for r in records] == [_chat(server, q) for q in inputs]
     # the summary counts the generated tokens (as the server's usage does), not the answers' text re-encoded
     usage = [_post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": q}]})[1]["usage"]
-             for q in QUERIES]
-    assert f"| {len(QUERIES)} | {sum(u['completion_tokens'] for u in usage)} |" in run.stdout
+             for q in inputs]
+    assert f"| {len(inputs)} | {sum(u['completion_tokens'] for u in usage)} |" in run.stdout
 
     q1, q2 = QUERIES[0], QUERIES[1]
     stdin = f"{q1}\n{q2}\n/clear\n{q2}\n/quit\n"

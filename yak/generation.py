@@ -926,8 +926,10 @@ def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf
 
 def _read_inputs(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8") as f:  # \r\n and \r read as \n
+            text = f.read()
+        # not splitlines(): it also splits at U+2028, U+0085, form feeds ..., and answers would shift lines
+        lines = text.removesuffix("\n").split("\n") if text else []
     except UnicodeDecodeError as e:
         raise YakError(f"--data_file {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     empty = [str(i + 1) for i, line in enumerate(lines) if not line.strip()]
