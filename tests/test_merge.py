@@ -365,6 +365,17 @@ def test_adapters_in_the_wrong_order_or_already_merged_are_refused(tiny_model_di
         merge(MergeArguments(base_model=str(out), lora_model=str(sft), output_dir=str(tmp_path / "twice")))
 
 
+def test_adapter_of_another_base_is_one_clear_error_when_loading(tiny_model_dir, resized_adapter, tmp_path):
+    """inference_hf.py and serve_demo.py printed peft's traceback with a size mismatch line per tensor."""
+    from yak.modeling import load_model_and_tokenizer
+
+    adapter, _, _ = resized_adapter
+    untied_base(tmp_path / "other")
+    LlamaForCausalLM.from_pretrained(tmp_path / "other").save_pretrained(tmp_path / "other")  # safetensors only
+    with pytest.raises(YakError, match=r"adapter .* does not fit this model \(size mismatch for .*made for another"):
+        load_model_and_tokenizer(tmp_path / "other", [adapter])
+
+
 def test_nan_result_is_refused_and_nothing_is_written(tiny_model_dir, resized_adapter, tmp_path):
     adapter, _, _ = resized_adapter
     bad = tmp_path / "bad"

@@ -493,7 +493,13 @@ def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
         if adapter_kind(folder) == "embeddings":
             load_embeddings(model, folder)
         else:
-            model = PeftModel.from_pretrained(model, str(folder), is_trainable=False).merge_and_unload()
+            try:
+                model = PeftModel.from_pretrained(model, str(folder), is_trainable=False).merge_and_unload()
+            except (RuntimeError, ValueError) as e:  # peft: size mismatches, or target modules not found
+                detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),
+                              str(e).splitlines()[0] if str(e) else type(e).__name__)
+                raise YakError(f"the LoRA adapter {folder} does not fit this model ({detail}); it was made for "
+                               "another base model: give that one as the base") from e
         logger.info("applied %s", folder)
     return model
 
