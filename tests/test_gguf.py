@@ -65,6 +65,8 @@ def test_missing_llama_cpp_python_and_unknown_quant_types_are_reported_before_co
     for part in ("--check_file needs llama-cpp-python", "needs llama.cpp's llama-quantize",
                  "no_llama_cpp: expected a llama.cpp checkout"):
         assert part in str(e.value)
+    with pytest.raises(YakError, match="--quant_types f16 is the --outtype file itself"):  # would read and write
+        export_gguf(GGUFArguments(model_dir=str(tiny_model_dir), output_dir=str(tmp_path / "o"), quant_types="f16"))
     assert not (tmp_path / "o").exists()
 
 

@@ -244,6 +244,8 @@ def export_gguf(args: GGUFArguments) -> list[Path]:
     if inputs_inside(args.output_dir, [model_dir]):  # --overwrite would replace the model
         problems.append(f"--output_dir {args.output_dir} is (or contains) the model folder {model_dir}; "
                         "choose a new folder")
+    if args.outtype in qtypes:  # the same file name: llama.cpp would write the file it reads
+        problems.append(f"--quant_types {args.outtype} is the --outtype file itself; leave it out")
     if args.llama_cpp_dir and not _has_parts(Path(args.llama_cpp_dir)):
         problems.append(f"--llama_cpp_dir {args.llama_cpp_dir}: expected a llama.cpp checkout with "
                         f"{', '.join(CONVERTER_PARTS)}")
