@@ -356,7 +356,7 @@ def test_adapters_in_the_wrong_order_or_already_merged_are_refused(tiny_model_di
     with pytest.raises(YakError, match="model yak: .*sft was trained on top of"):  # before any model loads
         prepare(EvalArguments(models=[f"yak={tiny_model_dir},{sft},{cpt}"], tasks=["heldout"],
                               output_dir=str(out)))
-    merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{cpt},{sft}", output_dir=str(out)))
+    merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{cpt}, {sft}", output_dir=str(out)))
     assert (out / "model.safetensors").is_file()
     # the merged model records what it holds: applying SFT again on top would add its LoRA update twice
     with pytest.raises(YakError, match=r"sft is merged into .*out already"):

@@ -362,7 +362,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
     elif missing := [str(f) for f in files if not f.is_file()]:
         problems.append(f"--base_model: the index names shards that are missing: {missing}")
         files = None
-    lora_dirs = [Path(p) for p in args.lora_model.split(",") if p.strip()]
+    lora_dirs = [Path(p.strip()) for p in args.lora_model.split(",") if p.strip()]  # "stage1, stage2" too
     if not lora_dirs:
         problems.append("--lora_model: give at least one adapter or stage-1 folder")
     steps = [s for s in (_load_step(p, problems) for p in lora_dirs) if s is not None]
