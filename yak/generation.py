@@ -908,11 +908,6 @@ def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf
     elif inf_args.data_file is not None and os.path.abspath(inf_args.predictions_file) == os.path.abspath(
             inf_args.data_file):
         problems.append("--predictions_file is --data_file: the answers would replace the inputs")
-    if os.path.isdir(inf_args.predictions_file):  # found only after every answer was generated
-        problems.append(f"--predictions_file {inf_args.predictions_file} is a folder; give a file name")
-    elif inf_args.data_file is not None and os.path.abspath(inf_args.predictions_file) == os.path.abspath(
-            inf_args.data_file):
-        problems.append("--predictions_file is --data_file: the answers would replace the inputs")
     if problems:
         raise YakError("; ".join(problems))
     lines = _read_inputs(inf_args.data_file) if inf_args.data_file else []

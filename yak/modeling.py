@@ -496,8 +496,11 @@ def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
             try:
                 model = PeftModel.from_pretrained(model, str(folder), is_trainable=False).merge_and_unload()
             except (RuntimeError, ValueError) as e:  # peft: size mismatches, or target modules not found
-                detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),
-                              str(e).splitlines()[0] if str(e) else type(e).__name__)
+                lines = [line.strip() for line in str(e).splitlines()]
+                detail = next((line for line in lines if "size mismatch" in line or "not found in the base model"
+                               in line), None)
+                if detail is None:  # something else (e.g. out of memory): not a question of fit
+                    raise
                 raise YakError(f"the LoRA adapter {folder} does not fit this model ({detail}); it was made for "
                                "another base model: give that one as the base") from e
         logger.info("applied %s", folder)
