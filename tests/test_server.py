@@ -108,6 +108,10 @@ def test_openai_client_completion_and_stream(server):
     assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
     short = client.chat.completions.create(model="yak", messages=messages, max_tokens=3)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    # the neutral values that OpenAI-style tools send by default are accepted
+    neutral = client.chat.completions.create(model="yak", messages=messages, presence_penalty=0,
+                                             frequency_penalty=0.0, stop=[], seed=None)
+    assert neutral.choices[0].message.content == done.choices[0].message.content
     assert client.models.list().data[0].id == "stories260K"
 
 
@@ -144,6 +148,10 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n = 1"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, "max_tokens must be"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "unknown field"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5},
+         "'presence_penalty': 0"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["\n"]}, "'stop' sequences"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 3}, "'seed' is not supported"),
     ]
     for body, message in bad_openai:
         got, answer = _post(server + "/v1/chat/completions", body)

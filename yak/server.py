@@ -94,6 +94,11 @@ _OPENAI_FIELDS = {
     "stream_options": ((dict,), "an object"),
     "n": ((int,), "an integer"),
     "user": ((str,), "a string"),
+    # accepted at their neutral values, which OpenAI-style tools often send; anything else is refused
+    "presence_penalty": (_NUMBER, "a number"),
+    "frequency_penalty": (_NUMBER, "a number"),
+    "stop": ((str, list), "a string or a list of strings"),
+    "seed": ((int,), "an integer"),
     **_SAMPLING_FIELDS,
 }
 
@@ -202,6 +207,15 @@ class ChatService:
             raise BadRequest("; ".join(problems))
         if body.get("n") not in (None, 1):
             problems.append("only n = 1 is supported")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if body.get(key) not in (None, 0):
+                problems.append(f"only '{key}': 0 is supported (use 'repetition_penalty')")
+        if body.get("stop"):
+            problems.append("'stop' sequences are not supported: an answer ends at the model's end token or "
+                            "at max_tokens")
+        if body.get("seed") is not None:
+            problems.append("'seed' is not supported: sampled answers are not reproducible per request (use "
+                            "temperature 0 for the same answer every time)")
         options = body.get("stream_options") or {}
         if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
             problems.append("'stream_options' accepts only {\"include_usage\": true|false}")
