@@ -127,7 +127,9 @@ def test_llama_cpp_f16_logits_and_greedy_generation_match(exported):
             llm.reset()
             llm.eval(ids)
             got = np.asarray(llm.scores[: len(ids)])
-            assert np.abs(got - want).max() < 0.15, text  # f16 weights; logits reach about 20
+            # llama.cpp rounds weights and activations to f16 (0.15-0.17 apart at logits of about 20): 1% of the
+            # largest logit; a wrong tensor or token mapping is several units off
+            assert np.abs(got - want).max() < 0.01 * np.abs(want).max(), text
         ids = tok.encode("Once upon a time")
         with torch.no_grad():
             want = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()
