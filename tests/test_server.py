@@ -285,7 +285,8 @@ def test_busy_port_fails_before_the_model_loads(server, tiny_model_dir):
     port = server.rsplit(":", 1)[1]
     run = subprocess.run([sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--port", port],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "in use" in run.stderr and "loaded" not in run.stderr
+    assert run.returncode == 2 and "error: cannot listen on" in run.stderr and "--port" in run.stderr
+    assert "loaded" not in run.stderr
 
 
 def test_app_factory_for_wsgi_servers(tiny_model_dir, tmp_path):

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import queue
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -453,12 +454,19 @@ def app_from_config(path: str | None = None):
 
 def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
     """Load the model and serve until interrupted, with werkzeug's threaded server (one thread per request)."""
-    from werkzeug.serving import make_server
+    from werkzeug.serving import make_server, select_address_family
 
     if not 0 < server_args.port < 65536:
         raise YakError(f"--port must be in 1..65535, got {server_args.port}")
-    # Bind first: a busy port fails at once (werkzeug says so and exits), not after minutes of model loading.
-    server = make_server(server_args.host, server_args.port, None, threaded=True)
+    # Bind first: a busy port fails at once, not after minutes of model loading.
+    try:
+        family = select_address_family(server_args.host, server_args.port)
+        sock = socket.create_server((server_args.host, server_args.port), family=family)
+    except OSError as e:
+        raise YakError(f"cannot listen on {server_args.host}:{server_args.port} ({e.strerror}); choose another "
+                       "--port (or --host), or stop the program that uses it") from None
+    with sock:  # werkzeug takes a duplicate of the bound socket
+        server = make_server(server_args.host, server_args.port, None, threaded=True, fd=sock.fileno())
     service = build_service(model_args, gen_args, server_args)
     server.app = create_app(service)
     if server_args.host not in ("127.0.0.1", "localhost", "::1"):
