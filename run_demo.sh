@@ -2,7 +2,8 @@
 # The whole pipeline on the shipped tiny model (stories260K) and the shipped Tibetan/English/Chinese sample, on
 # a CPU, in a few minutes: merged tokenizer -> stage 1 (embeddings) -> stage 2 (LoRA+) -> SFT -> low-memory
 # merge -> GGUF for llama.cpp (when llama-cpp-python is installed) -> evaluation before/after -> one Tibetan
-# query through serve_demo.py. Every artifact goes under $OUT.
+# query through serve_demo.py. Every artifact goes under $OUT, which appears only when every step succeeded
+# (the run writes to a hidden folder beside it; an interrupted run removes that, a failed one keeps it to read).
 #
 #   bash run_demo.sh                    # writes outputs/demo (refuses to overwrite an existing one)
 #   OUT=/tmp/demo bash run_demo.sh
@@ -24,29 +25,44 @@ if [ -e "$OUT" ]; then
   echo "error: $OUT already exists; remove it or choose another folder with OUT=... (README.md, Quick start)" >&2
   exit 2
 fi
-mkdir -p "$OUT"
+WORK="$(dirname "$OUT")/.$(basename "$OUT").incomplete-$$"  # renamed to $OUT once every step succeeded
+mkdir -p "$WORK"
+SERVER=
+finish() {
+  local status=$?
+  if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; fi
+  if [ -d "$WORK" ] && [ "$status" -ge 128 ]; then  # interrupted (Ctrl-C, kill)
+    rm -rf "$WORK"
+    echo "interrupted: nothing was written to $OUT" >&2
+  elif [ -d "$WORK" ]; then
+    echo "error: $OUT was not written; the output so far is in $WORK (remove it when done)" >&2
+  fi
+}
+trap finish EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 START=$(date +%s)
 step() { printf '\n=== [%s] %s (%ss)\n' "$1" "$2" "$(( $(date +%s) - START ))"; }
 
 step 1/8 "merged tokenizer: stories260K's 512 pieces + 3,000 Tibetan BPE pieces learnt from data/pt/bo"
 python merge_tokenizer.py --corpus data/pt/bo --base_tokenizer "$BASE" --num_pieces 3000 \
-  --output_dir "$OUT/tokenizer"
+  --output_dir "$WORK/tokenizer"
 
 step 2/8 "continued pretraining: stage 1 (embeddings only), then stage 2 (LoRA+ and embeddings)"
-BASE=$BASE TOKENIZER="$OUT/tokenizer/merged_tokenizer_hf" OUT="$OUT/pt" CACHE="$OUT/data_cache" \
+BASE=$BASE TOKENIZER="$WORK/tokenizer/merged_tokenizer_hf" OUT="$WORK/pt" CACHE="$WORK/data_cache" \
   GRAD_ACC=2 STAGE1_TOKENS=100000 STAGE2_TOKENS=100000 SAVE_STEPS=1000 bash run_pt.sh --logging_steps 2
 
 step 3/8 "instruction tuning (SFT) on data/sft, on top of stage 1 + stage 2"
-BASE=$BASE ADAPTERS="$OUT/pt/stage1 $OUT/pt/stage2" OUT="$OUT/sft" CACHE="$OUT/data_cache" EPOCHS=1 \
+BASE=$BASE ADAPTERS="$WORK/pt/stage1 $WORK/pt/stage2" OUT="$WORK/sft" CACHE="$WORK/data_cache" EPOCHS=1 \
   SAVE_STEPS=1000 bash run_sft.sh --logging_steps 2
 
 step 4/8 "low-memory merge: base + stage 1 + stage 2 + SFT -> one Hugging Face model"
-python merge_lora_low_mem.py --base_model "$BASE" --lora_model "$OUT/pt/stage1,$OUT/pt/stage2,$OUT/sft" \
-  --output_type huggingface --output_dir "$OUT/merged"
+python merge_lora_low_mem.py --base_model "$BASE" --lora_model "$WORK/pt/stage1,$WORK/pt/stage2,$WORK/sft" \
+  --output_type huggingface --output_dir "$WORK/merged"
 
 step 5/8 "llama.cpp: GGUF f16 and q4_0, checking that llama.cpp tokenizes Tibetan exactly as Hugging Face"
 if python -c "import llama_cpp" 2>/dev/null; then
-  python export_gguf.py --model_dir "$OUT/merged" --output_dir "$OUT/gguf" --quant_types q4_0 \
+  python export_gguf.py --model_dir "$WORK/merged" --output_dir "$WORK/gguf" --quant_types q4_0 \
     --check_file data/heldout/bo_modern_nanhai_deseg_heldout.txt
 else
   echo "skipped: llama-cpp-python is not installed (pip install llama-cpp-python; see docs/export.md)"
@@ -55,15 +71,14 @@ fi
 step 6/8 "evaluation, before (base) and after (merged)"
 TASKS=(heldout tokenizer)
 if [ -d "$EVAL_DATA" ]; then TASKS+=(tncc tusa ti_mmlu bo_en); fi
-python evaluate.py --models "base=$BASE" "yak=$OUT/merged" --tasks "${TASKS[@]}" --data_root "$EVAL_DATA" \
-  --limit 40 --lm_max_bytes 30000 --max_new_tokens 24 --output_dir "$OUT/eval"
+python evaluate.py --models "base=$BASE" "yak=$WORK/merged" --tasks "${TASKS[@]}" --data_root "$EVAL_DATA" \
+  --limit 40 --lm_max_bytes 30000 --max_new_tokens 24 --output_dir "$WORK/eval"
 
 step 7/8 "serving: serve_demo.py on a free local port, one Tibetan query to POST /api/chat"
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-python serve_demo.py --base_model "$OUT/merged" --port "$PORT" > "$OUT/server.log" 2>&1 &
+python serve_demo.py --base_model "$WORK/merged" --port "$PORT" > "$WORK/server.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-python - "$PORT" "$OUT/chat.json" <<'PY'
+python - "$PORT" "$WORK/chat.json" <<'PY'
 import json, sys, time, urllib.request
 
 port, out = sys.argv[1], sys.argv[2]
@@ -86,9 +101,14 @@ json.dump(answer, open(out, "w", encoding="utf-8"), ensure_ascii=False, indent=1
 shown = answer["output"] or "(empty: the tiny model ended its answer at once)"
 print(f"query:  {answer['query']}\nanswer: {shown}")
 PY
-kill $SERVER; wait $SERVER 2>/dev/null || true; trap - EXIT
+kill $SERVER; wait $SERVER 2>/dev/null || true; SERVER=
 
 step 8/8 "summary"
+if [ -e "$OUT" ]; then
+  echo "error: $OUT appeared while the demo ran" >&2
+  exit 2
+fi
+mv "$WORK" "$OUT"
 cat "$OUT/eval/results.md"
 cat <<EOF
 

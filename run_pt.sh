@@ -28,7 +28,7 @@ OUT=${OUT:-output/pt}                       # stage 1 -> $OUT/stage1, stage 2 ->
 GPUS=${GPUS:-1}                             # processes (GPUs) per node
 NODES=${NODES:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+MASTER_PORT=${MASTER_PORT:-}                # empty on one node: torchrun --standalone takes a free port
 NODE_RANK=${NODE_RANK:-0}
 
 LR=${LR:-2e-4}                              # LoRA A (B learns LORAPLUS_RATIO times faster)
@@ -73,8 +73,12 @@ COMMON=(
   --logging_steps "$LOGGING_STEPS" --save_steps "$SAVE_STEPS" --save_total_limit 3
   --seed 42 --report_to none "${DEVICE_ARGS[@]}"
 )
-LAUNCH=(torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS"
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+if [ "$NODES" = 1 ] && [ -z "$MASTER_PORT" ]; then  # one node: a free port, so runs side by side never collide
+  LAUNCH=(torchrun --standalone --nproc_per_node "$GPUS")
+else
+  LAUNCH=(torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS"
+          --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+fi
 
 # Stage 1: embeddings only; every other weight stays as in the base model.
 # Started again after a crash in stage 2, the script goes on with stage 2 (which resumes from its checkpoint).

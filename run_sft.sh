@@ -29,7 +29,7 @@ DEVICE=${DEVICE:-cpu}                       # cpu or gpu
 GPUS=${GPUS:-1}                             # processes (GPUs) per node
 NODES=${NODES:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+MASTER_PORT=${MASTER_PORT:-}                # empty on one node: torchrun --standalone takes a free port
 NODE_RANK=${NODE_RANK:-0}
 
 LR=${LR:-2e-4}                              # LoRA A (B learns LORAPLUS_RATIO times faster)
@@ -65,8 +65,13 @@ fi
 [ -n "${SYSTEM_PROMPT+set}" ] && EXTRA+=(--system_prompt "$SYSTEM_PROMPT")
 [ "$VALIDATION" != 0 ] && EXTRA+=(--eval_strategy steps --eval_steps "$SAVE_STEPS")
 
-torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" train.py \
+if [ "$NODES" = 1 ] && [ -z "$MASTER_PORT" ]; then  # one node: a free port, so runs side by side never collide
+  LAUNCH=(torchrun --standalone --nproc_per_node "$GPUS")
+else
+  LAUNCH=(torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS"
+          --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+fi
+"${LAUNCH[@]}" train.py \
   --task sft --model_name_or_path "$BASE" \
   --dataset_dir "$DATA" --data_cache_dir "$CACHE" --validation_split_percentage "$VALIDATION" \
   --max_seq_length "$MAX_SEQ_LENGTH" --packing "$PACKING" --preprocessing_num_workers "$WORKERS" \

@@ -1,9 +1,14 @@
 """The shared helpers: atomic outputs, content hashes, argument parsing, the chat template."""
 
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
 
+from tests.conftest import ROOT
 from yak import YakError
 from yak.cli import parse_args
 from yak.io import atomic_output_dir, content_hash
@@ -150,3 +155,24 @@ def test_chat_template_renders_llama2_format(tiny_model_dir):
     assert text == '<s>[INST] <<SYS>>\nSay "hi".\n<</SYS>>\n\na [/INST] b </s><s>[INST] c [/INST]'
     with pytest.raises(Exception, match="alternate"):
         tok.apply_chat_template(conv[1:], tokenize=False)
+
+
+def test_a_terminated_script_removes_what_it_was_writing(tmp_path):
+    """kill (SIGTERM) mid-write: the temporary output folder is removed, as on Ctrl-C, not left behind."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from yak.cli import run_main\n"
+        "from yak.io import atomic_output_dir\n"
+        "@run_main\n"
+        "def main():\n"
+        f"    with atomic_output_dir({str(tmp_path / 'out')!r}) as tmp:\n"
+        "        (tmp / 'half').write_text('x')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["script.py"]

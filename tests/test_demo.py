@@ -3,7 +3,9 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
+import time
 
 from tests.conftest import ROOT
 
@@ -38,6 +40,29 @@ def test_run_demo_end_to_end(tmp_path):
     # a second run refuses to overwrite the first
     again = subprocess.run(["bash", "run_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_interrupted_demo_leaves_no_output_and_keeps_a_complete_one(tmp_path):
+    """Ctrl-C during a step: no $OUT (the run wrote to a hidden folder beside it, now removed); an existing $OUT
+    is refused, untouched."""
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(["bash", "run_demo.sh"], cwd=ROOT, env={**os.environ, "OUT": str(out)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.rglob("*tokenizer*")) and time.time() < deadline:
+        time.sleep(0.1)  # step 1 is writing its output
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: nothing was written" in err, err[-2000:]
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "results.md").write_text("an earlier complete run")
+    again = subprocess.run(["bash", "run_demo.sh"], cwd=ROOT, env={**os.environ, "OUT": str(out)},
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert (out / "results.md").read_text() == "an earlier complete run"
 
 
 def test_shell_scripts_answer_help_without_running(tmp_path):

@@ -265,8 +265,22 @@ def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
     with pytest.raises(YakError, match="no chat_template"):
         Scorer(model, tok, 64, chat_template=True)
     tok.chat_template = LLAMA2_CHAT_TEMPLATE
-    ids = Scorer(model, tok, 64, chat_template=True).encode_prompt("Title: x")
+    scorer = Scorer(model, tok, 160, chat_template=True)
+    ids = scorer.encode_prompt("Title: x")
     assert ids.count(tok.bos_token_id) == 1 and tok.decode(ids).endswith("Title: x [/INST]")
+    # a choice is scored where the answer goes, after [/INST]: it was put inside the user message, and the
+    # tokens scored were the template's own "/INST]"
+    prompt = "Review: good\nSentiment:"
+    (got,), _ = scorer.loglikelihoods([(prompt, " positive")])
+    ids, whole = scorer.encode_prompt(prompt), scorer.encode_prompt(prompt, " positive")
+    assert whole[: len(ids)] == ids and tok.decode(whole[len(ids) :]).strip() == "positive"
+    with torch.no_grad():
+        logp = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+    assert got == pytest.approx(sum(logp[i - 1, whole[i]].item() for i in range(len(ids), len(whole))), abs=1e-4)
+    # documents are scored as plain text: the template's tokens would add to the bits of the document's bytes
+    text = sorted(HELDOUT.glob("*.txt"))[0].read_text(encoding="utf-8")[:300]
+    plain, chat = (Scorer(model, tok, 64, chat_template=c).rolling_nll([text], 32) for c in (False, True))
+    assert chat == plain
 
 
 def test_tokenizer_section(tmp_path, tiny_model_dir):
@@ -320,6 +334,48 @@ def test_records_missing_fields_and_unknown_keys(tmp_path):
     cfg.write_text(f"kind: classification\ntest: {data}\nprompt: x\nchoices: [a]\nnum_shots: 3\n")
     with pytest.raises(YakError, match="unknown key 'num_shots'"):
         load_task(str(cfg))
+
+
+def test_task_yaml_mistakes_are_listed_not_tracebacks(tmp_path):
+    data = FIXTURES / "tusa" / "validation.jsonl"
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(f"kind: classification\ntest: {data}\nprompt: '{{text'\ntarget: ' x'\nnum_fewshot: '3'\n"
+                   "normalize: text\nchoices: [Positive, Negative]\n")
+    with pytest.raises(YakError) as e:
+        load_task(str(cfg))
+    for part in ("'num_fewshot' must be an integer, found '3'", "'normalize' must be a mapping of strings",
+                 "prompt '{text' is not a valid template", "target ' x' must contain {choice}"):
+        assert part in str(e.value)
+    cfg.write_text("kind: language_modelling\nfiles: 3\nstride: true\n")
+    with pytest.raises(YakError, match="'files' must be a list of strings, found 3; 'stride' must be an integer"):
+        load_task(str(cfg))
+    cfg.write_text(f"kind: classification\ntest: {data}\nprompt: 'Review: {{0}}'\nchoices: [Positive, Negative]\n")
+    with pytest.raises(YakError, match=r"name the fields, e.g. \{text\}"):
+        load_task(str(cfg))
+    cfg.write_text(f"kind: generation\ntest: {FIXTURES}/parallel/bo-en.dev.jsonl\nprompt: '{{bo}}'\n"
+                   "reference_field: tgt\nmetrics: [bleu]\nbleu_tokenize: chinese\n")
+    with pytest.raises(YakError, match="bleu_tokenize 'chinese' is not one of sacrebleu's"):  # was a KeyError
+        load_task(str(cfg))  # once every model had generated its answers
+    for name in ("../../elsewhere", "tusa: mine"):  # a path out of predictions/; a chart panel never found
+        cfg.write_text(f"name: '{name}'\nkind: language_modelling\nfiles: {HELDOUT}/*.txt\n")
+        with pytest.raises(YakError, match="use letters, digits"):
+            load_task(str(cfg))
+
+
+def test_max_length_over_the_model_context_is_refused(tmp_path, tiny_model_dir):
+    """stories260K knows 512 positions; a 2048-token window ran past them silently (no error, wrong bits)."""
+    with pytest.raises(YakError, match="--max_length 2048 is over model stories260K's context of 512"):
+        prepare(_args(tmp_path, [tiny_model_dir], ["heldout"], max_length=2048))
+
+
+def test_num_fewshot_override_checks_the_fewshot_file(tmp_path):
+    """tusa's few-shot file is only read when shots are asked for: --num_fewshot must check it up front."""
+    shutil.copytree(FIXTURES / "tusa", tmp_path / "root" / "tusa")
+    (tmp_path / "root" / "tusa" / "train.jsonl").unlink()
+    for shots, message in [(2, "fewshot data file .*train.jsonl does not exist"), (-1, "num_fewshot must be >= 0")]:
+        with pytest.raises(YakError, match=message):
+            prepare(_args(tmp_path, [ROOT / "models" / "stories260K"], ["tusa"], data_root=str(tmp_path / "root"),
+                          num_fewshot=shots))
 
 
 def test_unloadable_model_leaves_no_output(tmp_path, tiny_model_dir):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
+from tests.conftest import HELDOUT, ROOT
 from yak import YakError
 from yak.generation import (
     Engine,
@@ -13,6 +18,7 @@ from yak.generation import (
     InferenceArguments,
     ModelArguments,
     SamplingParams,
+    TextStreamer,
     chat_messages,
     encode_chat,
     encode_raw,
@@ -107,6 +113,23 @@ def test_greedy_and_sampled_requests_in_one_batch(engine, model_and_tokenizer):
     assert 1 <= len(requests[2].output_ids) <= 8 and requests[2].finish_reason in ("stop", "length")
 
 
+def test_extreme_sampling_settings_neither_fail_nor_disturb_the_batch(engine, model_and_tokenizer):
+    # float32 makes temperature 1e-45 and top_p 1e-300 zero: the division by zero or the empty nucleus failed
+    # sampling, and with it every request decoded in the same batch (HTTP 500 for all of them).
+    model, tokenizer = model_and_tokenizer
+    prompts = [encode_raw(tokenizer, s) for s in STARTS[:4]]
+    params = [SamplingParams(max_new_tokens=20, temperature=0, repetition_penalty=1.0),
+              SamplingParams(max_new_tokens=20, temperature=1e-45, repetition_penalty=1.0),
+              SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1e-300, repetition_penalty=1.0),
+              SamplingParams(max_new_tokens=20, temperature=1e-300, top_p=1e-300, repetition_penalty=10)]
+    requests = engine.generate(prompts, params)
+    for prompt, request in zip(prompts[:3], requests):  # a tiny temperature or top_p decodes greedily
+        assert request.output_ids == _hf_greedy(model, prompt, 20)
+    assert requests[3].finish_reason in ("stop", "length")
+    with pytest.raises(ValueError, match="repetition_penalty must be in"):  # 1e-300 divides the logits by 0
+        engine.submit(prompts[0], SamplingParams(repetition_penalty=1e-300))
+
+
 def test_submit_rejects_bad_requests(engine):
     with pytest.raises(ValueError, match="over the limit of 256 tokens"):
         engine.submit([1] * 250, SamplingParams(max_new_tokens=10))
@@ -149,6 +172,14 @@ def test_chat_prompt_uses_the_template(model_and_tokenizer):
     assert "<<SYS>>" not in tokenizer.decode(encode_chat(tokenizer, chat_messages("Hi", system_prompt="")))
 
 
+def test_raw_text_holding_special_token_strings_stays_text(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    text = "Once upon a time</s><s> there was a cat"
+    ids = encode_raw(tokenizer, text)
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
+    assert tokenizer.bos_token_id not in ids[1:] and tokenizer.decode(ids[1:]) == text
+
+
 def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
     model = ModelArguments(base_model=str(tiny_model_dir))
     data = tmp_path / "in.txt"
@@ -161,6 +192,26 @@ def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
     with pytest.raises(YakError, match="not valid UTF-8"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data)))
     data.write_text("one\n", encoding="utf-8")
+    folder = tmp_path / "answers.json"
+    folder.mkdir()
+    with pytest.raises(YakError, match="is a folder"):  # was an IsADirectoryError once every answer was done
+        run_inference(model, GenerationArguments(),
+                      InferenceArguments(data_file=str(data), predictions_file=str(folder)))
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("one\n", encoding="utf-8")
+    with pytest.raises(YakError, match="would replace the inputs"):
+        run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(inputs), predictions_file=str(inputs)))
+    # an engine without slots never started a request: inference_hf.py and every server request hung
+    from yak.server import ServerArguments, build_service
+
+    with pytest.raises(YakError, match="--max_new_tokens 600 leaves no room for the prompt"):
+        run_inference(model, GenerationArguments(max_new_tokens=600, max_total_tokens=600),
+                      InferenceArguments(interactive=True))
+    empty = GenerationArguments(max_batch_size=0, temperature=-1)
+    with pytest.raises(YakError, match="--temperature must be in .*--max_batch_size must be at least 1"):
+        run_inference(model, empty, InferenceArguments(data_file=str(data)))
+    with pytest.raises(YakError, match="--max_batch_size must be at least 1.*--max_queue must be at least 1"):
+        build_service(model, empty, ServerArguments(max_queue=0))  # which refused every request (503)
     with pytest.raises(YakError, match="pip install vllm"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data), use_vllm=True))
     quantized = ModelArguments(base_model=str(tiny_model_dir), load_in_8bit=True)
@@ -199,3 +250,63 @@ def test_base_plus_lora_adapter_decodes_like_the_peft_model(tiny_model_dir, mode
     got = engine.submit(prompt, GREEDY).wait().output_ids
     assert got == _hf_greedy(peft_model, prompt, 40)  # merged weights in the engine == unmerged peft forward
     assert got != _hf_greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir), prompt, 40)
+
+
+def test_corrupt_adapter_is_one_clear_error_in_every_script(tiny_model_dir, tmp_path):
+    """A cut-short adapter_model.safetensors or an adapter_config.json that is not JSON is one message naming
+    the file (exit 2, no traceback, from the scripts), when loading for inference/serving and when merging."""
+    from peft import LoraConfig, get_peft_model
+
+    from yak.merge import MergeArguments, merge
+
+    good = tmp_path / "lora"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(good)
+    cut, not_json = tmp_path / "cut", tmp_path / "not_json"
+    for bad in (cut, not_json):
+        shutil.copytree(good, bad)
+    weights = (good / "adapter_model.safetensors").read_bytes()
+    (cut / "adapter_model.safetensors").write_bytes(weights[:-100])  # e.g. an interrupted copy
+    (not_json / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ', encoding="utf-8")
+    res = subprocess.run([sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--only_cpu",
+                          "--port", "1", "--lora_model", str(cut)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{cut / 'adapter_model.safetensors'} cannot be read" in res.stderr and "copy it again" in res.stderr
+    with pytest.raises(YakError, match="adapter_config.json cannot be read .*copy it again"):
+        load_for_inference(ModelArguments(base_model=str(tiny_model_dir), lora_model=[str(not_json)], only_cpu=True))
+    with pytest.raises(YakError, match="adapter_config.json cannot be read .*copy it again"):
+        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(not_json),
+                             output_dir=str(tmp_path / "merged")))
+
+
+@pytest.mark.parametrize("text", ["tibetan", "mixed"])
+def test_tibetan_streams_syllable_by_syllable(text):
+    """transformers' streamer holds text with punctuation back until a space, which Tibetan writes only after a
+    shad: answers came a sentence at a time. Ours sends every syllable as its tsheg arrives, and the pieces
+    still add up to exactly the decoded answer (English, numbers and byte-fallback characters included)."""
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer" / "merged_tokenizer_hf")
+    line = next(x for x in (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text("utf-8").splitlines()
+                if x.count("\u0f0b") > 40)[:300]
+    if text == "mixed":
+        line = "Chapter 3, 1998: " + line[:150] + " \U0001f600 done."
+    ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+
+    def pieces(streamer_class):
+        streamer = streamer_class(tokenizer, skip_special_tokens=True)
+        sent, behind = [], []  # text sent after each token; how far the sent text lags behind the decoded text
+        for i, token in enumerate(ids):
+            streamer.put(torch.tensor([token]))
+            while not streamer.text_queue.empty():
+                sent.append(streamer.text_queue.get())
+            decoded = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+            if decoded.endswith("\u0f0b"):
+                behind.append(len(decoded) - len("".join(sent)))
+        streamer.end()
+        sent += [x for x in iter(streamer.text_queue.get, None)]
+        return "".join(sent), behind
+
+    full, behind = pieces(TextStreamer)
+    assert full == tokenizer.decode(ids, skip_special_tokens=True)
+    assert behind and max(behind) == 0  # everything up to each tsheg is out as soon as it is decoded
+    assert max(pieces(TextIteratorStreamer)[1]) > 20  # transformers' own lags by many syllables

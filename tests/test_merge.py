@@ -316,11 +316,14 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
     with pytest.raises(YakError, match=r"512 tokens .* 3520 rows"):
         merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
                              tokenizer_path=str(tiny_model_dir), output_dir=str(out)))
+    with pytest.raises(YakError, match="--num_shards must be at least 1, got -1"):  # was a RuntimeError from chunk
+        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter), output_dir=str(out),
+                             output_type="pth", num_shards=-1))
     # a truncated adapter file (e.g. an interrupted copy)
     truncated = tmp_path / "truncated"
     shutil.copytree(adapter, truncated)
     (truncated / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes()[:100])
-    with pytest.raises(YakError, match="cannot read the weights of .*truncated"):
+    with pytest.raises(YakError, match="truncated.adapter_model.safetensors cannot be read"):
         merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(truncated), output_dir=str(out)))
     # too little disk space (the file system's free space, as the OS reports it, made small)
     import yak.merge
@@ -331,6 +334,46 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
         merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter), output_dir=str(out)))
     monkeypatch.undo()
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_adapters_in_the_wrong_order_or_already_merged_are_refused(tiny_model_dir, resized_adapter, tmp_path):
+    """SFT trained on top of CPT, given before it: the merge ran and kept CPT's embeddings, silently."""
+    from yak.evaluation.runner import EvalArguments, prepare
+    from yak.modeling import load_model_and_tokenizer
+
+    adapter, _, _ = resized_adapter
+    cpt, sft = tmp_path / "cpt", tmp_path / "sft"
+    shutil.copytree(adapter, cpt)
+    shutil.copytree(adapter, sft)
+    # what training writes (yak_run.json): the --adapters it was trained on top of
+    (sft / "yak_run.json").write_text(json.dumps({"identity": {"task": "sft", "adapters": [str(cpt)]}}))
+    out = tmp_path / "out"
+    with pytest.raises(YakError, match=r"sft was trained on top of .*cpt, so it must come after it"):
+        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{sft},{cpt}", output_dir=str(out)))
+    assert not out.exists()
+    with pytest.raises(YakError, match="adapters in the wrong order"):  # inference, serving, evaluation
+        load_model_and_tokenizer(tiny_model_dir, [sft, cpt])
+    with pytest.raises(YakError, match="model yak: .*sft was trained on top of"):  # before any model loads
+        prepare(EvalArguments(models=[f"yak={tiny_model_dir},{sft},{cpt}"], tasks=["heldout"],
+                              output_dir=str(out)))
+    merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{cpt}, {sft}", output_dir=str(out)))
+    assert (out / "model.safetensors").is_file()
+    # the merged model records what it holds: applying SFT again on top would add its LoRA update twice
+    with pytest.raises(YakError, match=r"sft is merged into .*out already"):
+        load_model_and_tokenizer(out, [sft])
+    with pytest.raises(YakError, match=r"sft is merged into .*out already"):
+        merge(MergeArguments(base_model=str(out), lora_model=str(sft), output_dir=str(tmp_path / "twice")))
+
+
+def test_adapter_of_another_base_is_one_clear_error_when_loading(tiny_model_dir, resized_adapter, tmp_path):
+    """inference_hf.py and serve_demo.py printed peft's traceback with a size mismatch line per tensor."""
+    from yak.modeling import load_model_and_tokenizer
+
+    adapter, _, _ = resized_adapter
+    untied_base(tmp_path / "other")
+    LlamaForCausalLM.from_pretrained(tmp_path / "other").save_pretrained(tmp_path / "other")  # safetensors only
+    with pytest.raises(YakError, match=r"adapter .* does not fit this model \(size mismatch for .*made for another"):
+        load_model_and_tokenizer(tmp_path / "other", [adapter])
 
 
 def test_nan_result_is_refused_and_nothing_is_written(tiny_model_dir, resized_adapter, tmp_path):

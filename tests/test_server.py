@@ -46,11 +46,11 @@ def _post(url: str, data: bytes | dict, timeout: float = 60) -> tuple[int, dict 
         return e.code, json.loads(e.read().decode())
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def _start_server(model_dir: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """serve_demo.py on a free port; returns the process and its URL once /health answers."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--port", str(port), *GEN, *LIMITS],
+        [sys.executable, "serve_demo.py", "--base_model", str(model_dir), "--port", str(port), *options],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -60,12 +60,16 @@ def server(tiny_model_dir):
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 assert json.load(r)["status"] == "ok"
-                break
+                return proc, url
         except OSError:
             time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start in 120 s")
+    proc.kill()
+    pytest.fail("server did not start in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    proc, url = _start_server(tiny_model_dir, *GEN, *LIMITS)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -104,6 +108,10 @@ def test_openai_client_completion_and_stream(server):
     assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
     short = client.chat.completions.create(model="yak", messages=messages, max_tokens=3)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    # the neutral values that OpenAI-style tools send by default are accepted
+    neutral = client.chat.completions.create(model="yak", messages=messages, presence_penalty=0,
+                                             frequency_penalty=0.0, stop=[], seed=None)
+    assert neutral.choices[0].message.content == done.choices[0].message.content
     assert client.models.list().data[0].id == "stories260K"
 
 
@@ -140,13 +148,83 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n = 1"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}, "max_tokens must be"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "unknown field"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5},
+         "'presence_penalty': 0"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["\n"]}, "'stop' sequences"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 3}, "'seed' is not supported"),
     ]
     for body, message in bad_openai:
         got, answer = _post(server + "/v1/chat/completions", body)
         assert got == 400 and message in answer["error"]["message"], answer
+    # an oversize body sent in chunks (no Content-Length): werkzeug cut it at the limit, then "not valid JSON"
+    import http.client
+
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    conn.request("POST", "/api/chat", body=iter([b'{"query": "', b"a" * 5000, b'"}']), encode_chunked=True,
+                 headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    response = conn.getresponse()
+    assert response.status == 413 and "--max_body_bytes" in json.load(response)["error"]["message"]
+    conn.close()
     with urllib.request.urlopen(server + "/health", timeout=10) as r:
         assert json.load(r)["status"] == "ok"
     assert _chat(server, QUERIES[2])
+
+
+def _tibetan_only_model(folder: Path) -> None:
+    """A random Llama with the tiny Tibetan tokenizer that always answers དང་ (a syllable and its tsheg): a long
+    answer without a space."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer/stories260K_bo/merged_tokenizer_hf")
+    dang = tokenizer.convert_tokens_to_ids("དང་")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=4096))
+    with torch.no_grad():  # the residual stream's first feature is large and positive, and only དང་ reads it
+        model.model.embed_tokens.weight[:, 0] = 100.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[dang, 0] = 1.0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _engine_is_idle(url: str) -> bool:
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        load = json.load(r)
+    return load["running"] == load["waiting"] == 0
+
+
+def test_a_stream_whose_client_goes_away_is_cancelled(tmp_path):
+    """A streaming client that disconnects before the first byte of text frees the engine within a second or
+    two, not after its whole (long) answer; both endpoints."""
+    _tibetan_only_model(tmp_path / "dang")
+    proc, url = _start_server(tmp_path / "dang", "--temperature", "0", "--max_new_tokens", "2000",
+                              "--max_new_tokens_cap", "2000", "--max_total_tokens", "2200", "--max_batch_size", "2")
+    try:
+        start = time.perf_counter()
+        status, short = _post(url + "/api/chat", {"query": QUERIES[0], "max_new_tokens": 200})
+        assert status == 200 and short["output"] == "དང་" * 200
+        full_s = 10 * (time.perf_counter() - start)  # at most what 2000 tokens take (attention grows)
+        host, port = url.removeprefix("http://").split(":")
+        for path, body in [("/api/chat", {"query": QUERIES[0], "stream": True}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": QUERIES[0]}],
+                                                     "stream": True})]:
+            raw = json.dumps(body).encode()
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            start = time.perf_counter()  # the client went away without reading a byte
+            time.sleep(0.1)
+            while not _engine_is_idle(url) and time.perf_counter() - start < full_s:
+                time.sleep(0.05)
+            freed_s = time.perf_counter() - start
+            assert freed_s < min(3.0, full_s / 2), (path, freed_s, full_s)
+        assert _post(url + "/api/chat", {"query": QUERIES[0], "max_new_tokens": 3})[1]["output"] == "དང་" * 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_16_concurrent_requests_each_equal_its_answer_alone(server):
@@ -166,15 +244,20 @@ def test_16_concurrent_requests_each_equal_its_answer_alone(server):
 
 def test_inference_hf_file_and_interactive_modes_equal_the_server(server, tiny_model_dir, tmp_path):
     data = tmp_path / "inputs.txt"
-    data.write_text("\n".join(QUERIES) + "\n", encoding="utf-8")
+    inputs = [*QUERIES[:-1], QUERIES[-1] + "\u2028" + QUERIES[0]]  # U+2028 breaks no line of a --data_file
+    data.write_text("\n".join(inputs) + "\n", encoding="utf-8")
     out = tmp_path / "pred.jsonl"
     base = [sys.executable, "inference_hf.py", "--base_model", str(tiny_model_dir), "--with_prompt", *GEN]
     run = subprocess.run([*base, "--data_file", str(data), "--predictions_file", str(out)],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["input"] for r in records] == QUERIES and [r["id"] for r in records] == list(range(len(QUERIES)))
-    assert [r["output"] for r in records] == [_chat(server, q) for q in QUERIES]
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n")[:-1]]
+    assert [r["input"] for r in records] == inputs and [r["id"] for r in records] == list(range(len(inputs)))
+    assert [r["output"] for r in records] == [_chat(server, q) for q in inputs]
+    # the summary counts the generated tokens (as the server's usage does), not the answers' text re-encoded
+    usage = [_post(server + "/v1/chat/completions", {"messages": [{"role": "user", "content": q}]})[1]["usage"]
+             for q in inputs]
+    assert f"| {len(inputs)} | {sum(u['completion_tokens'] for u in usage)} |" in run.stdout
 
     q1, q2 = QUERIES[0], QUERIES[1]
     stdin = f"{q1}\n{q2}\n/clear\n{q2}\n/quit\n"
@@ -195,6 +278,15 @@ def test_scripts_answer_help():
     assert run.returncode == 0, run.stderr
     assert "usage: serve_demo.py" in run.stdout and "usage: inference_hf.py" in run.stdout and "/v1/chat/completions" in run.stdout
     assert "--interactive" in run.stdout and "--max_new_tokens_cap" in run.stdout
+
+
+def test_busy_port_fails_before_the_model_loads(server, tiny_model_dir):
+    """A 7B model takes minutes to load; a port already in use must not be found only afterwards."""
+    port = server.rsplit(":", 1)[1]
+    run = subprocess.run([sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--port", port],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "error: cannot listen on" in run.stderr and "--port" in run.stderr
+    assert "loaded" not in run.stderr
 
 
 def test_app_factory_for_wsgi_servers(tiny_model_dir, tmp_path):

@@ -41,7 +41,7 @@ def test_report_writes_table_json_and_png(tmp_path, capsys):
     assert tiny == json.loads(json.dumps(results[0]))
     assert tiny["reachable"] == tiny["fast_slow_agreement"] == tiny["round_trip"] == 1.0
     assert tiny["added_pieces"] == 3000 and tiny["heldout"]["mila"]["length_reduction"] > 0.6
-    assert tiny["tokens_vs_source_alone"] <= 1.0 and tiny["encode_mb_s"] > 0
+    assert tiny["tokens_vs_source_alone"] <= 1.0 and tiny["encode_mb_s"] > 0 and tiny["encode_mb_s_with_offsets"] > 0
     # transformers' own conversion of the same tokenizer.model: same pieces, its own pipeline
     assert converted["vocab_size"] == tiny["vocab_size"] and "tokens_vs_source_alone" not in converted
     with pytest.raises(YakError, match="already exists"):
@@ -60,3 +60,22 @@ def test_report_script_help_and_bad_input(tmp_path):
     res = subprocess.run([sys.executable, "tokenizer_report.py", "--tokenizers", str(tmp_path / "none"),
                           "--output_dir", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "does not exist" in res.stderr and not (tmp_path / "r").exists()
+
+
+def test_report_refuses_to_overwrite_its_inputs(tmp_path):
+    """--overwrite replaces output_dir as a whole: an output folder that is or holds an input is refused."""
+    tok = tmp_path / "tok"
+    (tok / HF_DIR).mkdir(parents=True)
+    for f in (TINY_BO / HF_DIR).iterdir():
+        (tok / HF_DIR / f.name).write_bytes(f.read_bytes())
+    text = tmp_path / "held" / "mila.txt"
+    text.parent.mkdir()
+    text.write_text((PT_DATA / "bo" / "mila.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    for out, inp in [(tok, tok), (tmp_path, tok), (text.parent, text)]:
+        args = ReportArguments(tokenizers=[f"tiny_bo={tok}"], reference=str(TINY_MODEL), heldout=[str(text)],
+                               other_text=[], output_dir=str(out), overwrite=True)
+        with pytest.raises(YakError, match=r"is \(or contains\) the input") as e:
+            run_report(args)
+        assert f"--output_dir {out}" in str(e.value) and str(inp) in str(e.value)
+    assert sorted(p for p in tmp_path.rglob("*")) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -311,6 +312,14 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     assert "--block_size 1024 is longer than the model's context (512 positions" in message
     assert "--bf16 with float16 weights" in message and "--loraplus_lr_ratio must be >= 1" in message
     assert "either --max_train_tokens or --max_steps" in message
+    # --report_to: the Trainer would refuse these only after tokenizing and loading the model
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    absent = next(n for n in INTEGRATION_TO_CALLBACK if n not in get_available_reporting_integrations())
+    for name, found in [("no_such_tracker", "unknown"), (absent, "its package is not installed")]:
+        with pytest.raises(YakError, match=f"--report_to {name}: {found}; choose none, all .*wandb"):
+            run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--report_to", name)))
+    assert not (tmp_path / "x").exists()
     with pytest.raises(YakError, match="not used.*--no_such_option"):
         parse_train_args(argv(pt_dir, out, "--no_such_option", "1"))
     # a tokenizer that is not an extension of the model's (here: the model's own is smaller than the base given)
@@ -515,7 +524,9 @@ def test_bf16_model_keeps_a_bf16_residual_stream_with_fp32_trained_embeddings(st
     assert embeddings.dtype == torch.float32 and embeddings.requires_grad
     seen = []
     layer = (model.get_base_model() if stage == 2 else model).model.layers[0]
-    layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    layer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
     ids = torch.tensor([[1, 300, 3000, 3500]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
@@ -529,7 +540,8 @@ def test_deepspeed_on_cpu(config, stage, pt_dir, tmp_path):
     """Real DeepSpeed runs: two processes over gloo on the CPU, launched by torchrun.
 
     ZeRO-2 with LoRA+ (stage 2) and per-layer compilation, as run_pt.sh runs on GPUs; ZeRO-3 (partitioned
-    weights) must still save complete embeddings.
+    weights) must still save complete embeddings. A run that dies after a checkpoint resumes from DeepSpeed's
+    shards with the uninterrupted run's losses.
     """
     out = tmp_path / "ds"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -537,10 +549,9 @@ def test_deepspeed_on_cpu(config, stage, pt_dir, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        str(29500 + os.getpid() % 1000 + int(stage)),
         str(ROOT / "train.py"),
         *argv(
             pt_dir,
@@ -548,7 +559,7 @@ def test_deepspeed_on_cpu(config, stage, pt_dir, tmp_path):
             "--stage",
             stage,
             "--max_steps",
-            "3",
+            "4",
             "--save_steps",
             "2",
             "--lora_rank",
@@ -575,6 +586,19 @@ def test_deepspeed_on_cpu(config, stage, pt_dir, tmp_path):
     assert embeddings.shape == (3520, 64) and embeddings.abs().sum(1).min() > 0  # complete, no empty rows
     model, tok = load_model_and_tokenizer(ROOT / "models" / "stories260K", [out], device="cpu")
     assert torch.equal(model.get_input_embeddings().weight, embeddings) and len(tok) == 3512
+
+    # the same run dying after checkpoint-2: no checkpoint-4, no final output
+    shutil.rmtree(out / "checkpoint-4")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "yak_adapter.json", "embeddings.safetensors"):
+        (out / name).unlink(missing_ok=True)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in resumed.stderr
+
+    def losses(run):
+        return re.findall(r"'loss': '([0-9.]+)'", run.stdout + run.stderr)
+
+    assert len(losses(result)) == 4 and losses(resumed) == losses(result)[2:]
 
 
 def test_sft_task_on_top_of_continued_pretraining(tmp_path):

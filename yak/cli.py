@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import typing
 from typing import Callable, Sequence
@@ -105,11 +106,21 @@ def _check_config(parser, config) -> list[str]:
     return problems
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_main(fn: Callable[[], object]) -> Callable[[], None]:
-    """Decorate a script's ``main``: a :class:`YakError` prints one clear message and exits 2."""
+    """Decorate a script's ``main``: a :class:`YakError` prints one clear message and exits 2.
+
+    SIGTERM (``kill``, a job scheduler, torchrun stopping its workers) ends the script like Ctrl-C does, through
+    the cleanup of what it was writing (``atomic_output_dir`` removes its temporary folder), instead of Python's
+    default of dying on the spot and leaving it behind.
+    """
 
     @functools.wraps(fn)
     def wrapper() -> None:
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             fn()
         except YakError as e:

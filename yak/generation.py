@@ -27,11 +27,18 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from transformers import TextIteratorStreamer
 
 from yak import YakError
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
+
+# Sampling runs in float32: a temperature below this decodes greedily (as in vLLM), since dividing the logits by
+# it would overflow to inf (1e-45 is 0 in float32) and fail the whole batch; a repetition penalty below this
+# bound does the same by dividing the logits by it.
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01
 
 
 # --------------------------------------------------------------------------------------------------- settings
@@ -43,7 +50,7 @@ class SamplingParams:
 
     Args:
         max_new_tokens: generated tokens at most (the prompt does not count).
-        temperature: softmax temperature; 0 picks the most likely token (greedy).
+        temperature: softmax temperature; 0 (or below ``MIN_TEMPERATURE``) picks the most likely token (greedy).
         top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p`` (1 = off).
         top_k: keep the ``top_k`` most likely tokens (0 = off).
         repetition_penalty: divide the logits of tokens already in the sequence (CTRL paper; 1 = off).
@@ -57,7 +64,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def problems(self) -> list[str]:
         """Return what is out of range, one sentence per field (empty when valid)."""
@@ -70,8 +77,8 @@ class SamplingParams:
             out.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             out.append(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if not 0 < self.repetition_penalty <= 10:
-            out.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10:
+            out.append(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 10], got {self.repetition_penalty}")
         return out
 
 
@@ -133,6 +140,16 @@ class GenerationArguments:
         return Engine(model, stop_token_ids(model, tokenizer), max_batch_size=self.max_batch_size,
                       max_total_tokens=self.max_total_tokens, cuda_graphs=self.cuda_graphs, compile=self.compile,
                       max_queue=max_queue)
+
+    def problems(self) -> list[str]:
+        """What is out of range: the sampling settings and the engine's capacity (empty when valid)."""
+        out = [f"--{p}" for p in self.sampling().problems()]
+        if self.max_batch_size < 1:  # an engine without slots never starts a request: every one would hang
+            out.append(f"--max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_total_tokens < 2:
+            out.append(f"--max_total_tokens must be at least 2 (a prompt token and an answer token), got "
+                       f"{self.max_total_tokens}")
+        return out
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -245,8 +262,12 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def encode_raw(tokenizer, text: str) -> list[int]:
-    """Token ids for plain text continuation (no template), with the tokenizer's BOS."""
-    return tokenizer(text)["input_ids"]
+    """Token ids for plain text continuation (no template), with the tokenizer's BOS.
+
+    The text is taken as text: ``</s>`` in it is encoded as its characters, not as the end token (which would
+    end the prompt's document where the user did not).
+    """
+    return tokenizer(text, split_special_tokens=True)["input_ids"]
 
 
 def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
@@ -292,7 +313,7 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     greedy = logits.argmax(-1)  # (B,)
     if all(p.greedy for p in params):
         return greedy
-    temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
+    temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)[:, None]
     logits = logits / temp
     sorted_logits, order = logits.sort(-1, descending=True)  # (B, V)
     vocab = logits.shape[-1]
@@ -301,8 +322,10 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
     drop = ranks >= k
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-    # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
+    # Drop a token when the tokens ranked above it already reach top_p; the first token always stays (also when
+    # a tiny top_p is 0 in float32).
     drop |= (probs.cumsum(-1) - probs) >= top_p
+    drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(sorted_logits.softmax(-1), 1)  # (B, 1) ranks
     sampled = order.gather(1, choice)[:, 0]
@@ -311,6 +334,22 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], seen: to
 
 
 # --------------------------------------------------------------------------------------------------- requests
+
+
+class TextStreamer(TextIteratorStreamer):
+    """transformers' ``TextIteratorStreamer``, streaming Tibetan syllable by syllable instead of by sentence.
+
+    transformers sends text that ends in a CJK character at once, but holds text with punctuation back until
+    the next space, in case a later token changes it. A Tibetan syllable ends in a tsheg (a punctuation mark)
+    and Tibetan puts a space only after a shad, so answers came a sentence at a time. Text that ends in a
+    Tibetan character (U+0F00-U+0FFF) is as complete as text that ends in a CJK character: nothing after it
+    changes it, so it is sent at once too.
+    """
+
+    def _is_chinese_char(self, cp: int) -> bool:
+        return 0x0F00 <= cp <= 0x0FFF or super()._is_chinese_char(cp)
+
+
 
 
 class Request:
@@ -800,14 +839,14 @@ class _EngineBackend:
         self.engine = gen_args.build_engine(model, self.tokenizer)
         self.max_total_tokens = self.engine.max_total_tokens
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> list[str]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> tuple[list[str], int]:
+        """The answers, and how many tokens were generated in all."""
         requests = self.engine.generate(prompts, params, progress=progress)
-        return [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in requests]
+        texts = [self.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in requests]
+        return texts, sum(len(r.output_ids) for r in requests)
 
     def chat_once(self, prompt: list[int], params: SamplingParams, on_text) -> str:
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True)
+        streamer = TextStreamer(self.tokenizer, skip_special_tokens=True)
         request = self.engine.submit(prompt, params, streamer)
         for piece in streamer:
             on_text(piece)
@@ -840,29 +879,38 @@ class _VllmBackend:
                        dtype=model_args.dtype, tensor_parallel_size=gpus, max_model_len=gen_args.max_total_tokens)
         self.max_total_tokens = gen_args.max_total_tokens
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> list[str]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> tuple[list[str], int]:
+        """The answers, and how many tokens were generated in all."""
         from vllm import SamplingParams as VllmParams
 
         vp = VllmParams(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
                         top_k=params.top_k or -1, repetition_penalty=params.repetition_penalty)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], vp, use_tqdm=progress is not None)
-        return [o.outputs[0].text for o in outputs]
+        return [o.outputs[0].text for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs)
 
     def chat_once(self, prompt: list[int], params: SamplingParams, on_text) -> str:
-        text = self.generate([prompt], params, None)[0]  # vLLM's offline API does not stream
+        text = self.generate([prompt], params, None)[0][0]  # vLLM's offline API does not stream
         on_text(text)
         return text
 
 
 def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf_args: InferenceArguments) -> None:
     """``inference_hf.py``: interactive chat or file predictions, with the engine or vLLM."""
-    problems = gen_args.sampling().problems()
+    problems = gen_args.problems()
+    if gen_args.max_new_tokens >= gen_args.max_total_tokens:  # interactive mode would refuse every input
+        problems.append(f"--max_new_tokens {gen_args.max_new_tokens} leaves no room for the prompt in "
+                        f"--max_total_tokens {gen_args.max_total_tokens}")
     if inf_args.interactive == (inf_args.data_file is not None):
         problems.append("give exactly one of --interactive and --data_file")
     if inf_args.data_file is not None and not os.path.isfile(inf_args.data_file):
         problems.append(f"--data_file {inf_args.data_file} does not exist")
     if not inf_args.predictions_file.endswith((".json", ".jsonl")):
         problems.append(f"--predictions_file must end in .json or .jsonl, got {inf_args.predictions_file}")
+    if os.path.isdir(inf_args.predictions_file):  # found only after every answer was generated
+        problems.append(f"--predictions_file {inf_args.predictions_file} is a folder; give a file name")
+    elif inf_args.data_file is not None and os.path.abspath(inf_args.predictions_file) == os.path.abspath(
+            inf_args.data_file):
+        problems.append("--predictions_file is --data_file: the answers would replace the inputs")
     if problems:
         raise YakError("; ".join(problems))
     lines = _read_inputs(inf_args.data_file) if inf_args.data_file else []
@@ -876,8 +924,10 @@ def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf
 
 def _read_inputs(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8") as f:  # \r\n and \r read as \n
+            text = f.read()
+        # not splitlines(): it also splits at U+2028, U+0085, form feeds ..., and answers would shift lines
+        lines = text.removesuffix("\n").split("\n") if text else []
     except UnicodeDecodeError as e:
         raise YakError(f"--data_file {path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     empty = [str(i + 1) for i, line in enumerate(lines) if not line.strip()]
@@ -915,7 +965,7 @@ def _predict_file(backend, gen_args: GenerationArguments, inf_args: InferenceArg
                        f"{params.max_new_tokens}; raise the first or lower the second")
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="generating", unit="input") as bar:
-        outputs = backend.generate(prompts, params, bar)
+        outputs, tokens = backend.generate(prompts, params, bar)
     seconds = time.perf_counter() - start
     records = [{"id": i, "input": line, "output": out} for i, (line, out) in enumerate(zip(lines, outputs))]
     if inf_args.predictions_file.endswith(".jsonl"):
@@ -923,7 +973,6 @@ def _predict_file(backend, gen_args: GenerationArguments, inf_args: InferenceArg
     else:
         text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
     atomic_write_text(inf_args.predictions_file, text)
-    tokens = sum(len(backend.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     print(f"\n| inputs | answer tokens | seconds | tokens/s |\n|---|---|---|---|\n"
           f"| {len(lines)} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} |\n"
           f"predictions: {inf_args.predictions_file}")

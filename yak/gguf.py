@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from yak import YakError
-from yak.io import atomic_output_dir
+from yak.io import atomic_output_dir, inputs_inside
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,34 @@ def _quantize_binary(llama_cpp_dir: str | os.PathLike | None) -> str | None:
     return shutil.which("llama-quantize")
 
 
+def _llama_cpp():
+    """The llama-cpp-python module, or None when it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+def _runtime_problems(qtypes: list[str], check_file: str | None, llama_cpp_dir: str | None) -> list[str]:
+    """What the quantization and the tokenizer check need from llama.cpp, known before the conversion runs."""
+    binary = _quantize_binary(llama_cpp_dir)
+    llama_cpp = _llama_cpp() if check_file or (qtypes and not binary) else None
+    problems = []
+    if check_file and llama_cpp is None:
+        problems.append("--check_file needs llama-cpp-python (pip install llama-cpp-python; docs/export.md), or "
+                        "leave out --check_file")
+    if qtypes and not binary:
+        if llama_cpp is None:
+            problems.append(f"--quant_types {','.join(qtypes)} needs llama.cpp's llama-quantize (build llama.cpp and "
+                            "pass --llama_cpp_dir) or llama-cpp-python (pip install llama-cpp-python); or pass "
+                            "--quant_types ''")
+        elif unknown := [q for q in qtypes if not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q.upper()}")]:
+            problems.append(f"--quant_types: unknown {', '.join(unknown)}; llama.cpp knows e.g. "
+                            f"{', '.join(QUANT_TYPES)}")
+    return problems
+
+
 def quantize(src: Path, dst: Path, qtype: str, llama_cpp_dir: str | os.PathLike | None = None) -> Path:
     """Quantize a GGUF file with llama.cpp (``llama-quantize`` if found, else llama-cpp-python's bindings).
 
@@ -160,11 +188,10 @@ def quantize(src: Path, dst: Path, qtype: str, llama_cpp_dir: str | os.PathLike 
         if done.returncode:
             raise YakError(f"llama-quantize {qtype} failed:\n{done.stderr.strip()[-2000:]}")
         return dst
-    try:
-        import llama_cpp
-    except ImportError as e:
+    llama_cpp = _llama_cpp()
+    if llama_cpp is None:
         raise YakError("quantizing needs llama.cpp's llama-quantize (build llama.cpp and pass --llama_cpp_dir) "
-                       "or llama-cpp-python (pip install llama-cpp-python)") from e
+                       "or llama-cpp-python (pip install llama-cpp-python)")
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
     if ftype is None:
         raise YakError(f"unknown quantization type {qtype!r}; llama.cpp knows e.g. {', '.join(QUANT_TYPES)}")
@@ -214,10 +241,15 @@ def export_gguf(args: GGUFArguments) -> list[Path]:
         problems.append(f"--check_file {args.check_file}: no such file")
     if Path(args.output_dir).exists() and not args.overwrite:
         problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
-    out = Path(args.output_dir).resolve()
-    if out == model_dir.resolve() or out in model_dir.resolve().parents:  # --overwrite would replace the model
+    if inputs_inside(args.output_dir, [model_dir]):  # --overwrite would replace the model
         problems.append(f"--output_dir {args.output_dir} is (or contains) the model folder {model_dir}; "
                         "choose a new folder")
+    if args.outtype in qtypes:  # the same file name: llama.cpp would write the file it reads
+        problems.append(f"--quant_types {args.outtype} is the --outtype file itself; leave it out")
+    if args.llama_cpp_dir and not _has_parts(Path(args.llama_cpp_dir)):
+        problems.append(f"--llama_cpp_dir {args.llama_cpp_dir}: expected a llama.cpp checkout with "
+                        f"{', '.join(CONVERTER_PARTS)}")
+    problems += _runtime_problems(qtypes, args.check_file, args.llama_cpp_dir)
     if problems:
         raise YakError("cannot export:\n  - " + "\n  - ".join(problems))
     name = model_dir.resolve().name

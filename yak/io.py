@@ -45,6 +45,33 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         os.replace(tmp, path)
 
 
+def inputs_inside(output_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> list[str]:
+    """The ``inputs`` (files or folders; ``None`` skipped) that ``output_dir`` is or contains.
+
+    Replacing ``output_dir`` as a whole (``--overwrite``) would delete them, so callers refuse such an
+    output folder up front.
+    """
+    out = Path(output_dir).resolve()
+    return [str(p) for p in inputs if p and (out == Path(p).resolve() or out in Path(p).resolve().parents)]
+
+
+def unreadable(path: str | os.PathLike, error: Exception) -> YakError:
+    """The error for a file that is there but cannot be read: cut short or corrupt, with how to fix it."""
+    return YakError(f"{path} cannot be read ({type(error).__name__}: {error}); the file is cut short or corrupt "
+                    "(e.g. an interrupted copy or save): copy it again or re-run the step that wrote it")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; a :func:`unreadable` error when the file is not one."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise unreadable(path, e) from e
+    if not isinstance(obj, dict):
+        raise unreadable(path, ValueError(f"expected a JSON object, found {type(obj).__name__}"))
+    return obj
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)

@@ -34,7 +34,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.io import atomic_output_dir, atomic_write_json
+from yak.io import atomic_output_dir, atomic_write_json, inputs_inside, read_json, unreadable
+from yak.modeling import MERGE_FILE, adapter_order_problems, merged_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _read_checkpoint(files: list[Path], problems: list[str]) -> _Checkpoint | No
     try:
         return _Checkpoint(files)
     except Exception as e:  # noqa: BLE001 - safetensors and torch raise various types for a broken file
-        problems.append(f"cannot read the weights of {', '.join(map(str, files))}: {type(e).__name__}: {e}")
+        problems.append(str(unreadable(", ".join(map(str, files)), e)))
         return None
 
 
@@ -224,9 +225,9 @@ class _Plan:
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        problems.append(f"{path}: cannot read ({e})")
+        return read_json(path)
+    except YakError as e:
+        problems.append(str(e))
         return None
 
 
@@ -361,10 +362,11 @@ def plan_merge(args: MergeArguments) -> _Plan:
     elif missing := [str(f) for f in files if not f.is_file()]:
         problems.append(f"--base_model: the index names shards that are missing: {missing}")
         files = None
-    lora_dirs = [Path(p) for p in args.lora_model.split(",") if p.strip()]
+    lora_dirs = [Path(p.strip()) for p in args.lora_model.split(",") if p.strip()]  # "stage1, stage2" too
     if not lora_dirs:
         problems.append("--lora_model: give at least one adapter or stage-1 folder")
     steps = [s for s in (_load_step(p, problems) for p in lora_dirs) if s is not None]
+    problems += [f"--lora_model: {p}" for p in adapter_order_problems(base_dir, lora_dirs)]
     if config is not None and config.get("model_type") not in ("llama", None):
         problems.append(f"{base_dir / 'config.json'}: model_type {config.get('model_type')!r}; only Llama "
                         "models are supported")
@@ -447,11 +449,9 @@ def plan_merge(args: MergeArguments) -> _Plan:
     else:
         dtype = DTYPES.get(args.output_dtype, torch.float16)
     out = Path(args.output_dir).resolve()
-    for p in [base_dir, *lora_dirs, tok_dir]:
-        p = p.resolve()
-        if out == p or out in p.parents:
-            problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
-                            "choose a new folder")
+    for p in inputs_inside(out, [base_dir, *lora_dirs, tok_dir]):
+        problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
+                        "choose a new folder")
     if out.exists() and not args.overwrite:
         problems.append(f"--output_dir {out} already exists; choose another folder or pass --overwrite")
     if args.output_type == "pth":
@@ -633,6 +633,9 @@ def _write_huggingface(plan: _Plan, out: Path) -> list[str]:
 def _check_pth(config: dict, shapes: dict, args: MergeArguments, problems: list[str]) -> None:
     if config.get("attention_bias") or config.get("mlp_bias"):
         problems.append("--output_type pth: Meta's layout has no biases, but the base model has some")
+    if args.num_shards is not None and args.num_shards < 1:
+        problems.append(f"--num_shards must be at least 1, got {args.num_shards}")
+        return
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     mp = args.num_shards or META_SHARDS_BY_HIDDEN.get(hidden, 1)
@@ -774,6 +777,9 @@ def merge(args: MergeArguments) -> Path:
         for name in TOKENIZER_FILES:
             if (plan.tokenizer_dir / name).is_file():
                 shutil.copy2(plan.tokenizer_dir / name, tmp / name)
+        # what is merged in (also what the base had), so that nobody applies it a second time on top
+        atomic_write_json(tmp / MERGE_FILE, {"base_model": str(plan.base_dir.resolve()), "adapters": [
+            *merged_adapters(plan.base_dir), *(str(s.path.resolve()) for s in plan.steps)]})
     rows = [
         ("inputs applied", " -> ".join([Path(args.base_model).name] + [s.path.name for s in plan.steps])),
         ("tensors", str(len(plan.order))),

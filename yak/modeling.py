@@ -10,7 +10,6 @@ uses the same pieces (:func:`load_base_model`, :func:`resize_and_init_embeddings
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from yak import YakError
-from yak.io import atomic_write_json
+from yak.io import atomic_write_json, read_json, unreadable
 from yak.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -28,6 +27,8 @@ logger = logging.getLogger(__name__)
 VOCAB_MULTIPLE = 64  # rows padded to a multiple of 64: tensor-core friendly, the usual choice (LLaMA-Factory)
 EMBEDDINGS_FILE = "embeddings.safetensors"
 YAK_ADAPTER_FILE = "yak_adapter.json"
+RUN_FILE = "yak_run.json"  # a training output's settings, with the --adapters it was trained on top of
+MERGE_FILE = "yak_merge.json"  # in a merged model: the folders merged into it (merge_lora_low_mem.py)
 YAK_ADAPTER_FORMAT = "yak-embeddings"
 YAK_ADAPTER_VERSION = 1
 EMBED_KEY = "model.embed_tokens.weight"
@@ -352,7 +353,7 @@ def save_embeddings(
 
 
 def _read_stage1(folder: Path) -> dict:
-    info = json.loads((folder / YAK_ADAPTER_FILE).read_text(encoding="utf-8"))
+    info = read_json(folder / YAK_ADAPTER_FILE)
     if info.get("format") != YAK_ADAPTER_FORMAT or info.get("version") != YAK_ADAPTER_VERSION:
         raise YakError(
             f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version "
@@ -394,20 +395,79 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
             w.copy_(state[key].to(w.dtype))
 
 
+def _check_safetensors(path: Path) -> None:
+    """Read the header of a safetensors file, which fails for a file cut short (the header covers the data)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (OSError, SafetensorError) as e:
+        raise unreadable(path, e) from e
+
+
 def adapter_kind(folder: str | os.PathLike) -> str:
-    """``"embeddings"`` (stage 1) or ``"lora"`` (peft adapter); raise for anything else."""
+    """``"embeddings"`` (stage 1) or ``"lora"`` (peft adapter); raise for anything else.
+
+    The folder's files are checked here, before anything large is loaded: a JSON file that is not JSON or a
+    weight file cut short is a :class:`YakError` naming the file, not a traceback from deep in peft.
+    """
     folder = Path(folder)
     if (folder / YAK_ADAPTER_FILE).is_file():
+        _read_stage1(folder)
+        _check_safetensors(folder / EMBEDDINGS_FILE)
         return "embeddings"
     if (folder / "adapter_config.json").is_file():
         if not (folder / "adapter_model.safetensors").is_file():
             raise YakError(f"adapter {folder} has no adapter_model.safetensors (only safetensors are loaded)")
+        read_json(folder / "adapter_config.json")
+        _check_safetensors(folder / "adapter_model.safetensors")
         return "lora"
     if not folder.is_dir():
         raise YakError(f"adapter folder {folder} does not exist")
     raise YakError(
         f"{folder} is neither a stage-1 output ({YAK_ADAPTER_FILE}) nor a peft adapter (adapter_config.json)"
     )
+
+
+def adapter_order_problems(base_model: str | os.PathLike | None, adapters: Sequence[str | os.PathLike]) -> list[str]:
+    """Adapters that cannot apply in this order on this base, as the folders' own records say.
+
+    Stages apply in the order they were trained (stage 1, CPT, SFT): a folder must not come after one that
+    its ``yak_run.json`` says was trained on top of it (the reverse order loads without error but gives the
+    earlier stage's embeddings). A folder that the base's ``yak_merge.json`` lists is merged into it already
+    (applying it again adds its LoRA update twice). Folders moved since are not recognised, so this never
+    refuses a correct list.
+    """
+    resolved = [Path(a).resolve() for a in adapters]
+    problems = []
+    for i, folder in enumerate(adapters):
+        for earlier in _recorded(Path(folder) / RUN_FILE, ("identity", "adapters")):
+            if Path(earlier).resolve() in resolved[i + 1:]:
+                problems.append(f"{folder} was trained on top of {earlier}, so it must come after it "
+                                "(order: stage 1, stage 2 / CPT, SFT)")
+    merged = {Path(p).resolve() for p in merged_adapters(base_model)} if base_model else set()
+    problems += [f"{a} is merged into {base_model} already; leave it out" for a, r in zip(adapters, resolved)
+                 if r in merged]
+    return problems
+
+
+def merged_adapters(model_dir: str | os.PathLike) -> list[str]:
+    """The folders merged into ``model_dir`` as its ``yak_merge.json`` lists them (empty for other models)."""
+    return _recorded(Path(model_dir) / MERGE_FILE, ("adapters",))
+
+
+def _recorded(path: Path, keys: tuple[str, ...]) -> list[str]:
+    """The list of folders at ``keys`` in a JSON record of a Yak output; empty when there is none."""
+    if not path.is_file():  # not a Yak output: nothing recorded
+        return []
+    try:
+        value = read_json(path)
+        for key in keys:
+            value = value[key]
+    except (YakError, KeyError, TypeError):  # unreadable, or written by another version: nothing to check
+        return []
+    return value if isinstance(value, list) else []
 
 
 def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
@@ -438,7 +498,16 @@ def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
         if adapter_kind(folder) == "embeddings":
             load_embeddings(model, folder)
         else:
-            model = PeftModel.from_pretrained(model, str(folder), is_trainable=False).merge_and_unload()
+            try:
+                model = PeftModel.from_pretrained(model, str(folder), is_trainable=False).merge_and_unload()
+            except (RuntimeError, ValueError) as e:  # peft: size mismatches, or target modules not found
+                lines = [line.strip() for line in str(e).splitlines()]
+                detail = next((line for line in lines if "size mismatch" in line or "not found in the base model"
+                               in line), None)
+                if detail is None:  # something else (e.g. out of memory): not a question of fit
+                    raise
+                raise YakError(f"the LoRA adapter {folder} does not fit this model ({detail}); it was made for "
+                               "another base model: give that one as the base") from e
         logger.info("applied %s", folder)
     return model
 
@@ -514,6 +583,9 @@ def load_model_and_tokenizer(
     adapters = [Path(a) for a in adapters]
     for a in adapters:
         adapter_kind(a)  # validate every folder before loading anything large
+    problems = adapter_order_problems(base_model, adapters)
+    if problems:
+        raise YakError("adapters in the wrong order: " + "; ".join(problems))
     tok_dir = next((a for a in reversed(adapters) if has_tokenizer(a)), None)
     tok_dir = tok_dir or (Path(tokenizer_path) if tokenizer_path else Path(base_model))
     tokenizer = load_tokenizer(tok_dir)

@@ -12,10 +12,12 @@ import json
 import logging
 import math
 import os
+import queue
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from yak import YakError
 from yak.generation import (
@@ -24,6 +26,7 @@ from yak.generation import (
     GenerationArguments,
     ModelArguments,
     SamplingParams,
+    TextStreamer,
     chat_messages,
     encode_chat,
     load_for_inference,
@@ -32,6 +35,11 @@ from yak.generation import (
 logger = logging.getLogger(__name__)
 
 CONFIG_ENV = "YAK_SERVE_CONFIG"
+# While a stream has no new text (waiting in the queue, or text the streamer holds back until a word ends), an
+# SSE comment goes out this often: a server notices that its client went away only when a write fails, and the
+# generation is then cancelled.
+HEARTBEAT_S = 0.5
+HEARTBEAT = ": keep-alive\n\n"
 
 
 @dataclass
@@ -87,6 +95,11 @@ _OPENAI_FIELDS = {
     "stream_options": ((dict,), "an object"),
     "n": ((int,), "an integer"),
     "user": ((str,), "a string"),
+    # accepted at their neutral values, which OpenAI-style tools often send; anything else is refused
+    "presence_penalty": (_NUMBER, "a number"),
+    "frequency_penalty": (_NUMBER, "a number"),
+    "stop": ((str, list), "a string or a list of strings"),
+    "seed": ((int,), "an integer"),
     **_SAMPLING_FIELDS,
 }
 
@@ -195,6 +208,15 @@ class ChatService:
             raise BadRequest("; ".join(problems))
         if body.get("n") not in (None, 1):
             problems.append("only n = 1 is supported")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if body.get(key) not in (None, 0):
+                problems.append(f"only '{key}': 0 is supported (use 'repetition_penalty')")
+        if body.get("stop"):
+            problems.append("'stop' sequences are not supported: an answer ends at the model's end token or "
+                            "at max_tokens")
+        if body.get("seed") is not None:
+            problems.append("'seed' is not supported: sampled answers are not reproducible per request (use "
+                            "temperature 0 for the same answer every time)")
         options = body.get("stream_options") or {}
         if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
             problems.append("'stream_options' accepts only {\"include_usage\": true|false}")
@@ -236,9 +258,8 @@ class ChatService:
 
     def submit(self, messages: list[dict], params: SamplingParams, stream: bool):
         """Start generating; return ``(request, prompt_ids, streamer or None)``."""
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True) if stream else None
+        streamer = (TextStreamer(self.tokenizer, skip_special_tokens=True, timeout=HEARTBEAT_S)
+                    if stream else None)
         try:
             prompt_ids = encode_chat(self.tokenizer, messages)
             request = self.engine.submit(prompt_ids, params, streamer)
@@ -260,17 +281,38 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _stream_text(request, streamer) -> Iterator[str]:
-    """Text pieces as they come; cancels the request when the client goes away (generator closed)."""
-    try:
-        yield from (piece for piece in streamer if piece)
-    finally:
-        request.cancel()
+def _text_events(streamer, event: Callable[[str], str]) -> Iterator[str]:
+    """``event(piece)`` for each piece of text as it comes, and :data:`HEARTBEAT` when none came for a while
+    (the streamer gives an empty piece for each token whose text it holds back, and nothing while queued)."""
+    last = time.monotonic()
+    while True:
+        try:
+            piece = next(streamer)
+        except queue.Empty:  # the streamer's timeout
+            piece = ""
+        except StopIteration:
+            return
+        if piece or time.monotonic() - last >= HEARTBEAT_S:
+            yield event(piece) if piece else HEARTBEAT
+            last = time.monotonic()
+
+
+def _event_stream(events: Iterator[str], request):
+    """The SSE response; closing it (the client went away, or the stream ended) cancels the request.
+
+    The server closes the response even when the generator never ran, which a ``finally`` in the generator
+    would miss.
+    """
+    from flask import Response
+
+    response = Response(events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    response.call_on_close(request.cancel)
+    return response
 
 
 def create_app(service: ChatService):
     """Build the Flask app around a ready :class:`ChatService` (the model is already loaded)."""
-    from flask import Flask, Response, request
+    from flask import Flask, request
     from werkzeug.exceptions import HTTPException
 
     app = Flask("yak")
@@ -295,7 +337,12 @@ def create_app(service: ChatService):
         return error(f"internal error: {e}", 500)
 
     def body() -> Any:
-        return _parse_json(request.get_data(cache=False))
+        raw = request.get_data(cache=False)
+        # A chunked body has no Content-Length for werkzeug to refuse: it stops reading at the limit instead.
+        if request.content_length is None and len(raw) >= service.args.max_body_bytes:
+            raise BadRequest(f"the request body is over {service.args.max_body_bytes} bytes (the server's "
+                             "--max_body_bytes)", status=413)
+        return _parse_json(raw)
 
     @app.get("/health")
     def health():
@@ -311,14 +358,13 @@ def create_app(service: ChatService):
             return {"query": query, "output": service.answer(req)}
 
         def events():
-            for piece in _stream_text(req, streamer):
-                yield _sse({"delta": piece})
+            yield from _text_events(streamer, lambda piece: _sse({"delta": piece}))
             if req.error is not None:
                 yield _sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error"}})
             else:
                 yield _sse({"query": query, "output": service.answer(req), "finish_reason": req.finish_reason})
 
-        return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(events(), req)
 
     @app.get("/v1/models")
     def models():
@@ -349,8 +395,7 @@ def create_app(service: ChatService):
 
         def events():
             yield chunk({"role": "assistant", "content": ""})
-            for piece in _stream_text(req, streamer):
-                yield chunk({"content": piece})
+            yield from _text_events(streamer, lambda piece: chunk({"content": piece}))
             if req.error is not None:
                 yield _sse({"error": {"message": f"generation failed: {req.error}", "type": "server_error"}})
                 return
@@ -359,7 +404,7 @@ def create_app(service: ChatService):
                 yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
 
-        return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(events(), req)
 
     return app
 
@@ -371,17 +416,19 @@ def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
                   server_args: ServerArguments) -> ChatService:
     """Check the options, load the model once, start the engine, and return the service."""
     defaults = gen_args.sampling()
-    problems = defaults.problems()
-    if server_args.max_new_tokens_cap < 1:
-        problems.append(f"--max_new_tokens_cap must be at least 1, got {server_args.max_new_tokens_cap}")
+    problems = gen_args.problems()
+    # at 0 every request would be refused (413, 400 or 503)
+    for name in ("max_new_tokens_cap", "max_body_bytes", "max_query_chars", "max_queue"):
+        if getattr(server_args, name) < 1:
+            problems.append(f"--{name} must be at least 1, got {getattr(server_args, name)}")
+    if server_args.max_history_turns < 0:
+        problems.append(f"--max_history_turns must be 0 or more, got {server_args.max_history_turns}")
     if gen_args.max_new_tokens > server_args.max_new_tokens_cap:
         problems.append(f"--max_new_tokens {gen_args.max_new_tokens} is over --max_new_tokens_cap "
                         f"{server_args.max_new_tokens_cap}")
     if server_args.max_new_tokens_cap >= gen_args.max_total_tokens:
         problems.append(f"--max_new_tokens_cap {server_args.max_new_tokens_cap} leaves no room for the prompt in "
                         f"--max_total_tokens {gen_args.max_total_tokens}")
-    if not 0 < server_args.port < 65536:
-        problems.append(f"--port must be in 1..65535, got {server_args.port}")
     if problems:
         raise YakError("; ".join(problems))
     model, tokenizer = load_for_inference(model_args)
@@ -407,10 +454,21 @@ def app_from_config(path: str | None = None):
 
 def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
     """Load the model and serve until interrupted, with werkzeug's threaded server (one thread per request)."""
-    from werkzeug.serving import make_server
+    from werkzeug.serving import make_server, select_address_family
 
+    if not 0 < server_args.port < 65536:
+        raise YakError(f"--port must be in 1..65535, got {server_args.port}")
+    # Bind first: a busy port fails at once, not after minutes of model loading.
+    try:
+        family = select_address_family(server_args.host, server_args.port)
+        sock = socket.create_server((server_args.host, server_args.port), family=family)
+    except OSError as e:
+        raise YakError(f"cannot listen on {server_args.host}:{server_args.port} ({e.strerror}); choose another "
+                       "--port (or --host), or stop the program that uses it") from None
+    with sock:  # werkzeug takes a duplicate of the bound socket
+        server = make_server(server_args.host, server_args.port, None, threaded=True, fd=sock.fileno())
     service = build_service(model_args, gen_args, server_args)
-    server = make_server(server_args.host, server_args.port, create_app(service), threaded=True)
+    server.app = create_app(service)
     if server_args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the server is reachable from other machines and has no authentication",
                        server_args.host)

@@ -25,11 +25,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from yak import YakError
 from yak.cli import parse_args
-from yak.io import atomic_write_json
+from yak.io import atomic_write_json, inputs_inside
 from yak.modeling import (
     DTYPES,
+    RUN_FILE,
     ModelArguments,
     adapter_kind,
+    adapter_order_problems,
     apply_adapters,
     carries_lm_head,
     check_tokenizer_extends,
@@ -50,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "yak_checkpoint.json"  # written last: a checkpoint without it is incomplete
-RUN_FILE = "yak_run.json"  # the settings of the run an output folder belongs to
 FINAL_TMP = ".final.tmp"
 # settings that make an output folder "another run" when they differ
 RUN_IDENTITY = (
@@ -212,6 +213,25 @@ def _checkpoint_dtype(model_dir: str) -> torch.dtype:
     return dtype or torch.float32
 
 
+def _report_to_problems(report_to: list[str]) -> list[str]:
+    """``--report_to`` names that transformers does not know or whose package is not installed (the Trainer
+    would only fail on them once the data is tokenized and the model loaded)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    problems = []
+    for name in report_to:
+        if name in installed:
+            continue
+        found = "its package is not installed" if name in INTEGRATION_TO_CALLBACK else "unknown"
+        problems.append(
+            f"--report_to {name}: {found}; choose none, all or an installed integration "
+            f"({', '.join(installed) or 'none is installed'}; transformers knows "
+            f"{', '.join(INTEGRATION_TO_CALLBACK)})"
+        )
+    return problems
+
+
 def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args, training_args):
     """Check every option up front; raise one :class:`YakError` listing all problems.
 
@@ -239,16 +259,15 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
-    out = Path(training_args.output_dir).resolve()
+    problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
     inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
-              data_args.dataset_dir]
-    for path in [p for p in inputs + list(model_args.adapters) if p]:
-        if out == Path(path).resolve() or out in Path(path).resolve().parents:
-            # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
-            problems.append(
-                f"output_dir {training_args.output_dir} is (or contains) the input {path}; "
-                "choose a new folder"
-            )
+              data_args.dataset_dir, *model_args.adapters]
+    # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
+    for path in inputs_inside(training_args.output_dir, inputs):
+        problems.append(
+            f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
+        )
+    problems += _report_to_problems(training_args.report_to)
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"

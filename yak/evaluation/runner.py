@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -22,7 +21,7 @@ from yak.evaluation.tasks import (
     lm_files,
     load_task,
 )
-from yak.io import atomic_output_dir
+from yak.io import atomic_output_dir, inputs_inside, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -126,24 +125,26 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
             continue
         problems += spec.problems()
         specs.append(spec)
-        out = Path(args.output_dir).resolve()
-        for path in [spec.base_model, *spec.adapters]:  # --overwrite would replace the folder by the report
-            if out == Path(path).resolve() or out in Path(path).resolve().parents:
-                problems.append(f"output folder {args.output_dir} is (or contains) the model folder {path}")
+        config = os.path.join(spec.base_model, "config.json")
+        try:
+            limit = read_json(config).get("max_position_embeddings") if os.path.isfile(config) else None
+        except YakError as e:
+            problems.append(f"model {spec.name}: {e}")
+            limit = None
+        if args.max_length and limit and args.max_length > limit:  # RoPE runs past it silently, untrained
+            problems.append(f"--max_length {args.max_length} is over model {spec.name}'s context of {limit} "
+                            "positions (max_position_embeddings); lower it or leave it out")
+        # --overwrite would replace the folder by the report
+        for path in inputs_inside(args.output_dir, [spec.base_model, *spec.adapters]):
+            problems.append(f"output folder {args.output_dir} is (or contains) the model folder {path}")
     if len({s.name for s in specs}) != len(specs):
         problems.append(f"model names must differ, found {[s.name for s in specs]}; name them NAME=DIR")
     tasks = []
     for name in args.tasks:
         try:
-            cfg = load_task(name, args.data_root)
+            tasks.append(load_task(name, args.data_root, args.num_fewshot, args.max_new_tokens))
         except YakError as e:
             problems.append(str(e))
-            continue
-        if args.num_fewshot is not None and cfg.kind in ("classification", "multiple_choice", "generation"):
-            cfg.num_fewshot = args.num_fewshot
-        if args.max_new_tokens is not None and cfg.kind == "generation":
-            cfg.max_new_tokens = args.max_new_tokens
-        tasks.append(cfg)
     if len({t.name for t in tasks}) != len(tasks):
         problems.append(f"task names must differ, found {[t.name for t in tasks]}")
     if problems:

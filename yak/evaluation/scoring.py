@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.modeling import adapter_kind, load_model_and_tokenizer
+from yak.modeling import adapter_kind, adapter_order_problems, load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ModelSpec:
                 adapter_kind(a)
             except YakError as e:
                 out.append(f"model {self.name}: {e}")
-        return out
+        return out + [f"model {self.name}: {p}" for p in adapter_order_problems(self.base_model, self.adapters)]
 
 
 def load_model(spec: ModelSpec, dtype: str = "auto", device: str = "auto"):
@@ -107,15 +107,20 @@ class Scorer:
             text, add_special_tokens=False, verbose=False
         ).input_ids  # long documents are windowed
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a prompt: BOS + text, or the chat-templated prompt (which brings its own BOS)."""
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text: BOS + text."""
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self.encode(text)
+
+    def encode_prompt(self, prompt: str, continuation: str = "") -> list[int]:
+        """Token ids of a prompt and what follows it: BOS + text, or the chat-templated prompt (which brings its
+        own BOS) with the continuation after it, where the assistant's answer goes."""
         if self.chat_template:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
-            return self.encode(text)
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.encode(prompt)
+            return self.encode(text + continuation)
+        return self.encode_text(prompt + continuation)
 
     # -- scoring --
     @torch.no_grad()
@@ -175,7 +180,7 @@ class Scorer:
             if context not in cache:
                 cache[context] = self.encode_prompt(context)
             ctx = cache[context]
-            whole = self.encode_prompt(context + continuation)
+            whole = self.encode_prompt(context, continuation)
             n = max(1, len(whole) - len(ctx))
             truncated.append(len(whole) > self.max_length)
             if truncated[-1]:
@@ -199,7 +204,8 @@ class Scorer:
             )
         requests, owner = [], []
         for d, text in enumerate(texts):
-            tokens = self.encode_prompt(text)  # BOS + text: the first token is predicted from BOS
+            # BOS + text, never the chat template: its tokens would be scored too, but not counted in the bytes
+            tokens = self.encode_text(text)  # the first token is predicted from BOS
             start = 1
             while start < len(tokens):
                 end = min(start + stride, len(tokens))

@@ -32,6 +32,8 @@ import os
 import random
 import re
 import string
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,9 @@ def rejoin_tsheg(text: str) -> str:
 
 
 NORMALIZERS = {"none": lambda s: s, "rejoin_tsheg": rejoin_tsheg}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", int | None: "an integer",
+               list[str]: "a list of strings", dict[str, str]: "a mapping of strings",
+               dict[str, str] | list[str]: "a mapping label: text, or a list of labels"}
 KINDS = ("language_modelling", "classification", "multiple_choice", "generation", "tokenizer")
 GENERATION_METRICS = ("chrf++", "bleu", "exact_match", "f1")
 
@@ -128,8 +133,15 @@ def _resolve(path: str, data_root: str) -> str:
     return os.path.expanduser(path.replace("{data_root}", data_root))
 
 
-def load_task(name_or_path: str, data_root: str = DEFAULT_DATA_ROOT) -> TaskConfig:
+def load_task(name_or_path: str, data_root: str = DEFAULT_DATA_ROOT, num_fewshot: int | None = None,
+              max_new_tokens: int | None = None) -> TaskConfig:
     """Read and check one task config: a shipped name (``tncc``) or a path to a YAML file.
+
+    Args:
+        name_or_path: a shipped task name or a YAML path.
+        data_root: what ``{data_root}`` in its paths stands for.
+        num_fewshot: replaces a record-based task's ``num_fewshot`` (then its few-shot file is checked too).
+        max_new_tokens: replaces a generation task's ``max_new_tokens``.
 
     Raises:
         YakError: listing every problem found (unknown task, unknown keys, bad values, missing files).
@@ -155,16 +167,62 @@ def load_task(name_or_path: str, data_root: str = DEFAULT_DATA_ROOT) -> TaskConf
     for key in ("files", "baseline_tokenizer"):
         if isinstance(raw.get(key), str):
             raw[key] = [raw[key]]
+    if isinstance(raw.get("choices"), (dict, list)):  # YAML reads labels such as 0 or yes as numbers/booleans
+        c = raw["choices"]
+        raw["choices"] = {str(k): str(v) for k, v in c.items()} if isinstance(c, dict) else [str(v) for v in c]
     raw.setdefault("name", path.stem)
     if "kind" not in raw:
         problems.append(f"missing key 'kind' (one of {', '.join(KINDS)})")
+    problems += _type_problems({k: v for k, v in raw.items() if k in known})
+    if isinstance(raw["name"], str) and not re.fullmatch(r"[\w.+-]+", raw["name"]):  # as model names
+        problems.append(f"name {raw['name']!r}: use letters, digits, '.', '_', '+', '-' (it names the "
+                        "predictions file and the chart's panels)")
     if problems:
         raise YakError(f"task config {path}: " + "; ".join(problems))
     cfg = TaskConfig(**raw, path=str(path))
+    if num_fewshot is not None and cfg.kind in ("classification", "multiple_choice", "generation"):
+        cfg.num_fewshot = num_fewshot
+    if max_new_tokens is not None and cfg.kind == "generation":
+        cfg.max_new_tokens = max_new_tokens
     problems = _check(cfg, data_root)
     if problems:
         raise YakError(f"task {cfg.name} ({path}): " + "; ".join(problems))
     return cfg
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a TaskConfig field type (``int`` excludes ``bool``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+
+
+def _type_problems(raw: dict) -> list[str]:
+    """Keys whose values have the wrong type, and templates that ``str.format`` cannot fill by field name."""
+    hints = typing.get_type_hints(TaskConfig)
+    problems = [f"{k!r} must be {_TYPE_NAMES.get(hints[k], hints[k])}, found {v!r}"
+                for k, v in raw.items() if not _matches(v, hints[k])]
+    for key in ("prompt", "target"):
+        template = raw.get(key)
+        if not isinstance(template, str):
+            continue
+        try:
+            names = _fields(template)
+        except ValueError as e:
+            problems.append(f"{key} {template!r} is not a valid template ({e}; write a literal brace as {{{{ }}}})")
+            continue
+        if any(not n or n.isdigit() for n in names):
+            problems.append(f"{key} {template!r}: name the fields, e.g. {{text}} ({{}} and {{0}} have no name)")
+        elif key == "target" and set(names) != {"choice"}:
+            problems.append(f"target {template!r} must contain {{choice}} and no other field")
+    return problems
 
 
 def _check(cfg: TaskConfig, data_root: str) -> list[str]:
@@ -225,6 +283,11 @@ def _check(cfg: TaskConfig, data_root: str) -> list[str]:
             )
         if cfg.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, found {cfg.max_new_tokens}")
+        import sacrebleu
+
+        if "bleu" in cfg.metrics and cfg.bleu_tokenize not in sacrebleu.BLEU.TOKENIZERS:  # else a KeyError at the end
+            problems.append(f"bleu_tokenize {cfg.bleu_tokenize!r} is not one of sacrebleu's "
+                            f"{', '.join(sacrebleu.BLEU.TOKENIZERS)}")
     if problems:
         return problems
     for key in ("test",) + (("fewshot",) if cfg.num_fewshot > 0 and cfg.fewshot else ()):

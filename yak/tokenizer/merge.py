@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from yak import YakError
-from yak.io import atomic_output_dir
+from yak.io import atomic_output_dir, inputs_inside
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -636,11 +636,11 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
         problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
     if args.tibetan_sp_model is None and not args.corpus:
         problems.append("--corpus is required to train a model (or give --tibetan_sp_model)")
-    out = Path(args.output_dir).resolve()
-    for path in [args.base_tokenizer, args.tibetan_sp_model, *(args.corpus or [])]:
-        # --overwrite replaces output_dir as a whole at the end
-        if path and (out == Path(path).resolve() or out in Path(path).resolve().parents):
-            problems.append(f"--output_dir {args.output_dir} is (or contains) the input {path}; choose a new folder")
+    # --overwrite replaces output_dir as a whole at the end
+    inputs = [args.base_tokenizer, args.tibetan_sp_model, *(args.corpus or [])]
+    for path in inputs_inside(args.output_dir, inputs):
+        problems.append(f"--output_dir {args.output_dir} is (or contains) the input {path}; "
+                        "choose a new folder")
     try:
         files = find_corpus_files(args.corpus) if args.corpus else []
     except YakError as e:
