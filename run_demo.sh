@@ -50,7 +50,7 @@ python merge_tokenizer.py --corpus data/pt/bo --base_tokenizer "$BASE" --num_pie
 
 step 2/8 "continued pretraining: stage 1 (embeddings only), then stage 2 (LoRA+ and embeddings)"
 BASE=$BASE TOKENIZER="$WORK/tokenizer/merged_tokenizer_hf" OUT="$WORK/pt" CACHE="$WORK/data_cache" \
-  GRAD_ACC=2 STAGE1_TOKENS=100000 STAGE2_TOKENS=100000 SAVE_STEPS=1000 bash run_pt.sh --logging_steps 2
+  SAVE_STEPS=1000 bash run_pt.sh --logging_steps 2
 
 step 3/8 "instruction tuning (SFT) on data/sft, on top of stage 1 + stage 2"
 BASE=$BASE ADAPTERS="$WORK/pt/stage1 $WORK/pt/stage2" OUT="$WORK/sft" CACHE="$WORK/data_cache" EPOCHS=1 \

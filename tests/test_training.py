@@ -24,6 +24,7 @@ from yak.modeling import (
     load_tokenizer,
     prepare_lora,
     resize_and_init_embeddings,
+    save_embeddings,
 )
 from yak.training import (
     COMPLETE_MARKER,
@@ -369,14 +370,15 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
         )
     assert (tmp_path / "other" / "checkpoint-1" / COMPLETE_MARKER).is_file()
     # a stage-2 run from a stage-1 checkpoint (was a FileNotFoundError traceback after the data and model)
-    (tmp_path / "other" / "checkpoint-1" / "yak_adapter.json").write_text("{}")
+    save_embeddings(load_base_model(ROOT / "models" / "stories260K"), tmp_path / "other" / "checkpoint-1", "m")
     with pytest.raises(YakError, match="is a checkpoint of stage 1, and this run is a LoRA run"):
         run_training(
             *parse_train_args(
                 argv(pt_dir, tmp_path / "w", "--resume_from_checkpoint", str(tmp_path / "other" / "checkpoint-1"))
             )
         )
-    (tmp_path / "other" / "checkpoint-1" / "yak_adapter.json").unlink()
+    for name in ("yak_adapter.json", "embeddings.safetensors"):
+        (tmp_path / "other" / "checkpoint-1" / name).unlink()
     # --overwrite_output_dir must not delete an input: here the stage-1 output given as --adapters
     (tmp_path / "other" / "yak_adapter.json").write_text("{}")
     with pytest.raises(YakError, match="is .or contains. the input"):
