@@ -9,7 +9,7 @@ fi
 
 base_model=${base_model:-path/to/llama-2-7b-hf}
 # applied in this order: stage-1 embeddings, CPT (stage 2) adapter, SFT adapter; drop what you do not have
-lora_model=${lora_model:-output/stage1,output/stage2,output/sft}
+lora_model=${lora_model:-output/pt/stage1,output/pt/stage2,output/sft}   # where run_pt.sh and run_sft.sh write
 output_dir=${output_dir:-output/merged-hf}
 output_dtype=${output_dtype:-float16}
 gguf_dir=${gguf_dir:-output/merged-gguf}
