@@ -10,8 +10,16 @@
 # --num_train_epochs 100000 --warmup_ratio 0.05, and per-layer compilation instead of gradient
 # checkpointing (faster, same training semantics; GRAD_CKPT=1 when memory is short).
 #
-# Any variable below can be set from the environment. Extra arguments go to both stages.
+# Writes $OUT/stage1 and $OUT/stage2 (OUT=output/pt). Started again with the same command after a crash, it
+# skips a finished stage 1 and each stage resumes from its newest complete checkpoint (docs/training.md).
+#
+# Any variable below can be set from the environment. Extra arguments go to both stages (python train.py
+# --help lists them).
 set -euo pipefail
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # the comment block above is the help
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  exit 0
+fi
 cd "$(dirname "$0")"
 
 DEVICE=${DEVICE:-cpu}                       # cpu or gpu

@@ -10,8 +10,13 @@
 # Three starting points: a base model (BASE + the merged TOKENIZER; the new rows are trained through
 # MODULES_TO_SAVE), a merged CPT model (BASE=the merged folder, TOKENIZER="" for its own), or a base model
 # + the CPT outputs (ADAPTERS, applied in order; the tokenizer then comes from them). Any variable below can
-# be set from the environment. Extra arguments go to train.py (e.g. --packing true --max_steps 500).
+# be set from the environment. Extra arguments go to train.py (e.g. --packing true --max_steps 500; python
+# train.py --help lists them).
 set -euo pipefail
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # the comment block above is the help
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  exit 0
+fi
 cd "$(dirname "$0")"
 
 BASE=${BASE:-models/stories260K}            # base or merged model (HF folder, safetensors)

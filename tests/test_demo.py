@@ -68,7 +68,8 @@ def test_interrupted_demo_leaves_no_output_and_keeps_a_complete_one(tmp_path):
 def test_shell_scripts_answer_help_without_running(tmp_path):
     """--help prints the script's description; it must not start the pipeline (which writes outputs)."""
     env = {**os.environ, "OUT": str(tmp_path / "demo"), "output_dir": str(tmp_path / "merged")}
-    for script, words in [("run_demo.sh", "whole pipeline"), ("run_merge_export.sh", "Merge the trained parts")]:
+    for script, words in [("run_demo.sh", "whole pipeline"), ("run_merge_export.sh", "Merge the trained parts"),
+                          ("run_pt.sh", "Continued pretraining in two stages"), ("run_sft.sh", "Instruction tuning")]:
         for flag in ("--help", "-h"):
             proc = subprocess.run(["bash", script, flag], cwd=ROOT, env=env, capture_output=True, text=True,
                                   timeout=60)
