@@ -50,7 +50,8 @@ class ModelArguments:
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer folder (the merged tokenizer); default: the model's own tokenizer."},
+        metadata={"help": "Tokenizer folder (the merged tokenizer); default: that of the last --adapters folder "
+                          "with one, else the model's own."},
     )
     base_tokenizer_name_or_path: str | None = field(
         default=None,
