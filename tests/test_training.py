@@ -401,6 +401,23 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     assert (tmp_path / "other" / "data" / "bo" / "mila.txt").is_file()
 
 
+def test_load_in_kbits_is_checked_before_the_data_work(pt_dir, tmp_path):
+    """A --load_in_kbits that cannot load (a value argparse never sees, from Python; 4 bits without
+    bitsandbytes) was refused only when the model loaded, after the data had been tokenized."""
+    import importlib.util
+
+    a = argv(pt_dir, tmp_path / "out", "--data_cache_dir", str(tmp_path / "cache"), "--load_in_kbits", "4")
+    model_args, stage_args, data_args, training_args = parse_train_args(a)
+    cases = [(5, "--load_in_kbits must be 4, 8 or 16, got 5")]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        cases.append((4, "--load_in_kbits 4 needs the bitsandbytes package"))
+    for bits, error in cases:
+        model_args.load_in_kbits = bits
+        with pytest.raises(YakError, match=error):
+            run_training(model_args, stage_args, data_args, training_args)
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
 def test_config_file_and_help(tmp_path, pt_dir):
     config = {
         "model_name_or_path": str(ROOT / "models" / "stories260K"),

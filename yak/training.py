@@ -38,6 +38,7 @@ from yak.modeling import (
     compile_decoder_layers,
     embedding_keys,
     is_tied,
+    kbits_problem,
     load_base_model,
     load_embeddings,
     prepare_lora,
@@ -260,6 +261,9 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
         except YakError as e:
             problems.append(f"--adapters: {e}")
     problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
+    kbits = kbits_problem(model_args.load_in_kbits)  # the model loads only after the data work
+    if kbits:
+        problems.append(kbits)
     inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
               data_args.dataset_dir, *model_args.adapters]
     # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
