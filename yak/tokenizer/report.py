@@ -30,6 +30,7 @@ from yak.tokenizer.merge import (
     load_sp_model,
     load_tokenizer,
     parse_script_ranges,
+    script_pattern,
     sp_processor,
     unreachable_pieces,
 )
@@ -114,8 +115,7 @@ def encode_speed(tokenizer, texts: Sequence[str], offsets: bool = False, repeats
 
 def script_spans(texts: Sequence[str], ranges) -> list[str]:
     """The maximal runs of script characters in ``texts`` (to compare tokenizers on the script alone)."""
-    chars = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges)
-    pattern = re.compile(f"[{chars}]+")
+    pattern = script_pattern(ranges)
     return [m.group() for t in texts for m in pattern.finditer(t)]
 
 
