@@ -287,6 +287,17 @@ def test_resume_refuses_changed_settings_and_lists_each_difference(pt_dir, tmp_p
     assert json.loads(run_file.read_text())["identity"]["learning_rate"] == 1e-3  # recorded in full again
 
 
+def test_resume_compares_folders_not_how_they_are_written(pt_dir):
+    from yak.training import _identity_differences
+
+    same = str(pt_dir.parent / ".." / pt_dir.parent.name / pt_dir.name)
+    assert _identity_differences({"dataset_dir": str(pt_dir), "adapters": [str(pt_dir)]},
+                                 {"dataset_dir": same, "adapters": [same]}) == []
+    assert _identity_differences({"dataset_dir": str(pt_dir)}, {"dataset_dir": str(pt_dir.parent)}) != []
+    hub = {"model_name_or_path": "meta-llama/Llama-2-7b-hf"}  # not a local path: compared as written
+    assert _identity_differences(hub, {"model_name_or_path": "meta-llama/Llama-2-13b-hf"}) != []
+
+
 def test_save_total_limit_keeps_the_last_complete_checkpoint_until_the_next_is_complete(
     pt_dir, tmp_path, monkeypatch
 ):

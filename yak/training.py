@@ -394,8 +394,18 @@ def _identity_differences(previous: dict, identity: dict) -> list[str]:
     return [
         f"{what.get(k, k)}: {previous[k]!r} there, {v!r} now"
         for k, v in identity.items()
-        if previous.get(k, v) != v
+        if _same_place(previous.get(k, v)) != _same_place(v)
     ]
+
+
+def _same_place(value):
+    """A setting as compared: an existing path as the folder or file it names (``data/pt``, ``./data/pt`` and
+    its absolute path are one place; a hub model id stays as it is); lists element by element."""
+    if isinstance(value, list):
+        return [_same_place(v) for v in value]
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
 
 
 def _has_final_output(output_dir: Path) -> bool:
