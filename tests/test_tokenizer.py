@@ -118,16 +118,25 @@ def test_bad_input_is_reported_at_once_and_leaves_nothing(tmp_path):
     with pytest.raises(YakError) as e:
         build_merged_tokenizer(wrong)
     assert "--script_ranges" in str(e.value) and "--character_coverage" in str(e.value)
-    english = TokenizerArguments(corpus=[str(PT_DATA / "en")], base_tokenizer=str(TINY_MODEL), num_pieces=500,
+    # English text: it succeeded, adding nothing but the ranges' characters (the wrong corpus or ranges)
+    english = TokenizerArguments(corpus=[str(PT_DATA / "en")], base_tokenizer=str(TINY_MODEL), num_pieces=100,
                                  output_dir=str(tmp_path / "o"))
-    with pytest.raises(YakError, match="only 211 reachable pieces.*in the script of --script_ranges"):
-        build_merged_tokenizer(english)  # English text: nothing Tibetan to add but the characters
+    with pytest.raises(YakError, match=f"--corpus {PT_DATA / 'en'}: no character of --script_ranges 0F00-0FFF "
+                                       "in any file"):
+        build_merged_tokenizer(english)
+    # a sentence of Tibetan among it: too few of the script's pieces for --num_pieces
+    tibetan = tmp_path / "sentence.txt"
+    tibetan.write_text((PT_DATA / "bo" / "mila.txt").read_text(encoding="utf-8")[:80], encoding="utf-8")
+    english.corpus.append(str(tibetan))
+    english.num_pieces = 500
+    with pytest.raises(YakError, match=r"only 2\d\d reachable pieces.*in the script of --script_ranges"):
+        build_merged_tokenizer(english)
     out = tmp_path / "out"
     too_many = TokenizerArguments(corpus=[str(PT_DATA / "bo")], base_tokenizer=str(TINY_MODEL),
                                   num_pieces=500_000, output_dir=str(out))
     with pytest.raises(YakError, match="--num_pieces 500000"):
         build_merged_tokenizer(too_many)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "exists", "latin1.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "exists", "latin1.txt", "sentence.txt"]
 
 
 def test_output_dir_holding_an_input_is_refused(tmp_path):

@@ -53,6 +53,24 @@ def test_report_writes_table_json_and_png(tmp_path, capsys):
     assert not (tmp_path / "r2").exists()
 
 
+def test_report_keeps_same_named_files_apart_and_never_counts_negative_additions(tmp_path):
+    """Held-out files of one name in two folders each get their own results (the second overwrote the first),
+    and a candidate smaller than the reference adds 0 pieces (it showed -3000)."""
+    lines = (PT_DATA / "bo" / "mila.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    for folder, part in (("modern", lines[:5]), ("classical", lines[5:10])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.txt").write_text("".join(part), encoding="utf-8")
+    args = ReportArguments(tokenizers=[f"tiny={TINY_MODEL}"], reference=str(TINY_BO / SP_DIR),
+                           heldout=[str(tmp_path / "modern"), str(tmp_path / "classical" / "test.txt")],
+                           other_text=[], output_dir=str(tmp_path / "report"))
+    (tiny,) = run_report(args)
+    assert sorted(tiny["heldout"]) == ["classical/test", "modern/test"]
+    assert tiny["heldout"]["modern/test"]["texts"] == tiny["heldout"]["classical/test"]["texts"] == 5
+    assert tiny["heldout"]["modern/test"]["bytes"] != tiny["heldout"]["classical/test"]["bytes"]
+    assert tiny["vocab_size"] == 512 and tiny["added_pieces"] == 0
+    assert "| classical/test | 0 " in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_report_script_help_and_bad_input(tmp_path):
     res = subprocess.run([sys.executable, "tokenizer_report.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True)

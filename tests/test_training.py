@@ -243,6 +243,61 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_losses(pt_dir, tmp_pat
         run_training(*parse_train_args(argv(pt_dir, out, *extra)))
 
 
+def test_resume_refuses_changed_settings_and_lists_each_difference(pt_dir, tmp_path):
+    """Resuming promises the run it continues (data order, schedule, optimizer state): changed learning rates,
+    schedule, data or batch are refused up front, each listed; logging, saving and evaluation may change, and
+    so may the split of the same samples per step; a key missing in an older run file is no difference."""
+    out = tmp_path / "run"
+    extra = ("--stage", "1", "--max_steps", "3", "--save_steps", "1", "--learning_rate", "1e-3")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(*parse_train_args(argv(pt_dir, out, *extra)), callbacks=[StopAt(2)])
+    assert (out / "checkpoint-1" / COMPLETE_MARKER).is_file()
+    changed = (
+        "--learning_rate", "2e-3", "--embedding_learning_rate", "1e-2", "--lr_scheduler_type", "cosine",
+        "--warmup_steps", "1", "--block_size", "32", "--mix", "none", "--per_device_train_batch_size", "2",
+        "--max_steps", "5", "--seed", "8",
+    )  # fmt: skip
+    with pytest.raises(YakError) as e:  # was: resumed silently with the new settings
+        run_training(*parse_train_args(argv(pt_dir, out, *extra, *changed)))
+    message = str(e.value)
+    for difference in [
+        "learning_rate: 0.001 there, 0.002 now", "embedding_learning_rate: None there, 0.01 now",
+        "lr_scheduler_type: 'linear' there, 'cosine' now", "warmup_steps: 0 there, 1.0 now",
+        "block_size: 64 there, 32 now", "mix: 'bo=3,en+zh=4' there, 'none' now",
+        "samples_per_step (batch size x gradient accumulation x processes): 4 there, 2 now",
+        "max_steps: 3 there, 5 now", "seed: 7 there, 8 now",
+    ]:  # fmt: skip
+        assert f"\n  - {difference}" in message
+    assert message.count("\n  - ") == 9
+    assert "choose another --output_dir, or pass --overwrite_output_dir" in message
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    # an older run file (the settings it had then), other logging, saving and evaluation, and the same 4
+    # samples per step as 2 x 2 accumulated
+    run_file = out / "yak_run.json"
+    old = ("task", "stage", "model_name_or_path", "tokenizer_name_or_path", "adapters", "lora_rank",
+           "trainable", "modules_to_save")  # fmt: skip
+    record = json.loads(run_file.read_text())
+    run_file.write_text(json.dumps({"identity": {k: record["identity"][k] for k in old}}))
+    same = (
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--logging_steps", "2", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3",
+    )  # fmt: skip
+    summary = run_training(*parse_train_args(argv(pt_dir, out, *extra, *same)))
+    assert summary["global_step"] == 3 and (out / "yak_adapter.json").is_file()
+    assert json.loads(run_file.read_text())["identity"]["learning_rate"] == 1e-3  # recorded in full again
+
+
+def test_resume_compares_folders_not_how_they_are_written(pt_dir):
+    from yak.training import _identity_differences
+
+    same = str(pt_dir.parent / ".." / pt_dir.parent.name / pt_dir.name)
+    assert _identity_differences({"dataset_dir": str(pt_dir), "adapters": [str(pt_dir)]},
+                                 {"dataset_dir": same, "adapters": [same]}) == []
+    assert _identity_differences({"dataset_dir": str(pt_dir)}, {"dataset_dir": str(pt_dir.parent)}) != []
+    hub = {"model_name_or_path": "meta-llama/Llama-2-7b-hf"}  # not a local path: compared as written
+    assert _identity_differences(hub, {"model_name_or_path": "meta-llama/Llama-2-13b-hf"}) != []
+
+
 def test_save_total_limit_keeps_the_last_complete_checkpoint_until_the_next_is_complete(
     pt_dir, tmp_path, monkeypatch
 ):
@@ -353,7 +408,7 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     (tmp_path / "other" / "yak_run.json").write_text(json.dumps({"identity": {"task": "pt", "stage": 1}}))
     (tmp_path / "other" / "checkpoint-1").mkdir()
     (tmp_path / "other" / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")
-    with pytest.raises(YakError, match=r"holds another run \(.*stage: 1 there, 2 now"):
+    with pytest.raises(YakError, match=r"holds another run, with other settings:\n  - stage: 1 there, 2 now\nA"):
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "other", "--max_steps", "1")))
     # nor the checkpoint it is asked to resume from
     with pytest.raises(YakError, match="inside output_dir"):
@@ -399,6 +454,23 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
     with pytest.raises(YakError, match="is .or contains. the input"):
         run_training(*parse_train_args(argv(tmp_path / "other" / "data", tmp_path / "other", "--overwrite_output_dir")))
     assert (tmp_path / "other" / "data" / "bo" / "mila.txt").is_file()
+
+
+def test_load_in_kbits_is_checked_before_the_data_work(pt_dir, tmp_path):
+    """A --load_in_kbits that cannot load (a value argparse never sees, from Python; 4 bits without
+    bitsandbytes) was refused only when the model loaded, after the data had been tokenized."""
+    import importlib.util
+
+    a = argv(pt_dir, tmp_path / "out", "--data_cache_dir", str(tmp_path / "cache"), "--load_in_kbits", "4")
+    model_args, stage_args, data_args, training_args = parse_train_args(a)
+    cases = [(5, "--load_in_kbits must be 4, 8 or 16, got 5")]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        cases.append((4, "--load_in_kbits 4 needs the bitsandbytes package"))
+    for bits, error in cases:
+        model_args.load_in_kbits = bits
+        with pytest.raises(YakError, match=error):
+            run_training(model_args, stage_args, data_args, training_args)
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
 def test_config_file_and_help(tmp_path, pt_dir):

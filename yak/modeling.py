@@ -168,11 +168,12 @@ def load_base_model(
     kwargs = {"dtype": resolve_dtype(dtype), "use_safetensors": True, "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if load_in_kbits in (4, 8):
+    problem = kbits_problem(load_in_kbits)
+    if problem:
+        raise YakError(problem)
+    if load_in_kbits != 16:
         kwargs["quantization_config"] = _kbit_config(load_in_kbits, dtype)
         device = device or "auto"
-    elif load_in_kbits != 16:
-        raise YakError(f"--load_in_kbits must be 4, 8 or 16, got {load_in_kbits}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device is not None:
@@ -186,14 +187,21 @@ def load_base_model(
         raise
 
 
+def kbits_problem(bits: int) -> str | None:
+    """Why ``--load_in_kbits bits`` cannot load (not 4, 8 or 16; 4 or 8 without bitsandbytes), or None."""
+    import importlib.util
+
+    if bits not in (4, 8, 16):
+        return f"--load_in_kbits must be 4, 8 or 16, got {bits}"
+    if bits != 16 and importlib.util.find_spec("bitsandbytes") is None:
+        return (
+            f"--load_in_kbits {bits} needs the bitsandbytes package (and a CUDA GPU): pip install "
+            "bitsandbytes; or leave --load_in_kbits at 16"
+        )
+    return None
+
+
 def _kbit_config(bits: int, dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise YakError(
-            f"--load_in_kbits {bits} needs the bitsandbytes package (and a CUDA GPU): pip install bitsandbytes; "
-            "or leave --load_in_kbits at 16"
-        ) from e
     from transformers import BitsAndBytesConfig
 
     compute = resolve_dtype(dtype)

@@ -38,6 +38,7 @@ from yak.modeling import (
     compile_decoder_layers,
     embedding_keys,
     is_tied,
+    kbits_problem,
     load_base_model,
     load_embeddings,
     prepare_lora,
@@ -53,17 +54,24 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "yak_checkpoint.json"  # written last: a checkpoint without it is incomplete
 FINAL_TMP = ".final.tmp"
-# settings that make an output folder "another run" when they differ
+# The settings that define a run, recorded in its yak_run.json: an output folder whose run differs in any of
+# them holds another run. Resuming promises the run it continues (the same data in the same order, the same
+# schedule and optimizer steps), so these are what is trained on top of what, the data and its order, the
+# length, and the optimizer. Speed, memory, precision, logging, saving and evaluation settings are not in it:
+# they may change between restarts (e.g. on other hardware).
 RUN_IDENTITY = (
-    "task",
-    "stage",
-    "model_name_or_path",
-    "tokenizer_name_or_path",
-    "adapters",
-    "lora_rank",
-    "trainable",
-    "modules_to_save",
-)
+    # what is trained, on top of what
+    "task", "stage", "model_name_or_path", "tokenizer_name_or_path", "adapters",
+    "lora_rank", "lora_alpha", "lora_dropout", "trainable", "modules_to_save",
+    # the data and its order (the samples of a step are the same on any number of processes whose
+    # batch size x gradient accumulation x processes is the same)
+    "dataset_dir", "mix", "block_size", "max_seq_length", "packing", "system_prompt",
+    "validation_split_percentage", "seed", "data_seed", "samples_per_step",
+    # the length, the schedule and the optimizer
+    "max_steps", "max_train_tokens", "num_train_epochs", "learning_rate", "embedding_learning_rate",
+    "loraplus_lr_ratio", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+    "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+)  # fmt: skip
 DESCRIPTION = (
     "Continued pretraining (--task pt; --stage 1 trains the embeddings only, --stage 2 adds LoRA+ adapters "
     "and keeps training the embeddings) and instruction tuning (--task sft, LoRA+) of a Llama-2-family model "
@@ -260,6 +268,9 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
         except YakError as e:
             problems.append(f"--adapters: {e}")
     problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
+    kbits = kbits_problem(model_args.load_in_kbits)  # the model loads only after the data work
+    if kbits:
+        problems.append(kbits)
     inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
               data_args.dataset_dir, *model_args.adapters]
     # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
@@ -358,12 +369,43 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 
 
-def _identity(model_args, stage_args) -> dict:
-    settings = {**dataclasses.asdict(model_args), **dataclasses.asdict(stage_args)}
-    if not stage_args.uses_lora:
-        for key in ("lora_rank", "trainable", "modules_to_save"):
+def _identity(model_args, stage_args, data_args, training_args) -> dict:
+    """The :data:`RUN_IDENTITY` settings of this run; None for those that do not apply to it."""
+    settings = {
+        **dataclasses.asdict(model_args),
+        **dataclasses.asdict(stage_args),
+        **dataclasses.asdict(data_args),
+        **training_args.to_dict(),  # enums as their values, as JSON keeps them
+        "samples_per_step": samples_per_step(training_args),
+    }
+    if not stage_args.uses_lora:  # stage 1 (the embeddings' own rate applies to it too)
+        for key in ("lora_rank", "lora_alpha", "lora_dropout", "trainable", "modules_to_save"):
             settings[key] = None
-    return {k: settings[k] for k in RUN_IDENTITY}
+        settings["loraplus_lr_ratio"] = None
+    if settings["max_steps"] > 0 or stage_args.max_train_tokens:  # the length is not in epochs
+        settings["num_train_epochs"] = None
+    return {k: settings.get(k) for k in RUN_IDENTITY}
+
+
+def _identity_differences(previous: dict, identity: dict) -> list[str]:
+    """``"key: value there, value now"`` for each setting that differs; a key that an older run file lacks is
+    not a difference."""
+    what = {"samples_per_step": "samples_per_step (batch size x gradient accumulation x processes)"}
+    return [
+        f"{what.get(k, k)}: {previous[k]!r} there, {v!r} now"
+        for k, v in identity.items()
+        if _same_place(previous.get(k, v)) != _same_place(v)
+    ]
+
+
+def _same_place(value):
+    """A setting as compared: an existing path as the folder or file it names (``data/pt``, ``./data/pt`` and
+    its absolute path are one place; a hub model id stays as it is); lists element by element."""
+    if isinstance(value, list):
+        return [_same_place(v) for v in value]
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
 
 
 def _has_final_output(output_dir: Path) -> bool:
@@ -380,7 +422,7 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
     Every rank takes the same decisions and passes the same barriers; only rank 0 changes the folder.
     """
     out = Path(training_args.output_dir)
-    identity = _identity(model_args, stage_args)
+    identity = _identity(model_args, stage_args, data_args, training_args)
     run_file = out / RUN_FILE
     _barrier(training_args)  # every rank looks at the folder before rank 0 changes it
     delete = False
@@ -392,20 +434,23 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
                 f"output_dir {out} holds files that are not from a Yak run; choose an empty or new folder"
             )
         previous = json.loads(run_file.read_text(encoding="utf-8")).get("identity", {})
-        diff = [
-            f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in identity.items() if previous.get(k) != v
-        ]
+        diff = _identity_differences(previous, identity)
         reason = (
-            "holds another run (" + "; ".join(diff) + ")"
+            "holds another run, with other settings:\n  - " + "\n  - ".join(diff)
             if diff
             else "holds a finished run"
             if _has_final_output(out)
             else None
         )
         if reason and not stage_args.overwrite_output_dir:
+            ways_out = (
+                "choose another --output_dir, or pass --overwrite_output_dir to delete it and start again"
+            )
             raise YakError(
-                f"output_dir {out} {reason}; choose another folder, or pass --overwrite_output_dir "
-                "to delete it and start again"
+                f"output_dir {out} {reason}\nA resumed run keeps its data order, schedule and optimizer "
+                f"state, so these settings must be as there: give them again to resume it, {ways_out}"
+                if diff
+                else f"output_dir {out} {reason}; {ways_out}"
             )
         delete = bool(reason)
     resume = training_args.resume_from_checkpoint
@@ -742,6 +787,15 @@ class YakTrainer(Trainer):
 # ------------------------------------------------------------------------------------------------------
 
 
+def samples_per_step(training_args: TrainingArguments) -> int:
+    """Samples per optimizer step: batch size x gradient accumulation x processes."""
+    return (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
+
+
 def resolve_schedule(
     training_args: TrainingArguments, stage_args: StageArguments, n_train: int, tokens_per_sample: int
 ):
@@ -755,11 +809,7 @@ def resolve_schedule(
         ``(training_args, summary)``: the arguments with ``max_steps`` (token budget) and integer
         ``warmup_steps`` set, and a dict of the resolved numbers.
     """
-    per_step = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-    )
+    per_step = samples_per_step(training_args)
     batches = math.ceil(n_train / (training_args.per_device_train_batch_size * training_args.world_size))
     # as the Trainer counts: a last, shorter accumulation of an epoch is a step too
     steps_per_epoch = max(math.ceil(batches / training_args.gradient_accumulation_steps), 1)

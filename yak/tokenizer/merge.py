@@ -152,6 +152,11 @@ def has_script(text: str, ranges: Sequence[tuple[int, int]]) -> bool:
     return any(any(lo <= ord(c) <= hi for lo, hi in ranges) for c in text)
 
 
+def script_pattern(ranges: Sequence[tuple[int, int]]) -> re.Pattern:
+    """A regular expression for one maximal run of characters of ``ranges``."""
+    return re.compile("[" + "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges) + "]+")
+
+
 def _addable(piece: str, ranges) -> bool:
     # Word boundaries may sit anywhere (pieces across "། " when whitespace splitting is off); at least one
     # character of the script makes sure text without the script never reaches the piece.
@@ -209,6 +214,16 @@ def _check_utf8_text(path: Path, chunk: int = 1 << 20) -> str | None:
                 return "file is empty" if blank else None
             offset += len(data)
             newlines += data.count(b"\n")
+
+
+def holds_script(files: Iterable[Path], ranges: Sequence[tuple[int, int]]) -> bool:
+    """True if some line of ``files`` (UTF-8) has a character of ``ranges``; reads up to the first one."""
+    pattern = script_pattern(ranges)
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            if any(pattern.search(line) for line in fh):
+                return True
+    return False
 
 
 def iter_sentences(files: Iterable[Path], max_bytes: int = 8192) -> Iterator[str]:
@@ -646,6 +661,11 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
     except YakError as e:
         problems.append(str(e))
         files = []
+    if files and ranges and not holds_script(files, ranges):
+        # the merge would add only the script's characters: the wrong corpus, or the wrong ranges
+        problems.append(f"--corpus {' '.join(args.corpus)}: no character of --script_ranges "
+                        f"{args.script_ranges} in any file; give text in the new script, or the ranges of "
+                        "the corpus's script")
     base = None
     try:
         base = load_sp_model(args.base_tokenizer)

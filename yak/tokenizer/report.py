@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 import time
@@ -30,6 +31,7 @@ from yak.tokenizer.merge import (
     load_sp_model,
     load_tokenizer,
     parse_script_ranges,
+    script_pattern,
     sp_processor,
     unreachable_pieces,
 )
@@ -114,8 +116,7 @@ def encode_speed(tokenizer, texts: Sequence[str], offsets: bool = False, repeats
 
 def script_spans(texts: Sequence[str], ranges) -> list[str]:
     """The maximal runs of script characters in ``texts`` (to compare tokenizers on the script alone)."""
-    chars = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges)
-    pattern = re.compile(f"[{chars}]+")
+    pattern = script_pattern(ranges)
     return [m.group() for t in texts for m in pattern.finditer(t)]
 
 
@@ -186,15 +187,24 @@ def load_candidate(spec: str) -> Candidate:
     return Candidate(name, fast, sp_processor(proto) if proto else None, proto, source)
 
 
-def _lines(files) -> dict[str, list[str]]:
-    return {f.stem: [x for x in f.read_text(encoding="utf-8").split("\n") if x] for f in files}
+def _lines(files: Sequence[Path]) -> dict[str, list[str]]:
+    """Each file's non-empty lines, keyed by its path from the files' common folder without the suffix: the
+    file's stem when all are in one folder, ``modern/test`` and ``classical/test`` when names repeat."""
+    paths = [f.resolve() for f in files]
+    common = Path(os.path.commonpath([p.parent for p in paths]))
+    lines = {}
+    for p in paths:
+        lines[p.relative_to(common).with_suffix("").as_posix()] = [
+            x for x in p.read_text(encoding="utf-8").split("\n") if x]
+    return lines
 
 
 def measure_candidate(c: Candidate, reference, reference_size: int, heldout: dict, other: dict,
                       ranges) -> dict:
     """All measures of one candidate (see :func:`run_report`)."""
     everything = [x for lines in [*heldout.values(), *other.values()] for x in lines]
-    result = {"name": c.name, "vocab_size": len(c.fast), "added_pieces": len(c.fast) - reference_size,
+    # a candidate smaller than the reference adds nothing (it is no extension of it)
+    result = {"name": c.name, "vocab_size": len(c.fast), "added_pieces": max(len(c.fast) - reference_size, 0),
               "heldout": {k: tokenizer_stats(c.fast, v, reference) for k, v in heldout.items()}}
     if c.proto is not None:
         added = [p.piece for p in c.proto.pieces[reference_size:] if p.type == NORMAL]
