@@ -38,6 +38,6 @@ python export_gguf.py \
     --check_file "${check_file}" \
     ${llama_cpp_dir:+--llama_cpp_dir "${llama_cpp_dir}"}
 
-# Chat with llama.cpp (from a llama.cpp build), or through llama-cpp-python's server (pip install 'llama-cpp-python[server]'):
+# Chat with llama.cpp (a llama.cpp build), or llama-cpp-python's server (pip install 'llama-cpp-python[server]'):
 #   llama-cli -m "${gguf_dir}/$(basename "${output_dir}")-q4_0.gguf" -cnv --chat-template llama2
 #   python -m llama_cpp.server --model "${gguf_dir}/$(basename "${output_dir}")-q4_0.gguf" --host 127.0.0.1
