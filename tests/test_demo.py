@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 def test_run_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OUT": str(out)}
-    proc = subprocess.run(["bash", "run_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run(["bash", "run_demo.sh"], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for path in ["tokenizer/merged_tokenizer_hf/tokenizer.json", "pt/stage1/embeddings.safetensors",
@@ -38,7 +38,7 @@ def test_run_demo_end_to_end(tmp_path):
     assert isinstance(answer["output"], str) and "[INST]" not in answer["output"]
     assert "Done in" in proc.stdout
     # a second run refuses to overwrite the first
-    again = subprocess.run(["bash", "run_demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    again = subprocess.run(["bash", "run_demo.sh"], check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
@@ -58,7 +58,7 @@ def test_interrupted_demo_leaves_no_output_and_keeps_a_complete_one(tmp_path):
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
     (out / "results.md").write_text("an earlier complete run")
-    again = subprocess.run(["bash", "run_demo.sh"], cwd=ROOT, env={**os.environ, "OUT": str(out)},
+    again = subprocess.run(["bash", "run_demo.sh"], check=False, cwd=ROOT, env={**os.environ, "OUT": str(out)},
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
@@ -69,9 +69,10 @@ def test_shell_scripts_answer_help_without_running(tmp_path):
     """--help prints the script's description; it must not start the pipeline (which writes outputs)."""
     env = {**os.environ, "OUT": str(tmp_path / "demo"), "output_dir": str(tmp_path / "merged")}
     for script, words in [("run_demo.sh", "whole pipeline"), ("run_merge_export.sh", "Merge the trained parts"),
-                          ("run_pt.sh", "Continued pretraining in two stages"), ("run_sft.sh", "Instruction tuning")]:
+                          ("run_pt.sh", "Continued pretraining in two stages"),
+                          ("run_sft.sh", "Instruction tuning")]:
         for flag in ("--help", "-h"):
-            proc = subprocess.run(["bash", script, flag], cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=60)
+            proc = subprocess.run(["bash", script, flag], check=False, cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=60)
             assert proc.returncode == 0 and words in proc.stdout, (script, proc.stdout[-500:], proc.stderr[-500:])
     assert list(tmp_path.iterdir()) == []
