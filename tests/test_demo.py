@@ -13,8 +13,8 @@ from tests.conftest import ROOT
 def test_run_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OUT": str(out)}
-    proc = subprocess.run(["bash", "run_demo.sh"], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(["bash", "run_demo.sh"], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for path in ["tokenizer/merged_tokenizer_hf/tokenizer.json", "pt/stage1/embeddings.safetensors",
                  "pt/stage2/adapter_model.safetensors", "pt/stage2/loss.png", "sft/adapter_model.safetensors",
@@ -38,7 +38,8 @@ def test_run_demo_end_to_end(tmp_path):
     assert isinstance(answer["output"], str) and "[INST]" not in answer["output"]
     assert "Done in" in proc.stdout
     # a second run refuses to overwrite the first
-    again = subprocess.run(["bash", "run_demo.sh"], check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    again = subprocess.run(["bash", "run_demo.sh"], check=False, cwd=ROOT, env=env, capture_output=True,
+                           text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
