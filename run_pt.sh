@@ -57,7 +57,7 @@ WARMUP_STEPS=${WARMUP_STEPS:-100}           # warm-up in steps
 SAVE_STEPS=${SAVE_STEPS:-100}
 LOGGING_STEPS=${LOGGING_STEPS:-10}
 DTYPE=${DTYPE:-bfloat16}                    # the one dtype option (bf16 mixed precision follows from it)
-DEEPSPEED=${DEEPSPEED:-ds_z2_config.json}   # or ds_z3_config.json for models that do not fit
+DEEPSPEED=${DEEPSPEED-ds_z2_config.json}    # or ds_z3_config.json for models that do not fit; empty: none
 COMPILE_LAYERS=${COMPILE_LAYERS:-1}         # GPUs: per-layer torch.compile, ~1.9x faster (bench/RESULTS.md)
 GRAD_CKPT=${GRAD_CKPT:-0}                   # GPUs: 1 = gradient checkpointing (less memory, slower; 13B)
 
