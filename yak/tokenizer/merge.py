@@ -64,7 +64,8 @@ class TokenizerArguments:
     )
     output_dir: str = field(
         default="merged_tokenizer",
-        metadata={"help": f"Output folder; receives {SP_DIR}/tokenizer.model and {HF_DIR}/."},
+        metadata={"help": f"Output folder; receives {SP_DIR}/tokenizer.model, {HF_DIR}/ and {SOURCE_DIR}/ (the "
+                          "trained new-script model alone, when one is trained)."},
     )
     model_type: str = field(
         default="bpe",

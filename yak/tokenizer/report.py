@@ -148,8 +148,8 @@ class ReportArguments:
                           "reference."},
     )
     script_ranges: str = field(default=TIBETAN_RANGES, metadata={"help": "Unicode ranges of the new script."})
-    output_dir: str = field(default="tokenizer_report", metadata={"help": "Where report.json and "
-                                                                          "report.png go."})
+    output_dir: str = field(default="tokenizer_report", metadata={"help": "Where report.json, "
+                                                                          "report.md and report.png go."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
 
 
