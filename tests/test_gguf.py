@@ -18,6 +18,8 @@ from yak import YakError
 from yak.gguf import GGUFArguments, export_gguf, llama_cpp_sources, tokenizer_mismatches
 from yak.merge import MergeArguments, merge
 
+F16_TOLERANCE = 0.03  # of the largest logit: llama.cpp computes with f16 weights and activations
+
 
 def heldout_lines() -> dict[str, list[str]]:
     """Held-out Tibetan (classical and modern), English, Chinese, and mixed Tibetan + English lines."""
@@ -127,9 +129,9 @@ def test_llama_cpp_f16_logits_and_greedy_generation_match(exported):
             llm.reset()
             llm.eval(ids)
             got = np.asarray(llm.scores[: len(ids)])
-            # llama.cpp rounds weights and activations to f16 (0.15-0.17 apart at logits of about 20): 1% of the
-            # largest logit; a wrong tensor or token mapping is several units off
-            assert np.abs(got - want).max() < 0.01 * np.abs(want).max(), text
+            # llama.cpp rounds weights and activations to f16: 0.15-0.33 apart at logits of about 20, from run to
+            # run; a wrong tensor or token mapping is several units off
+            assert np.abs(got - want).max() < F16_TOLERANCE * np.abs(want).max(), text
         ids = tok.encode("Once upon a time")
         with torch.no_grad():
             want = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()
@@ -139,7 +141,13 @@ def test_llama_cpp_f16_logits_and_greedy_generation_match(exported):
             got.append(t)
             if len(got) == len(want) or t == llm.token_eos():
                 break
-        assert got == want
+        # every token llama.cpp picks greedily is a best next token for the Hugging Face model too, up to the f16
+        # error above (where two tokens nearly tie, f16 rounding may pick the other, and the paths part)
+        assert len(got) == len(want) or got[-1] == llm.token_eos()
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + got])).logits[0, len(ids) - 1 : -1]  # (len(got), V)
+        shortfall = logits.max(-1).values - logits.gather(1, torch.tensor(got)[:, None])[:, 0]
+        assert shortfall.max() < F16_TOLERANCE * logits.abs().max(), (shortfall, got, want)
 
 
 @pytest.mark.slow
