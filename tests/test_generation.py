@@ -14,6 +14,7 @@ from tests.conftest import HELDOUT, ROOT
 from yak import YakError
 from yak.generation import (
     Engine,
+    EngineFull,
     GenerationArguments,
     InferenceArguments,
     ModelArguments,
@@ -150,6 +151,25 @@ def test_streaming_matches_and_cancel_stops(engine, model_and_tokenizer):
     next(iter(streamer))
     long.cancel()
     assert long.wait(timeout=30).finish_reason == "cancelled" and len(long.output_ids) < 200
+
+
+def test_close_stops_the_worker_and_fails_what_is_left(model_and_tokenizer):
+    # Run at exit (atexit): a worker thread still inside the model when the interpreter stops aborts the process.
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, (), max_batch_size=1, max_total_tokens=512)  # no end token: answers run to the length
+    prompt = encode_raw(tokenizer, STARTS[0])
+    streamer = TextIteratorStreamer(tokenizer)
+    running = engine.submit(prompt, SamplingParams(max_new_tokens=500, temperature=0), streamer)
+    waiting = engine.submit(prompt, SamplingParams(max_new_tokens=5, temperature=0))
+    next(iter(streamer))
+    engine.close()
+    assert not engine._thread.is_alive()
+    for request in (running, waiting):
+        with pytest.raises(RuntimeError, match="shut down"):
+            request.wait(timeout=1)
+    assert len(running.output_ids) < 500
+    with pytest.raises(EngineFull, match="shutting down"):
+        engine.submit(prompt, GREEDY)
 
 
 def test_sampling_per_row_settings():

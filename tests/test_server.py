@@ -227,6 +227,26 @@ def test_a_stream_whose_client_goes_away_is_cancelled(tmp_path):
         proc.wait(timeout=30)
 
 
+def test_sigterm_while_answering_exits_cleanly(tmp_path):
+    """SIGTERM (run_main turns it into SystemExit) while the engine thread was inside the model aborted the
+    process ('terminate called without an active exception', SIGABRT) instead of exiting with 143."""
+    _tibetan_only_model(tmp_path / "dang")
+    proc, url = _start_server(tmp_path / "dang", "--temperature", "0", "--max_new_tokens", "2000",
+                              "--max_new_tokens_cap", "2000", "--max_total_tokens", "2200")
+    try:
+        req = urllib.request.Request(url + "/api/chat", data=json.dumps({"query": QUERIES[0], "stream": True})
+                                     .encode(), method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.readline().startswith(b"data: ")  # the answer is being generated
+            proc.terminate()
+            out = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 143 and "terminate called" not in out, (proc.returncode, out[-500:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def test_16_concurrent_requests_each_equal_its_answer_alone(server):
     queries = [f"{q} ({i})" for i, q in enumerate(QUERIES * 4)]
     alone = [_chat(server, q) for q in queries]

@@ -17,6 +17,7 @@ for the whole batch and its API differs between the 5.17 and 5.24 releases we ru
 
 from __future__ import annotations
 
+import atexit
 import collections
 import inspect
 import itertools
@@ -548,8 +549,13 @@ class Engine:
             if compile:
                 self._step_fn = torch.compile(self._decode_core, dynamic=True)
             self._capture_graphs()
+        self._closing = False
         self._thread = threading.Thread(target=self._loop, name="yak-engine", daemon=True)
         self._thread.start()
+        # A daemon thread still inside torch when the interpreter exits is stopped mid-call, which aborts the
+        # process ('terminate called without an active exception', SIGABRT) when a script ends while answering,
+        # e.g. on SIGTERM. Stop the worker at exit instead (atexit runs before daemon threads are stopped).
+        atexit.register(self.close)
 
     # ----------------------------------------------------------------------------------------- public
 
@@ -572,6 +578,8 @@ class Engine:
             raise ValueError("; ".join(problems))
         request = Request(prompt_ids, params, streamer)
         with self._cv:
+            if self._closing:
+                raise EngineFull("the engine is shutting down")
             if self.max_queue is not None and len(self._queue) >= self.max_queue:
                 raise EngineFull(f"{len(self._queue)} requests are waiting; try again later")
             self._queue.append(request)
@@ -595,6 +603,13 @@ class Engine:
             if progress is not None:
                 progress.update(1)
         return requests
+
+    def close(self, timeout: float | None = 30) -> None:
+        """Stop the worker after its current step; running and waiting requests fail, later submits too."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout)
 
     @property
     def load(self) -> dict:
@@ -672,8 +687,10 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._queue and not any(self._slots):
+                    while not self._queue and not any(self._slots) and not self._closing:
                         self._cv.wait()
+                    if self._closing:
+                        break
                     admitted = []
                     for slot, s in enumerate(self._slots):
                         if s is None and self._queue:
@@ -694,6 +711,12 @@ class Engine:
                         if s is not None:
                             s.request._finish(None, e)
                             self._slots[slot] = None
+        closed = RuntimeError("the engine was shut down")
+        with self._cv:
+            waiting, self._queue = list(self._queue), collections.deque()
+        for request in waiting + [s.request for s in self._slots if s is not None]:
+            request._finish(None, closed)
+        self._slots = [None] * len(self._slots)
 
     def _admit(self, admitted: list[tuple[int, Request]]) -> None:
         """Prefill new requests in groups of at most ``prefill_tokens`` (padded) tokens; sample their first token."""
@@ -751,7 +774,7 @@ class Engine:
             outlives = any(len(r.output_ids) + 1 < r.params.max_new_tokens for r in requests)  # step t's length
             greedy = all(r.params.greedy for r in requests)
             admissible = self._queue and len(requests) < len(self._slots)  # unlocked read: at worst a step late
-            ahead = self._launch() if outlives and greedy and not admissible else None
+            ahead = self._launch() if outlives and greedy and not admissible and not self._closing else None
             self._collect(step)
             if ahead is None:
                 return
