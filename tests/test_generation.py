@@ -230,6 +230,8 @@ def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
     # the engine caps --max_total_tokens (default 2048) at the model's 512 positions: every input was refused
     with pytest.raises(YakError, match="--max_new_tokens 600 leaves no room for the prompt in the model's 512"):
         run_inference(model, GenerationArguments(max_new_tokens=600), InferenceArguments(interactive=True))
+    with pytest.raises(YakError, match="--max_new_tokens 600 leaves no room for the prompt in the model's 512"):
+        build_service(model, GenerationArguments(max_new_tokens=600), ServerArguments())  # every request was a 400
     empty = GenerationArguments(max_batch_size=0, temperature=-1)
     with pytest.raises(YakError, match="--temperature must be in .*--max_batch_size must be at least 1"):
         run_inference(model, empty, InferenceArguments(data_file=str(data)))

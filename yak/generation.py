@@ -152,6 +152,14 @@ class GenerationArguments:
                        f"{self.max_total_tokens}")
         return out
 
+    def check_room(self, max_total_tokens: int) -> None:
+        """Raise a :class:`YakError` when ``--max_new_tokens`` leaves no room for a prompt in the loaded model's
+        ``max_total_tokens``, which the engine caps at the model's context: every answer would be refused."""
+        if self.max_new_tokens >= max_total_tokens:
+            raise YakError(f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt in the model's "
+                           f"{max_total_tokens} positions (its max_position_embeddings, below --max_total_tokens "
+                           f"{self.max_total_tokens}); lower --max_new_tokens")
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
@@ -939,10 +947,7 @@ def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf
     lines = _read_inputs(inf_args.data_file) if inf_args.data_file else []
     logger.info("options: %s %s %s", model_args, gen_args, inf_args)
     backend = (_VllmBackend if inf_args.use_vllm else _EngineBackend)(model_args, gen_args)
-    if gen_args.max_new_tokens >= backend.max_total_tokens:  # the engine caps it at the model's context
-        raise YakError(f"--max_new_tokens {gen_args.max_new_tokens} leaves no room for the prompt in the model's "
-                       f"{backend.max_total_tokens} positions (its max_position_embeddings, below "
-                       f"--max_total_tokens {gen_args.max_total_tokens}); lower --max_new_tokens")
+    gen_args.check_room(backend.max_total_tokens)
     if inf_args.interactive:
         _interactive(backend, gen_args, inf_args.with_prompt)
     else:

@@ -433,6 +433,11 @@ def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
         raise YakError("; ".join(problems))
     model, tokenizer = load_for_inference(model_args)
     engine = gen_args.build_engine(model, tokenizer, max_queue=server_args.max_queue)
+    try:
+        gen_args.check_room(engine.max_total_tokens)
+    except YakError:
+        engine.close()
+        raise
     name = server_args.model_name or os.path.basename(os.path.normpath(model_args.base_model))
     return ChatService(engine, tokenizer, defaults, gen_args.system_prompt, server_args, name)
 
