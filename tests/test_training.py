@@ -287,6 +287,22 @@ def test_resume_refuses_changed_settings_and_lists_each_difference(pt_dir, tmp_p
     assert json.loads(run_file.read_text())["identity"]["learning_rate"] == 1e-3  # recorded in full again
 
 
+def test_resume_from_another_working_directory(tmp_path, monkeypatch):
+    """A run started with relative paths resumes from another directory given the same folders absolutely
+    (was refused: the run file kept 'data/pt', which names nothing from elsewhere)."""
+    from yak.training import _identity, _identity_differences
+
+    folders = ("models/stories260K", "tokenizer/stories260K_bo/merged_tokenizer_hf", "data/pt")
+    relative = ["--model_name_or_path", folders[0], "--tokenizer_name_or_path", folders[1], "--dataset_dir",
+                folders[2], "--stage", "1", "--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--use_cpu"]
+    monkeypatch.chdir(ROOT)
+    recorded = json.loads(json.dumps(_identity(*parse_train_args(relative))))  # as the run file keeps it
+    monkeypatch.chdir(tmp_path)
+    absolute = [str(ROOT / a) if a in folders else a for a in relative]
+    assert _identity_differences(recorded, _identity(*parse_train_args(absolute))) == []
+    assert _identity_differences(recorded, _identity(*parse_train_args(relative))) != []  # names nothing here
+
+
 def test_resume_compares_folders_not_how_they_are_written(pt_dir):
     from yak.training import _identity_differences
 
