@@ -141,6 +141,16 @@ def test_parse_args_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     assert args.lr == 2e-4
 
 
+def test_parse_args_yaml_numbers_without_a_dot_inside_a_dict(tmp_path):
+    """As the command line's JSON reads them (was the string '1e-5': a TypeError in the scheduler)."""
+    from transformers import TrainingArguments
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: o\nlr_scheduler_kwargs: {min_lr: 1e-5, num_cycles: 2}\nrun_name: '1e3'\n")
+    (args,) = parse_args([TrainingArguments], [str(cfg)])
+    assert args.lr_scheduler_kwargs == {"min_lr": 1e-5, "num_cycles": 2} and args.run_name == "1e3"
+
+
 def test_chat_template_renders_llama2_format(tiny_model_dir):
     from transformers import AutoTokenizer
 

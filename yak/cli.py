@@ -44,7 +44,7 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
 
         try:
             with open(path, encoding="utf-8") as f:
-                config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+                config = json.load(f) if path.endswith(".json") else yaml.load(f, Loader=_yaml_loader())
         except (ValueError, yaml.YAMLError) as e:
             raise YakError(f"config file {path} cannot be read: {e}") from e
         problems = _check_config(parser, config)
@@ -58,6 +58,25 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
         return parser.parse_args_into_dataclasses(args=args)
     except ValueError as e:  # unknown options
         raise YakError(f"{e}; run with --help for the options") from e
+
+
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2's (and JSON's) floats: YAML 1.1 reads ``1e-5`` (no dot) as a string,
+    which :func:`_check_config` converts for an option but not inside a dict such as ``lr_scheduler_kwargs:
+    {min_lr: 1e-5}`` (a TypeError in the scheduler once the model had loaded; the command line's JSON reads
+    a number)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(  # copies the resolvers of SafeLoader first: SafeLoader is left as it is
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return Loader
 
 
 def _check_config(parser, config) -> list[str]:
