@@ -854,6 +854,19 @@ def test_run_pt_sh_on_cpu(tmp_path):
     assert _loss(model, tok, heldout) < 12  # the resized base model: about 23.6
 
 
+def test_run_pt_sh_with_overwrite_trains_stage_1_again(tmp_path):
+    """run_pt.sh --overwrite_output_dir starts both stages again: it skipped a finished stage 1 and trained
+    stage 2 on it (a new TOKENIZER or stage-1 setting was ignored). A refused option stops it early here."""
+    (tmp_path / "pt" / "stage1").mkdir(parents=True)
+    (tmp_path / "pt" / "stage1" / "yak_adapter.json").write_text("{}")  # a finished stage 1
+    env = {**os.environ, "OUT": str(tmp_path / "pt"), "CACHE": str(tmp_path / "cache")}
+    args = ["--overwrite_output_dir", "--max_train_tokens", "0"]
+    result = subprocess.run(["bash", str(ROOT / "run_pt.sh"), *args], capture_output=True, text=True,
+                            check=False, env=env, timeout=300)
+    assert result.returncode != 0 and "--max_train_tokens must be a positive number" in result.stderr
+    assert "stage 1 already finished" not in result.stdout
+
+
 def test_untied_model_without_lm_head_in_modules_to_save_is_refused_before_training(
     untied_model_dir, pt_dir, tmp_path
 ):
