@@ -111,6 +111,8 @@ class _Typed:
         ('{"folders": "one"}', (False, "a,b", ["one"])),  # one folder, not its characters
         ('{"overwrite": "maybe"}', "must be true or false"),
         ('{"modules": ["a", "b"]}', "must be a string"),
+        ('{"modules": null}', "'modules' has no value"),  # YAML's "modules:" (was None: a traceback later)
+        ('{"overwrite": null}', "'overwrite' has no value"),
     ],
 )
 def test_parse_args_config_file_bools_strings_and_lists(tmp_path, text, expected):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -91,10 +92,18 @@ def _check_config(parser, config) -> list[str]:
     if not isinstance(config, dict):
         return [f"expected a mapping of option names to values, found {type(config).__name__}"]
     actions = {a.dest: a for a in parser._actions}
-    strings = {k for t in parser.dataclass_types for k, hint in typing.get_type_hints(t).items() if hint is str}
+    hints = {k: hint for t in parser.dataclass_types for k, hint in typing.get_type_hints(t).items()}
+    strings = {k for k, hint in hints.items() if hint is str}
+    # options that the command line cannot set to None (YAML's "key:" with no value is null): the program
+    # would meet None where it expects a value (e.g. modules_to_save: None.split, an AttributeError)
+    defaults = {f.name: f.default for t in parser.dataclass_types for f in dataclasses.fields(t)}
+    not_null = {k for k, hint in hints.items() if type(None) not in typing.get_args(hint) and hint is not typing.Any
+                and defaults.get(k) is not None}
     problems = [f"'{a.dest}' is required" for a in parser._actions if a.required and a.dest not in config]
     for key, value in config.items():
         action = actions.get(key)
+        if value is None and key in not_null:
+            problems.append(f"'{key}' has no value; give one (e.g. '' for an empty list of names) or leave it out")
         if action is None or value is None:  # unknown keys are reported by parse_dict
             continue
         if action.nargs in ("+", "*") and not isinstance(value, list):
