@@ -89,8 +89,9 @@ else
 fi
 
 # Stage 1: embeddings only; every other weight stays as in the base model.
-# Started again after a crash in stage 2, the script goes on with stage 2 (which resumes from its checkpoint).
-if [ -f "$OUT/stage1/yak_adapter.json" ]; then
+# Started again after a crash in stage 2, the script goes on with stage 2 (which resumes from its checkpoint);
+# with --overwrite_output_dir both stages are trained again (not stage 2 alone, on the old stage 1).
+if [ -f "$OUT/stage1/yak_adapter.json" ] && [[ " $* " != *" --overwrite_output_dir "* ]]; then
   echo "stage 1 already finished in $OUT/stage1 (delete that folder to train it again): going on with stage 2"
 else
   "${LAUNCH[@]}" train.py "${COMMON[@]}" \

@@ -111,6 +111,8 @@ class _Typed:
         ('{"folders": "one"}', (False, "a,b", ["one"])),  # one folder, not its characters
         ('{"overwrite": "maybe"}', "must be true or false"),
         ('{"modules": ["a", "b"]}', "must be a string"),
+        ('{"modules": null}', "'modules' has no value"),  # YAML's "modules:" (was None: a traceback later)
+        ('{"overwrite": null}', "'overwrite' has no value"),
     ],
 )
 def test_parse_args_config_file_bools_strings_and_lists(tmp_path, text, expected):
@@ -139,6 +141,16 @@ def test_parse_args_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     cfg.write_text("lr: 2e-4\n")  # PyYAML reads this as the string '2e-4'
     (args,) = parse_args([_Args], [str(cfg)])
     assert args.lr == 2e-4
+
+
+def test_parse_args_yaml_numbers_without_a_dot_inside_a_dict(tmp_path):
+    """As the command line's JSON reads them (was the string '1e-5': a TypeError in the scheduler)."""
+    from transformers import TrainingArguments
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: o\nlr_scheduler_kwargs: {min_lr: 1e-5, num_cycles: 2}\nrun_name: '1e3'\n")
+    (args,) = parse_args([TrainingArguments], [str(cfg)])
+    assert args.lr_scheduler_kwargs == {"min_lr": 1e-5, "num_cycles": 2} and args.run_name == "1e3"
 
 
 def test_chat_template_renders_llama2_format(tiny_model_dir):

@@ -287,6 +287,22 @@ def test_resume_refuses_changed_settings_and_lists_each_difference(pt_dir, tmp_p
     assert json.loads(run_file.read_text())["identity"]["learning_rate"] == 1e-3  # recorded in full again
 
 
+def test_resume_from_another_working_directory(tmp_path, monkeypatch):
+    """A run started with relative paths resumes from another directory given the same folders absolutely
+    (was refused: the run file kept 'data/pt', which names nothing from elsewhere)."""
+    from yak.training import _identity, _identity_differences
+
+    folders = ("models/stories260K", "tokenizer/stories260K_bo/merged_tokenizer_hf", "data/pt")
+    relative = ["--model_name_or_path", folders[0], "--tokenizer_name_or_path", folders[1], "--dataset_dir",
+                folders[2], "--stage", "1", "--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--use_cpu"]
+    monkeypatch.chdir(ROOT)
+    recorded = json.loads(json.dumps(_identity(*parse_train_args(relative))))  # as the run file keeps it
+    monkeypatch.chdir(tmp_path)
+    absolute = [str(ROOT / a) if a in folders else a for a in relative]
+    assert _identity_differences(recorded, _identity(*parse_train_args(absolute))) == []
+    assert _identity_differences(recorded, _identity(*parse_train_args(relative))) != []  # names nothing here
+
+
 def test_resume_compares_folders_not_how_they_are_written(pt_dir):
     from yak.training import _identity_differences
 
@@ -836,6 +852,19 @@ def test_run_pt_sh_on_cpu(tmp_path):
     )
     heldout = (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text(encoding="utf-8")[:3000]
     assert _loss(model, tok, heldout) < 12  # the resized base model: about 23.6
+
+
+def test_run_pt_sh_with_overwrite_trains_stage_1_again(tmp_path):
+    """run_pt.sh --overwrite_output_dir starts both stages again: it skipped a finished stage 1 and trained
+    stage 2 on it (a new TOKENIZER or stage-1 setting was ignored). A refused option stops it early here."""
+    (tmp_path / "pt" / "stage1").mkdir(parents=True)
+    (tmp_path / "pt" / "stage1" / "yak_adapter.json").write_text("{}")  # a finished stage 1
+    env = {**os.environ, "OUT": str(tmp_path / "pt"), "CACHE": str(tmp_path / "cache")}
+    args = ["--overwrite_output_dir", "--max_train_tokens", "0"]
+    result = subprocess.run(["bash", str(ROOT / "run_pt.sh"), *args], capture_output=True, text=True,
+                            check=False, env=env, timeout=300)
+    assert result.returncode != 0 and "--max_train_tokens must be a positive number" in result.stderr
+    assert "stage 1 already finished" not in result.stdout
 
 
 def test_untied_model_without_lm_head_in_modules_to_save_is_refused_before_training(

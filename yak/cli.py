@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -44,7 +45,7 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
 
         try:
             with open(path, encoding="utf-8") as f:
-                config = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+                config = json.load(f) if path.endswith(".json") else yaml.load(f, Loader=_yaml_loader())
         except (ValueError, yaml.YAMLError) as e:
             raise YakError(f"config file {path} cannot be read: {e}") from e
         problems = _check_config(parser, config)
@@ -60,6 +61,25 @@ def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = Non
         raise YakError(f"{e}; run with --help for the options") from e
 
 
+def _yaml_loader():
+    """PyYAML's safe loader with YAML 1.2's (and JSON's) floats: YAML 1.1 reads ``1e-5`` (no dot) as a string,
+    which :func:`_check_config` converts for an option but not inside a dict such as ``lr_scheduler_kwargs:
+    {min_lr: 1e-5}`` (a TypeError in the scheduler once the model had loaded; the command line's JSON reads
+    a number)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(  # copies the resolvers of SafeLoader first: SafeLoader is left as it is
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
 def _check_config(parser, config) -> list[str]:
     """What argparse would refuse on the command line, checked on a config file's values, which
     ``parse_dict`` passes to the dataclasses unchecked (a missing required option is a TypeError there, a
@@ -72,10 +92,18 @@ def _check_config(parser, config) -> list[str]:
     if not isinstance(config, dict):
         return [f"expected a mapping of option names to values, found {type(config).__name__}"]
     actions = {a.dest: a for a in parser._actions}
-    strings = {k for t in parser.dataclass_types for k, hint in typing.get_type_hints(t).items() if hint is str}
+    hints = {k: hint for t in parser.dataclass_types for k, hint in typing.get_type_hints(t).items()}
+    strings = {k for k, hint in hints.items() if hint is str}
+    # options that the command line cannot set to None (YAML's "key:" with no value is null): the program
+    # would meet None where it expects a value (e.g. modules_to_save: None.split, an AttributeError)
+    defaults = {f.name: f.default for t in parser.dataclass_types for f in dataclasses.fields(t)}
+    not_null = {k for k, hint in hints.items() if type(None) not in typing.get_args(hint) and hint is not typing.Any
+                and defaults.get(k) is not None}
     problems = [f"'{a.dest}' is required" for a in parser._actions if a.required and a.dest not in config]
     for key, value in config.items():
         action = actions.get(key)
+        if value is None and key in not_null:
+            problems.append(f"'{key}' has no value; give one (e.g. '' for an empty list of names) or leave it out")
         if action is None or value is None:  # unknown keys are reported by parse_dict
             continue
         if action.nargs in ("+", "*") and not isinstance(value, list):

@@ -72,6 +72,8 @@ RUN_IDENTITY = (
     "loraplus_lr_ratio", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
     "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
 )  # fmt: skip
+# the RUN_IDENTITY settings that name folders or files (a run file of an older version has them as typed)
+PATH_SETTINGS = ("model_name_or_path", "tokenizer_name_or_path", "adapters", "dataset_dir")
 DESCRIPTION = (
     "Continued pretraining (--task pt; --stage 1 trains the embeddings only, --stage 2 adds LoRA+ adapters "
     "and keeps training the embeddings) and instruction tuning (--task sft, LoRA+) of a Llama-2-family model "
@@ -384,7 +386,9 @@ def _identity(model_args, stage_args, data_args, training_args) -> dict:
         settings["loraplus_lr_ratio"] = None
     if settings["max_steps"] > 0 or stage_args.max_train_tokens:  # the length is not in epochs
         settings["num_train_epochs"] = None
-    return {k: settings.get(k) for k in RUN_IDENTITY}
+    # folders recorded as the places they name, so that a restart from another working directory (or with
+    # the absolute path for a relative one) is the same run
+    return {k: _same_place(settings.get(k)) if k in PATH_SETTINGS else settings.get(k) for k in RUN_IDENTITY}
 
 
 def _identity_differences(previous: dict, identity: dict) -> list[str]:
@@ -394,7 +398,7 @@ def _identity_differences(previous: dict, identity: dict) -> list[str]:
     return [
         f"{what.get(k, k)}: {previous[k]!r} there, {v!r} now"
         for k, v in identity.items()
-        if _same_place(previous.get(k, v)) != _same_place(v)
+        if (_same_place(previous.get(k, v)) != _same_place(v) if k in PATH_SETTINGS else previous.get(k, v) != v)
     ]
 
 
