@@ -150,6 +150,9 @@ class GenerationArguments:
         if self.max_total_tokens < 2:
             out.append(f"--max_total_tokens must be at least 2 (a prompt token and an answer token), got "
                        f"{self.max_total_tokens}")
+        elif self.max_new_tokens >= self.max_total_tokens:  # every request would be refused
+            out.append(f"--max_new_tokens {self.max_new_tokens} leaves no room for the prompt in "
+                       f"--max_total_tokens {self.max_total_tokens}")
         return out
 
     def check_room(self, max_total_tokens: int) -> None:
@@ -928,9 +931,6 @@ class _VllmBackend:
 def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf_args: InferenceArguments) -> None:
     """``inference_hf.py``: interactive chat or file predictions, with the engine or vLLM."""
     problems = gen_args.problems()
-    if gen_args.max_new_tokens >= gen_args.max_total_tokens:  # interactive mode would refuse every input
-        problems.append(f"--max_new_tokens {gen_args.max_new_tokens} leaves no room for the prompt in "
-                        f"--max_total_tokens {gen_args.max_total_tokens}")
     if inf_args.interactive == (inf_args.data_file is not None):
         problems.append("give exactly one of --interactive and --data_file")
     if inf_args.data_file is not None and not os.path.isfile(inf_args.data_file):
