@@ -5,7 +5,7 @@ Both train the same Llama-2-shaped model (random weights, built on the GPU) on t
 * naive: ``Trainer`` + peft LoRA r64/alpha128 on the seven projections, ``embed_tokens``/``lm_head`` in
   ``modules_to_save``, bf16 weights, SDPA, gradient checkpointing (the setup of ../shared/bench, i.e. the
   original project's ``run_pt.sh``); stage 1 trains the embeddings only;
-* project: ``yak.training.build_model`` + ``YakTrainer`` (LoRA+ groups, embedding learning rate, fp32
+* project: ``yak.training.model.build_model`` + ``YakTrainer`` (LoRA+ groups, embedding learning rate, fp32
   trainable weights), with the speed options of ``run_pt.sh`` on GPUs: ``--compile_layers`` and no
   gradient checkpointing.
 
@@ -134,7 +134,7 @@ def naive_trainer(model, stage: int, args, dataset, callbacks):
     import peft
     from transformers import Trainer
 
-    from yak.training import collate_blocks
+    from yak.training.run import collate_blocks
 
     if stage == 1:
         for n, p in model.named_parameters():
@@ -149,7 +149,10 @@ def naive_trainer(model, stage: int, args, dataset, callbacks):
 def project_trainer(model, stage: int, args, dataset, callbacks, tokenizer_dir: str, compile_layers: bool):
     from yak.modeling import ModelArguments
     from yak.tokenizer import load_tokenizer
-    from yak.training import StageArguments, YakTrainer, build_model, collate_blocks
+    from yak.training.arguments import StageArguments
+    from yak.training.model import build_model
+    from yak.training.run import collate_blocks
+    from yak.training.trainer import YakTrainer
 
     model_args = ModelArguments(model_name_or_path="random", tokenizer_name_or_path=tokenizer_dir,
                                 base_tokenizer_name_or_path=tokenizer_dir, torch_dtype="bfloat16",

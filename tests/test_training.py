@@ -26,15 +26,12 @@ from yak.modeling import (
     resize_and_init_embeddings,
     save_embeddings,
 )
-from yak.training import (
-    COMPLETE_MARKER,
-    StageArguments,
-    build_model,
-    optimizer_groups,
-    parse_train_args,
-    resolve_schedule,
-    run_training,
-)
+from yak.training import parse_train_args, run_training
+from yak.training.arguments import StageArguments
+from yak.training.model import build_model
+from yak.training.run_folder import COMPLETE_MARKER
+from yak.training.schedule import resolve_schedule
+from yak.training.trainer import optimizer_groups
 
 MERGED_TOKENIZER = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"
 STORY = (
@@ -290,7 +287,7 @@ def test_resume_refuses_changed_settings_and_lists_each_difference(pt_dir, tmp_p
 def test_resume_from_another_working_directory(tmp_path, monkeypatch):
     """A run started with relative paths resumes from another directory given the same folders absolutely
     (was refused: the run file kept 'data/pt', which names nothing from elsewhere)."""
-    from yak.training import _identity, _identity_differences
+    from yak.training.run_folder import _identity, _identity_differences
 
     folders = ("models/stories260K", "tokenizer/stories260K_bo/merged_tokenizer_hf", "data/pt")
     relative = ["--model_name_or_path", folders[0], "--tokenizer_name_or_path", folders[1], "--dataset_dir",
@@ -304,7 +301,7 @@ def test_resume_from_another_working_directory(tmp_path, monkeypatch):
 
 
 def test_resume_compares_folders_not_how_they_are_written(pt_dir):
-    from yak.training import _identity_differences
+    from yak.training.run_folder import _identity_differences
 
     same = str(pt_dir.parent / ".." / pt_dir.parent.name / pt_dir.name)
     assert _identity_differences({"dataset_dir": str(pt_dir), "adapters": [str(pt_dir)]},
@@ -319,22 +316,22 @@ def test_save_total_limit_keeps_the_last_complete_checkpoint_until_the_next_is_c
 ):
     """Killed after checkpoint-4's files but before its marker (under ZeRO, while other ranks still write their
     shards): with --save_total_limit 1, checkpoint-2 must still be there to resume from."""
-    import yak.training
+    import yak.training.trainer
 
-    write = yak.training.atomic_write_json
+    write = yak.training.trainer.atomic_write_json
 
     def killed_at_marker_4(path, obj):
         if path.name == COMPLETE_MARKER and path.parent.name == "checkpoint-4":
             raise KeyboardInterrupt("simulated kill while saving")
         write(path, obj)
 
-    monkeypatch.setattr(yak.training, "atomic_write_json", killed_at_marker_4)
+    monkeypatch.setattr(yak.training.trainer, "atomic_write_json", killed_at_marker_4)
     out = tmp_path / "run"
     extra = ("--stage", "1", "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "1")
     with pytest.raises(KeyboardInterrupt):
         run_training(*parse_train_args(argv(pt_dir, out, *extra)))
     assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
-    monkeypatch.setattr(yak.training, "atomic_write_json", write)
+    monkeypatch.setattr(yak.training.trainer, "atomic_write_json", write)
     run_training(*parse_train_args(argv(pt_dir, out, *extra)))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
 

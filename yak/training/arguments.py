@@ -1,0 +1,313 @@
+"""The options of a training run: the stage's own options, the parse, and the up-front checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from yak import YakError
+from yak.cli import parse_args
+from yak.io import inputs_inside
+from yak.modeling import DTYPES, ModelArguments, adapter_kind, adapter_order_problems, kbits_problem
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = (
+    "Continued pretraining (--task pt; --stage 1 trains the embeddings only, --stage 2 adds LoRA+ adapters "
+    "and keeps training the embeddings) and instruction tuning (--task sft, LoRA+) of a Llama-2-family model "
+    "with a merged tokenizer. Options come from the command line or one JSON/YAML file; every "
+    "transformers TrainingArguments option is accepted (run under torchrun and --deepspeed for several "
+    "GPUs). Checkpoints are resumed automatically from output_dir. See docs/training.md."
+)
+
+
+@dataclass
+class StageArguments:
+    """What is trained, with which learning rates, for how long."""
+
+    task: str = field(
+        default="pt",
+        metadata={"help": "pt: continued pretraining; sft: instruction tuning.", "choices": ["pt", "sft"]},
+    )
+    stage: int = field(
+        default=2,
+        metadata={
+            "help": "pt only. 1: train only the embeddings (embed_tokens, lm_head), every other weight "
+            "frozen; 2: LoRA on --trainable plus the embeddings (--modules_to_save).",
+            "choices": [1, 2],
+        },
+    )
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(
+        default=128.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    trainable: str = field(
+        default="q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj",
+        metadata={"help": "Comma-separated module names that get LoRA adapters (stage 2, SFT)."},
+    )
+    modules_to_save: str = field(
+        default="embed_tokens,lm_head",
+        metadata={
+            "help": "Comma-separated modules trained in full next to LoRA (stage 2, SFT); '' for none."
+        },
+    )
+    loraplus_lr_ratio: float = field(
+        default=16.0,
+        metadata={
+            "help": "LoRA+: learning rate of the B matrices over that of the A matrices (which use "
+            "--learning_rate); 16 as in the LoRA+ paper (arXiv:2402.12354). 1 = plain LoRA."
+        },
+    )
+    embedding_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the trained embeddings (embed_tokens, lm_head); default: "
+            "--learning_rate."
+        },
+    )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Warm-up as a fraction of the total steps (the original's flag); converted to "
+            "--warmup_steps, and refused when the warm-up would outlast an epoch of a run whose length "
+            "comes from --num_train_epochs."
+        },
+    )
+    max_train_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "pt only: train on this many tokens (sets --max_steps from block_size, batch size, "
+            "gradient accumulation and the number of processes)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete an output_dir that holds a run with other settings (or a finished run) and "
+            "start again; without it such a folder is an error."
+        },
+    )
+    plot_loss: bool = field(
+        default=True, metadata={"help": "Write loss.png (training/validation loss) at the end."}
+    )
+
+    def trainable_modules(self) -> list[str]:
+        return [m.strip() for m in self.trainable.split(",") if m.strip()]
+
+    def saved_modules(self) -> list[str]:
+        return [m.strip() for m in self.modules_to_save.split(",") if m.strip()]
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.task == "sft" or self.stage == 2
+
+
+def _data_arguments_class(task: str):
+    # imported lazily: pt needs only yak.data, sft only yak.sft
+    if task == "sft":
+        from yak.sft import SFTDataArguments
+
+        return SFTDataArguments
+    from yak.data import DataArguments
+
+    return DataArguments
+
+
+def _peek_task(argv: Sequence[str]) -> str:
+    """The ``--task`` value from the command line or the config file, before the full parse."""
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
+        import yaml
+
+        text = Path(argv[0]).read_text(encoding="utf-8")
+        try:
+            config = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError):
+            return "pt"  # parse_args reports the broken file
+        return str(config.get("task", "pt")) if isinstance(config, dict) else "pt"
+    for i, arg in enumerate(argv):
+        if arg == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+    return "pt"
+
+
+def parse_train_args(argv: Sequence[str] | None = None):
+    """Parse ``(ModelArguments, StageArguments, data arguments, TrainingArguments)``.
+
+    The data arguments are ``yak.data.DataArguments`` for ``--task pt`` and ``yak.sft.SFTDataArguments``
+    for ``--task sft``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task = _peek_task(argv)
+    if task not in ("pt", "sft"):
+        raise YakError(f"--task must be pt or sft, got {task!r}")
+    classes = [ModelArguments, StageArguments, _data_arguments_class(task), TrainingArguments]
+    return parse_args(classes, argv, description=DESCRIPTION)
+
+
+def _checkpoint_dtype(model_dir: str) -> torch.dtype:
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype or torch.float32
+
+
+def _report_to_problems(report_to: list[str]) -> list[str]:
+    """``--report_to`` names that transformers does not know or whose package is not installed (the Trainer
+    would only fail on them once the data is tokenized and the model loaded)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    problems = []
+    for name in report_to:
+        if name in installed:
+            continue
+        found = "its package is not installed" if name in INTEGRATION_TO_CALLBACK else "unknown"
+        problems.append(
+            f"--report_to {name}: {found}; choose none, all or an installed integration "
+            f"({', '.join(installed) or 'none is installed'}; transformers knows "
+            f"{', '.join(INTEGRATION_TO_CALLBACK)})"
+        )
+    return problems
+
+
+def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args, training_args):
+    """Check every option up front; raise one :class:`YakError` listing all problems.
+
+    Returns:
+        ``training_args``, with mixed precision switched on to match ``--torch_dtype`` (one dtype option:
+        bfloat16 weights train under bf16 autocast, float16 under fp16).
+    """
+    from transformers import AutoConfig
+
+    problems = []
+    model_dir = model_args.model_name_or_path
+    config = None
+    if not model_dir:
+        problems.append("--model_name_or_path is required")
+    elif not (Path(model_dir) / "config.json").is_file():
+        problems.append(f"--model_name_or_path {model_dir}: no config.json there")
+    else:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    for name in ("tokenizer_name_or_path", "base_tokenizer_name_or_path"):
+        path = getattr(model_args, name)
+        if path and not Path(path).is_dir():
+            problems.append(f"--{name} {path} is not a folder")
+    for a in model_args.adapters:
+        try:
+            adapter_kind(a)
+        except YakError as e:
+            problems.append(f"--adapters: {e}")
+    problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
+    kbits = kbits_problem(model_args.load_in_kbits)  # the model loads only after the data work
+    if kbits:
+        problems.append(kbits)
+    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
+              data_args.dataset_dir, *model_args.adapters]
+    # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
+    for path in inputs_inside(training_args.output_dir, inputs):
+        problems.append(
+            f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
+        )
+    problems += _report_to_problems(training_args.report_to)
+    if stage_args.task == "sft" and stage_args.stage == 1:
+        problems.append(
+            "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
+        )
+    if stage_args.max_train_tokens is not None and stage_args.max_train_tokens < 1:
+        problems.append(f"--max_train_tokens must be a positive number of tokens, got {stage_args.max_train_tokens}")
+    if stage_args.max_train_tokens and training_args.max_steps > 0:
+        problems.append("give either --max_train_tokens or --max_steps, not both")
+    if stage_args.task == "sft" and stage_args.max_train_tokens:
+        problems.append("--max_train_tokens is for --task pt (SFT sequences vary in length); use --max_steps")
+    if stage_args.uses_lora and not stage_args.trainable_modules():
+        problems.append("--trainable is empty: LoRA needs at least one module (e.g. q_proj,v_proj)")
+    if stage_args.uses_lora and stage_args.lora_rank < 1:
+        problems.append(f"--lora_rank must be at least 1, got {stage_args.lora_rank}")
+    if stage_args.uses_lora and not 0 <= stage_args.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1), got {stage_args.lora_dropout}")
+    if stage_args.embedding_learning_rate is not None and stage_args.embedding_learning_rate <= 0:
+        problems.append(
+            f"--embedding_learning_rate must be positive, got {stage_args.embedding_learning_rate} (to keep "
+            "the embeddings frozen in stage 2 or SFT, leave them out of --modules_to_save)"
+        )
+    if stage_args.loraplus_lr_ratio < 1:
+        problems.append(
+            f"--loraplus_lr_ratio must be >= 1 (B learns at least as fast as A), got "
+            f"{stage_args.loraplus_lr_ratio}"
+        )
+    if stage_args.warmup_ratio is not None:
+        if not 0 <= stage_args.warmup_ratio < 1:
+            problems.append(f"--warmup_ratio must be in [0, 1), got {stage_args.warmup_ratio}")
+        if training_args.warmup_steps:
+            problems.append("give either --warmup_ratio or --warmup_steps, not both")
+    if getattr(data_args, "block_size", 2) < 2:  # the data module allows 1 (token counts); training does not
+        problems.append(
+            f"--block_size {data_args.block_size} must be at least 2: each token is trained to predict the next "
+            "one in its block, so a block of one token has nothing to predict (the run would log loss 0)"
+        )
+    length = getattr(data_args, "block_size", None) or getattr(data_args, "max_seq_length", None)
+    context = getattr(config, "max_position_embeddings", None)
+    if length and context and length > context:
+        option = "--block_size" if hasattr(data_args, "block_size") else "--max_seq_length"
+        problems.append(
+            f"{option} {length} is longer than the model's context ({context} positions, "
+            "max_position_embeddings in its config.json)"
+        )
+    if config is not None:
+        dtype = (
+            _checkpoint_dtype(model_dir)
+            if model_args.torch_dtype == "auto"
+            else DTYPES[model_args.torch_dtype]
+        )
+        if dtype == torch.bfloat16 and training_args.fp16:
+            problems.append("--fp16 with bfloat16 weights: use --bf16 (or --torch_dtype float32)")
+        elif dtype == torch.float16 and training_args.bf16:
+            problems.append("--bf16 with float16 weights (the original's defect): use --torch_dtype bfloat16")
+        elif dtype == torch.float16 and (training_args.use_cpu or not torch.cuda.is_available()):
+            # fp16 mixed precision needs CUDA; on the CPU the fp32 trained rows met fp16 activations (a traceback)
+            problems.append("--torch_dtype float16 trains on GPUs only: on the CPU use bfloat16 or float32")
+        elif dtype == torch.bfloat16 and not training_args.bf16:
+            logger.info(
+                "--torch_dtype %s: bfloat16 weights, so bf16 mixed precision is on", model_args.torch_dtype
+            )
+            training_args = dataclasses.replace(training_args, bf16=True)
+        elif dtype == torch.float16 and not training_args.fp16:
+            logger.info(
+                "--torch_dtype %s: float16 weights, so fp16 mixed precision is on", model_args.torch_dtype
+            )
+            training_args = dataclasses.replace(training_args, fp16=True)
+    if problems:
+        raise YakError("invalid training options:\n  - " + "\n  - ".join(problems))
+    return training_args
+
+
+def _tokenizer_dir(model_args: ModelArguments) -> str:
+    """The tokenizer: --tokenizer_name_or_path, else the last adapter folder with one, else the model's."""
+    from yak.modeling import has_tokenizer
+
+    if model_args.tokenizer_name_or_path:
+        return model_args.tokenizer_name_or_path
+    with_tokenizer = [a for a in model_args.adapters if has_tokenizer(a)]
+    return with_tokenizer[-1] if with_tokenizer else model_args.model_name_or_path
+
+
+def _config_dict(*arg_objects) -> dict:
+    """The options as JSON-able dicts (TrainingArguments.to_dict masks secrets such as hub_token)."""
+    return {
+        type(obj).__name__: obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+        for obj in arg_objects
+    }

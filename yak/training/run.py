@@ -1,0 +1,190 @@
+"""Training: continued pretraining (stage 1: embeddings; stage 2: LoRA+ and embeddings) and SFT.
+
+One run reads top to bottom in :func:`run_training`: check the options, claim the output folder (or find
+the checkpoint to resume), load the tokenizer, build the datasets, load and prepare the model, fix the
+schedule, build the trainer, train, save, report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from yak import YakError
+from yak.modeling import ModelArguments, check_tokenizer_extends
+from yak.tokenizer import load_tokenizer
+from yak.training.arguments import StageArguments, _config_dict, _tokenizer_dir, check_args
+from yak.training.model import build_model
+from yak.training.report import _summary_table, plot_losses
+from yak.training.run_folder import _leave_process_group, prepare_output_dir
+from yak.training.schedule import resolve_schedule
+from yak.training.trainer import YakTrainer
+
+logger = logging.getLogger(__name__)
+
+FINAL_TMP = ".final.tmp"
+
+
+def collate_blocks(features: list[dict]) -> dict:
+    """Stack equal-length pretraining blocks; labels are the inputs (the model shifts them).
+
+    Hand-written because ``DataCollatorForLanguageModeling`` needs a pad token, which Llama's tokenizer
+    lacks, and blocks never need padding.
+    """
+    input_ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)  # (B, T)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def build_datasets(stage_args: StageArguments, data_args, tokenizer, training_args):
+    """The task's datasets and collator; the main process builds the cache first, the others load it."""
+    with training_args.main_process_first(local=False, desc="building the datasets"):
+        if stage_args.task == "sft":
+            from yak.sft import SFTDataCollator, build_sft_datasets
+
+            return build_sft_datasets(tokenizer, data_args, seed=training_args.seed), SFTDataCollator(
+                tokenizer
+            )
+        from yak.data import build_pretraining_datasets
+
+        return build_pretraining_datasets(tokenizer, data_args, seed=training_args.seed), collate_blocks
+
+
+def _save_final(trainer: YakTrainer, output_dir: str) -> None:
+    """Write the final output into ``output_dir`` through a temporary folder; the descriptor moves last."""
+    tmp = Path(output_dir) / FINAL_TMP
+    trainer.save_model(str(tmp))
+    if trainer.args.should_save:
+        last = ("yak_adapter.json", "adapter_config.json")
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name in last):
+            os.replace(f, Path(output_dir) / f.name)
+        tmp.rmdir()
+    trainer.accelerator.wait_for_everyone()
+
+
+def train_on_datasets(
+    model_args: ModelArguments,
+    stage_args: StageArguments,
+    training_args: TrainingArguments,
+    tokenizer,
+    datasets,
+    data_collator,
+    resume_from_checkpoint: str | None = None,
+    tokens_per_sample: int | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Load and prepare the model, fix the schedule, train, save the output; return the summary.
+
+    Args:
+        model_args, stage_args, training_args: the checked options.
+        tokenizer: the (merged) tokenizer; saved with every checkpoint.
+        datasets: ``DatasetDict`` with ``train`` and optionally ``validation``.
+        data_collator: makes batches of the datasets' rows.
+        resume_from_checkpoint: a complete checkpoint folder, or None.
+        tokens_per_sample: tokens per row for the token counts (default: the first row's length).
+        callbacks: extra ``TrainerCallback`` objects.
+    """
+    from transformers import set_seed
+
+    train_ds, eval_ds = datasets["train"], datasets.get("validation")
+    eval_ds = eval_ds if eval_ds is not None and len(eval_ds) else None
+    if eval_ds is None and training_args.eval_strategy != "no":
+        raise YakError(
+            f"--eval_strategy {training_args.eval_strategy.value} needs validation data, and the validation "
+            "split is empty: raise --validation_split_percentage above 0, or pass --eval_strategy no"
+        )
+    set_seed(training_args.seed)  # LoRA's A matrices are initialised at random: same seed, same run
+    model = build_model(model_args, stage_args, tokenizer, training_args)
+    tokens_per_sample = tokens_per_sample or len(train_ds[0]["input_ids"])
+    training_args, schedule = resolve_schedule(training_args, stage_args, len(train_ds), tokens_per_sample)
+    trainer = YakTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=data_collator,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        loraplus_lr_ratio=stage_args.loraplus_lr_ratio if stage_args.uses_lora else 1.0,
+        embedding_learning_rate=stage_args.embedding_learning_rate,
+        base_model_name_or_path=model_args.model_name_or_path,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    _save_final(trainer, training_args.output_dir)
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        **schedule,
+        "global_step": trainer.state.global_step,
+        "losses": losses,
+        "train_loss": metrics.get("train_loss"),
+        "eval_loss": metrics.get("eval_loss"),
+        "train_runtime": metrics.get("train_runtime"),
+        "tokens_per_second": (
+            trainer.state.global_step
+            * schedule["tokens_per_step"]
+            / max(metrics.get("train_runtime", 0.0), 1e-9)
+        ),
+    }
+    if trainer.args.should_save:
+        if stage_args.plot_loss:
+            plot_losses(trainer.state.log_history, Path(training_args.output_dir) / "loss.png")
+        rows = [
+            ("task / stage", f"{stage_args.task} / {stage_args.stage if stage_args.task == 'pt' else '-'}"),
+            ("steps", f"{trainer.state.global_step:,}"),
+            ("first / last logged loss", f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else "-"),
+            (
+                "validation loss",
+                f"{summary['eval_loss']:.4f} (perplexity {math.exp(min(summary['eval_loss'], 50)):.2f})"
+                if summary["eval_loss"] is not None
+                else "-",
+            ),
+            ("time", f"{summary['train_runtime'] or 0:.1f} s"),
+            ("throughput", f"{summary['tokens_per_second']:,.0f} tokens/s (up to)"),
+            ("output", training_args.output_dir),
+        ]
+        logger.info("training done:\n%s", _summary_table(rows))
+    return summary
+
+
+def run_training(
+    model_args: ModelArguments,
+    stage_args: StageArguments,
+    data_args,
+    training_args: TrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """The whole run: check, claim output_dir, tokenizer, datasets, model, train, save. Returns the summary."""
+    training_args = check_args(model_args, stage_args, data_args, training_args)
+    logger.info(
+        "configuration:\n%s",
+        json.dumps(_config_dict(model_args, stage_args, data_args, training_args), indent=1, default=str),
+    )
+    resume = prepare_output_dir(model_args, stage_args, data_args, training_args)
+    tokenizer = load_tokenizer(_tokenizer_dir(model_args))
+    if not model_args.adapters:  # a tokenizer that does not extend the model's fails before the data work
+        base_dir = model_args.base_tokenizer_name_or_path or model_args.model_name_or_path
+        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), _tokenizer_dir(model_args), base_dir)
+    datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
+    summary = train_on_datasets(
+        model_args,
+        stage_args,
+        training_args,
+        tokenizer,
+        datasets,
+        collator,
+        resume_from_checkpoint=resume,
+        tokens_per_sample=getattr(data_args, "block_size", None)
+        or getattr(data_args, "max_seq_length", None),
+        callbacks=callbacks,
+    )
+    _leave_process_group(training_args)
+    return summary
