@@ -4,7 +4,7 @@ A Llama-2-7B-shaped model with random weights (vocabulary 55,296, bf16, SDPA), g
 128 new tokens (end tokens ignored so every answer has 128). Prints ``RESULT`` lines:
 
 - baseline: ``model.generate`` at batch 1 and 16 (as ``../shared/bench/decode_baseline.py``);
-- engine, one stream: one request through :class:`yak.generation.Engine` with CUDA graphs of the eager decode
+- engine, one stream: one request through :class:`yak.generation.engine.Engine` with CUDA graphs of the eager decode
   step, then of the ``torch.compile``'d one, as a share of the card's bandwidth limit (weight bytes read per
   token / measured copy bandwidth);
 - engine, 16 requests submitted together;
@@ -30,7 +30,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from yak.generation import Engine, SamplingParams  # noqa: E402
+from yak.generation.engine import Engine  # noqa: E402
+from yak.generation.sampling import SamplingParams  # noqa: E402
 from yak.server import ChatService, ServerArguments, create_app  # noqa: E402
 from yak.template import LLAMA2_CHAT_TEMPLATE  # noqa: E402
 

@@ -12,22 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 
 from tests.conftest import HELDOUT, ROOT
 from yak import YakError
-from yak.generation import (
-    Engine,
-    EngineFull,
-    GenerationArguments,
-    InferenceArguments,
-    ModelArguments,
-    SamplingParams,
-    TextStreamer,
-    chat_messages,
-    encode_chat,
-    encode_raw,
-    load_for_inference,
-    run_inference,
-    sample_next,
-    stop_token_ids,
-)
+from yak.generation import GenerationArguments, InferenceArguments, ModelArguments, run_inference
+from yak.generation.engine import Engine
+from yak.generation.loading import load_for_inference
+from yak.generation.prompts import chat_messages, encode_chat, encode_raw, stop_token_ids
+from yak.generation.request import EngineFull, TextStreamer
+from yak.generation.sampling import SamplingParams, sample_next
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.0)

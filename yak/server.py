@@ -1,6 +1,6 @@
 """HTTP serving: a Flask app factory with ``/api/chat``, OpenAI-compatible ``/v1/chat/completions``, ``/health``.
 
-One model per process: the app holds one :class:`yak.generation.Engine`, whose worker batches all concurrent
+One model per process: the app holds one :class:`yak.generation.engine.Engine`, whose worker batches all concurrent
 requests together. Every request body is checked before it reaches the model: size, UTF-8, JSON, known
 fields only, types, ranges, lengths; a bad request gets a 4xx JSON error and the server keeps serving.
 Errors look like OpenAI's (``{"error": {"message", "type", "code"}}``) so OpenAI clients report them well.
@@ -20,17 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from yak import YakError
-from yak.generation import (
-    Engine,
-    EngineFull,
-    GenerationArguments,
-    ModelArguments,
-    SamplingParams,
-    TextStreamer,
-    chat_messages,
-    encode_chat,
-    load_for_inference,
-)
+from yak.generation.arguments import GenerationArguments, ModelArguments
+from yak.generation.engine import Engine
+from yak.generation.loading import load_for_inference
+from yak.generation.prompts import chat_messages, encode_chat
+from yak.generation.request import EngineFull, TextStreamer
+from yak.generation.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,6 @@ from yak.training.schedule import samples_per_step
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
 COMPLETE_MARKER = "yak_checkpoint.json"  # written last: a checkpoint without it is incomplete
 
 
@@ -48,8 +46,6 @@ RUN_IDENTITY = (
     "loraplus_lr_ratio", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
     "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
 )  # fmt: skip
-
-
 # the RUN_IDENTITY settings that name folders or files (a run file of an older version has them as typed)
 PATH_SETTINGS = ("model_name_or_path", "tokenizer_name_or_path", "adapters", "dataset_dir")
 
