@@ -25,6 +25,7 @@ from yak.training.arguments import StageArguments, _tokenizer_dir
 
 logger = logging.getLogger(__name__)
 
+
 def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenizer, training_args, model=None):
     """Load the base, bring the vocabulary to the tokenizer, apply earlier stages, prepare this stage.
 

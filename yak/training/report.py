@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+
 def plot_losses(log_history: list[dict], path: str | os.PathLike) -> None:
     """Training (and validation) loss against the step, as a PNG."""
     import matplotlib

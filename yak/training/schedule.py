@@ -13,6 +13,7 @@ from yak.training.arguments import StageArguments
 
 logger = logging.getLogger(__name__)
 
+
 def samples_per_step(training_args: TrainingArguments) -> int:
     """Samples per optimizer step: batch size x gradient accumulation x processes."""
     return (

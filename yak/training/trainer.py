@@ -18,6 +18,7 @@ from yak.training.run_folder import CHECKPOINT_PREFIX, COMPLETE_MARKER
 
 logger = logging.getLogger(__name__)
 
+
 def _is_embedding_param(name: str) -> bool:
     return ("embed_tokens" in name or "lm_head" in name) and "lora_" not in name
 
