@@ -1,7 +1,8 @@
-"""The chat page at GET /, driven in real headless Chromium (selenium) against serve_demo.py with the tiny model.
+"""The chat page at GET /, driven in real headless Chromium (selenium) against serve_demo.py and the tiny model.
 
 One server and one browser for the whole module; the tests run in order and continue one conversation. CI
-installs Debian's chromium, chromium-driver and fonts-tibetan-machine (.ci/run); without them these tests skip.
+installs Debian's chromium, chromium-driver and fonts-tibetan-machine (.ci/run); without them, these tests
+skip.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _missing() -> list[str]:
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir):
-    """The page's server, and one started with --no_web_ui (both start at once: loading is most of the time)."""
+    """The page's server, and one with --no_web_ui (both start at once: loading is most of the time)."""
     with ThreadPoolExecutor(2) as pool:
         starting = [pool.submit(_start_server, tiny_model_dir, *SERVER_OPTIONS),
                     pool.submit(_start_server, tiny_model_dir, "--no_web_ui", "--max_new_tokens", "16",
@@ -66,8 +67,8 @@ def server(servers):
 def browser(server):
     missing = _missing()
     if missing:
-        pytest.skip(f"no browser to test the chat page: {', '.join(missing)} missing (CI installs them: apt-get "
-                    "install chromium chromium-driver fonts-tibetan-machine; pip install selenium)")
+        pytest.skip(f"no browser to test the chat page: {', '.join(missing)} missing (CI installs them: "
+                    "apt-get install chromium chromium-driver fonts-tibetan-machine; pip install selenium)")
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -232,6 +233,7 @@ def test_follow_up_question_carries_the_history_and_trims_the_oldest_turn(server
     assert "1 oldest turn left out" in browser.find_element("id", "status").text
     assert _errors(browser) == []
     browser.find_element("css selector", "#settings summary").click()  # the screenshot shows the settings
+    browser.execute_script("const log = document.getElementById('log'); log.scrollTop = log.scrollHeight;")
     browser.save_screenshot(str(SCREENSHOT))
 
 
@@ -243,10 +245,12 @@ def test_stop_aborts_the_answer_and_the_server_frees_the_slot(server, browser):
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     _set(browser, "#max-new-tokens", CAP)  # more than the room: capped to what the prompt leaves
     _set(browser, "#input", TIBETAN)
+    stop = browser.find_element(By.ID, "stop")
     _button(browser, "Send").click()
-    _wait(browser, "const t = document.querySelector('.msg.assistant .text'); return t && t.textContent.length > 5")
-    assert _health(url)["running"] == 1
-    _button(browser, "Stop").click()
+    _wait(browser, "const t = document.querySelector('.msg.assistant .text');"
+                   "return t && t.textContent.length > 5")
+    stop.click()
+    assert stop.accessible_name == "" and stop.get_attribute("aria-label") == "Stop"  # hidden again at once
     _wait(browser, "return !document.getElementById('send').hidden", timeout=5)
     start = time.monotonic()
     while _health(url)["running"] and time.monotonic() - start < 5:
@@ -261,6 +265,8 @@ def test_stop_aborts_the_answer_and_the_server_frees_the_slot(server, browser):
     (body,) = _chat_bodies(browser)
     assert body["history"] == [] and body["max_new_tokens"] < CAP  # cleared; capped to the room left
     assert body["max_new_tokens"] + _post(url + "/api/count_tokens", body)[1]["prompt_tokens"] == CONTEXT
+    full = _post(url + "/api/chat", {**body, "stream": False})[1]["output"]
+    assert full.startswith(shown) and len(full) > len(shown)  # it was cut while generating
     # the part that came can be copied
     browser.execute_cdp_cmd("Browser.grantPermissions", {"origin": url, "permissions": [
         "clipboardReadWrite", "clipboardSanitizedWrite"]})

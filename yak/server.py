@@ -287,7 +287,8 @@ class ChatService:
                 "max_new_tokens_cap": self.args.max_new_tokens_cap,
                 "max_new_tokens": min(self.defaults.max_new_tokens, self.args.max_new_tokens_cap),
                 "temperature": self.defaults.temperature, "system_prompt": self.system_prompt,
-                "max_history_turns": self.args.max_history_turns, "max_query_chars": self.args.max_query_chars}
+                "max_history_turns": self.args.max_history_turns,
+                "max_query_chars": self.args.max_query_chars}
 
 
 # ---------------------------------------------------------------------------------------------- the app

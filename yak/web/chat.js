@@ -4,8 +4,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const log = $("log"), form = $("composer"), input = $("input"), sendButton = $("send"), stopButton = $("stop");
-const temperatureInput = $("temperature"), maxNewInput = $("max-new-tokens"), systemInput = $("system-prompt");
+const log = $("log"), form = $("composer"), input = $("input");
+const sendButton = $("send"), stopButton = $("stop");
+const temperatureInput = $("temperature"), maxNewInput = $("max-new-tokens");
+const systemInput = $("system-prompt");
 const statusLine = $("status");
 const TIBETAN = /[\u0F00-\u0FFF]/;
 
@@ -105,7 +107,8 @@ function settings() {
     ? fallback : element.valueAsNumber);
   const body = {
     temperature: Math.max(0, number(temperatureInput, limits.temperature)),
-    want: Math.max(1, Math.min(Math.round(number(maxNewInput, limits.max_new_tokens)), limits.max_new_tokens_cap)),
+    want: Math.max(1, Math.min(Math.round(number(maxNewInput, limits.max_new_tokens)),
+                               limits.max_new_tokens_cap)),
   };
   if (systemInput.value !== "") body.system_prompt = systemInput.value;
   return body;
@@ -126,8 +129,9 @@ async function fit(query, signal) {
       const dropped = history.length - turns.length;
       body.max_new_tokens = Math.max(1, Math.min(want, room));
       const left = dropped ? `; ${dropped} oldest turn${dropped > 1 ? "s" : ""} left out to make room` : "";
-      status(room < 1 ? `Prompt: ${prompt} tokens, over the context of ${limits.max_total_tokens}${left}.`
-        : `Prompt: ${prompt} tokens, answer: up to ${body.max_new_tokens}, context: ${limits.max_total_tokens}${left}.`);
+      const context = limits.max_total_tokens;
+      status(room < 1 ? `Prompt: ${prompt} tokens, over the context of ${context}${left}.`
+        : `Prompt: ${prompt} tokens, answer: up to ${body.max_new_tokens}, context: ${context}${left}.`);
       return body;
     }
     turns = turns.slice(1);
@@ -198,7 +202,8 @@ function stop() {
 }
 
 form.addEventListener("submit", (e) => { e.preventDefault(); send(); });
-input.addEventListener("keydown", (e) => {  // Enter sends, Shift+Enter adds a line; an input method's Enter is its own
+// Enter sends, Shift+Enter adds a line; the Enter that confirms an input method's text is the method's own.
+input.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
     send();
