@@ -1,4 +1,5 @@
-"""HTTP serving: a Flask app factory with ``/api/chat``, OpenAI-compatible ``/v1/chat/completions``, ``/health``.
+"""HTTP serving: a Flask app factory with ``/api/chat``, OpenAI-compatible ``/v1/chat/completions``, ``/health``,
+and the chat page at ``/`` (files in ``yak/web/``).
 
 One model per process: the app holds one :class:`yak.generation.Engine`, whose worker batches all concurrent
 requests together. Every request body is checked before it reaches the model: size, UTF-8, JSON, known
