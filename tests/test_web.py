@@ -305,6 +305,25 @@ def test_usable_at_phone_width(server, browser):
         browser.set_window_size(1000, 900)
 
 
+def test_limits_and_count_tokens(server):
+    """What the page fits conversations with (no browser needed): the prompt length equals the prompt that
+    the server encodes for the same conversation (the OpenAI endpoint's usage)."""
+    url, _ = server
+    with urllib.request.urlopen(url + "/api/limits", timeout=10) as r:
+        limits = json.load(r)
+    assert limits == {"model": "stories260K", "max_total_tokens": CONTEXT, "max_new_tokens_cap": CAP,
+                      "max_new_tokens": 64, "temperature": 0.0, "system_prompt": None, "max_history_turns": 16,
+                      "max_query_chars": 8000}
+    turns = [[TIBETAN, "An answer."]]
+    status, count = _post(url + "/api/count_tokens", {"query": FOLLOW_UP, "history": turns})
+    messages = [{"role": "user", "content": TIBETAN}, {"role": "assistant", "content": "An answer."},
+                {"role": "user", "content": FOLLOW_UP}]
+    usage = _post(url + "/v1/chat/completions", {"messages": messages, "max_tokens": 1})[1]["usage"]
+    assert status == 200 and count == {"prompt_tokens": usage["prompt_tokens"], "max_total_tokens": CONTEXT}
+    status, error = _post(url + "/api/count_tokens", {"query": "", "history": turns})
+    assert status == 400 and "'query' is required" in error["error"]["message"]
+
+
 def test_the_server_prints_the_page_url(server):
     url, proc = server
     proc.terminate()
