@@ -233,7 +233,8 @@ def test_follow_up_question_carries_the_history_and_trims_the_oldest_turn(server
     assert "1 oldest turn left out" in browser.find_element("id", "status").text
     assert _errors(browser) == []
     browser.find_element("css selector", "#settings summary").click()  # the screenshot shows the settings
-    browser.execute_script("const log = document.getElementById('log'); log.scrollTop = log.scrollHeight;")
+    browser.execute_async_script("const log = document.getElementById('log'); log.scrollTop = log.scrollHeight;"
+                                 "requestAnimationFrame(() => requestAnimationFrame(arguments[0]));")
     browser.save_screenshot(str(SCREENSHOT))
 
 
