@@ -1,4 +1,5 @@
-"""HTTP serving: a Flask app factory with ``/api/chat``, OpenAI-compatible ``/v1/chat/completions``, ``/health``.
+"""HTTP serving: a Flask app factory with ``/api/chat``, OpenAI-compatible ``/v1/chat/completions``, ``/health``,
+and the chat page at ``/`` (files in ``yak/web/``).
 
 One model per process: the app holds one :class:`yak.generation.engine.Engine`, whose worker batches all concurrent
 requests together. Every request body is checked before it reaches the model: size, UTF-8, JSON, known
@@ -53,6 +54,7 @@ class ServerArguments:
     model_name: str | None = field(
         default=None, metadata={"help": "Model id shown by the OpenAI endpoints (default: the model folder name)."}
     )
+    no_web_ui: bool = field(default=False, metadata={"help": "Do not serve the chat page at GET /."})
 
 
 class BadRequest(Exception):
@@ -268,6 +270,22 @@ class ChatService:
         request.wait()
         return self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
 
+    def count_tokens(self, messages: list[dict]) -> int:
+        """Length of the prompt that ``messages`` become (what a request would cost before its answer)."""
+        try:
+            return len(encode_chat(self.tokenizer, messages))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+
+    def limits(self) -> dict:
+        """What a client needs to fit a conversation in the model: context length, caps and defaults."""
+        return {"model": self.model_name, "max_total_tokens": self.engine.max_total_tokens,
+                "max_new_tokens_cap": self.args.max_new_tokens_cap,
+                "max_new_tokens": min(self.defaults.max_new_tokens, self.args.max_new_tokens_cap),
+                "temperature": self.defaults.temperature, "system_prompt": self.system_prompt,
+                "max_history_turns": self.args.max_history_turns,
+                "max_query_chars": self.args.max_query_chars}
+
 
 # ---------------------------------------------------------------------------------------------- the app
 
@@ -401,7 +419,42 @@ def create_app(service: ChatService):
 
         return _event_stream(events(), req)
 
+    _add_page_routes(app, service, body)
     return app
+
+
+WEB_DIR = os.path.join(os.path.dirname(__file__), "web")
+WEB_FILES = ("chat.css", "chat.js")
+
+
+def _add_page_routes(app, service: ChatService, body: Callable[[], Any]) -> None:
+    """``GET /api/limits`` and ``POST /api/count_tokens`` (what a client needs to fit a conversation in the
+    model), and unless ``--no_web_ui`` the chat page: ``GET /`` and its two files under ``/web/``."""
+    from flask import send_from_directory
+    from werkzeug.exceptions import NotFound
+
+    @app.get("/api/limits")
+    def limits():
+        return service.limits()
+
+    @app.post("/api/count_tokens")
+    def count_tokens():  # the /api/chat body; the answer is the prompt's length in tokens
+        _, messages, _ = service.parse_chat(body())
+        return {"prompt_tokens": service.count_tokens(messages),
+                "max_total_tokens": service.engine.max_total_tokens}
+
+    if service.args.no_web_ui:
+        return
+
+    @app.get("/")
+    def page():
+        return send_from_directory(WEB_DIR, "index.html", max_age=0)
+
+    @app.get("/web/<name>")
+    def page_file(name: str):
+        if name not in WEB_FILES:
+            raise NotFound()
+        return send_from_directory(WEB_DIR, name, max_age=0)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -452,6 +505,12 @@ def app_from_config(path: str | None = None):
     return create_app(build_service(model_args, gen_args, server_args))
 
 
+def page_url(host: str, port: int) -> str:
+    """The address to open for the chat page (a wildcard bind is opened through the loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+    return f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}/"
+
+
 def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
     """Load the model and serve until interrupted, with werkzeug's threaded server (one thread per request)."""
     from werkzeug.serving import make_server, select_address_family
@@ -474,4 +533,6 @@ def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args
                        server_args.host)
     logger.info("serving %s on http://%s:%d (POST /api/chat, /v1/chat/completions; GET /health)",
                 service.model_name, server_args.host, server.port)
+    if not server_args.no_web_ui:
+        logger.info("chat page: open %s in a browser", page_url(server_args.host, server.port))
     server.serve_forever()
