@@ -7,17 +7,18 @@ A chat page for the browser is served at GET / (its address is printed at start;
 """
 
 from yak.cli import parse_args, run_main, setup_logging
-from yak.generation import GenerationArguments, ModelArguments
+from yak.generation import GenerationArguments
 from yak.server import ServerArguments, serve
+from yak.source import ModelSource
 
 
 @run_main
 def main() -> None:
     setup_logging()
-    model_args, gen_args, server_args = parse_args(
-        [ModelArguments, GenerationArguments, ServerArguments], description=__doc__
+    source, gen_args, server_args = parse_args(
+        [ModelSource, GenerationArguments, ServerArguments], description=__doc__
     )
-    serve(model_args, gen_args, server_args)
+    serve(source, gen_args, server_args)
 
 
 if __name__ == "__main__":

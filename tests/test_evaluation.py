@@ -20,6 +20,7 @@ from yak.evaluation import EvalArguments, evaluate, metrics
 from yak.evaluation.runner import prepare
 from yak.evaluation.scoring import ModelSpec, Scorer, load_model
 from yak.evaluation.tasks import build_examples, builtin_tasks, load_task, rejoin_tsheg, split_options
+from yak.source import ModelSource
 
 FIXTURES = ROOT / "tests" / "data" / "eval"
 RECORD_TASKS = ["tncc", "tusa", "ti_mmlu", "ti_mmlu_5shot", "bo_en", "bo_zh", "tibetan_qa"]
@@ -132,7 +133,7 @@ def test_shipped_configs_load_and_fewshot_excludes_the_question():
 def test_bits_per_byte_of_a_known_distribution_any_stride_any_batch(tmp_path, tiny_model_dir):
     logits = torch.randn(512, generator=torch.Generator().manual_seed(0)) * 2
     folder = _unigram_model(tmp_path / "unigram", tiny_model_dir, logits)
-    model, tok = load_model(ModelSpec("unigram", str(folder)))
+    model, tok = load_model(ModelSpec("unigram", ModelSource(folder)))
     logp = torch.log_softmax(logits.double(), -1)
     texts = [
         (HELDOUT / name).read_text(encoding="utf-8")[:120]
@@ -261,7 +262,7 @@ def test_base_model_with_a_stage1_adapter(tmp_path, tiny_model_dir):
 def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
     from yak.template import LLAMA2_CHAT_TEMPLATE
 
-    model, tok = load_model(ModelSpec("tiny", str(tiny_model_dir)))
+    model, tok = load_model(ModelSpec("tiny", ModelSource(tiny_model_dir)))
     with pytest.raises(YakError, match="no chat_template"):
         Scorer(model, tok, 64, chat_template=True)
     tok.chat_template = LLAMA2_CHAT_TEMPLATE

@@ -12,12 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 
 from tests.conftest import HELDOUT, ROOT
 from yak import YakError
-from yak.generation import GenerationArguments, InferenceArguments, ModelArguments, run_inference
+from yak.generation import GenerationArguments, InferenceArguments, run_inference
 from yak.generation.engine import Engine
 from yak.generation.loading import load_for_inference
 from yak.generation.prompts import chat_messages, encode_chat, encode_raw, stop_token_ids
 from yak.generation.request import EngineFull, TextStreamer
 from yak.generation.sampling import SamplingParams, sample_next
+from yak.source import ModelSource
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.0)
@@ -191,7 +192,7 @@ def test_raw_text_holding_special_token_strings_stays_text(model_and_tokenizer):
 
 
 def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
-    model = ModelArguments(base_model=str(tiny_model_dir))
+    model = ModelSource(base_model=str(tiny_model_dir))
     data = tmp_path / "in.txt"
     data.write_text("one\n\nthree\n", encoding="utf-8")
     with pytest.raises(YakError, match="empty lines 2"):
@@ -229,9 +230,8 @@ def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
         build_service(model, empty, ServerArguments(max_queue=0))  # which refused every request (503)
     with pytest.raises(YakError, match="pip install vllm"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data), use_vllm=True))
-    quantized = ModelArguments(base_model=str(tiny_model_dir), load_in_8bit=True)
     with pytest.raises(YakError, match="bitsandbytes"):
-        run_inference(quantized, GenerationArguments(), InferenceArguments(data_file=str(data)))
+        run_inference(model, GenerationArguments(load_in_8bit=True), InferenceArguments(data_file=str(data)))
 
 
 @pytest.mark.gpu
@@ -258,8 +258,8 @@ def test_base_plus_lora_adapter_decodes_like_the_peft_model(tiny_model_dir, mode
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     peft_model = get_peft_model(base, config).eval()  # random B: the adapter changes the answers
     peft_model.save_pretrained(tmp_path / "lora")
-    model, tok = load_for_inference(ModelArguments(base_model=str(tiny_model_dir), lora_model=[str(tmp_path / "lora")],
-                                                   tokenizer_path=str(tiny_model_dir), only_cpu=True))
+    model, tok = load_for_inference(ModelSource(base_model=tiny_model_dir, adapters=[tmp_path / "lora"],
+                                                tokenizer_path=tiny_model_dir), GenerationArguments(only_cpu=True))
     prompt = encode_raw(tokenizer, STARTS[0])
     engine = Engine(model, stop_token_ids(model, tok), max_batch_size=2, max_total_tokens=128)
     got = engine.submit(prompt, GREEDY).wait().output_ids
@@ -289,10 +289,10 @@ def test_corrupt_adapter_is_one_clear_error_in_every_script(tiny_model_dir, tmp_
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"{cut / 'adapter_model.safetensors'} cannot be read" in res.stderr and "copy it again" in res.stderr
     with pytest.raises(YakError, match="adapter_config.json cannot be read .*copy it again"):
-        load_for_inference(ModelArguments(base_model=str(tiny_model_dir), lora_model=[str(not_json)], only_cpu=True))
+        load_for_inference(ModelSource(base_model=tiny_model_dir, adapters=[not_json]), GenerationArguments(only_cpu=True))
     with pytest.raises(YakError, match="adapter_config.json cannot be read .*copy it again"):
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(not_json),
-                             output_dir=str(tmp_path / "merged")))
+        merge(ModelSource(base_model=tiny_model_dir, adapters=[not_json]),
+              MergeArguments(output_dir=str(tmp_path / "merged")))
 
 
 @pytest.mark.parametrize("text", ["tibetan", "mixed"])

@@ -17,6 +17,7 @@ from tests.conftest import HELDOUT, ROOT
 from yak import YakError
 from yak.gguf import GGUFArguments, export_gguf, llama_cpp_sources, tokenizer_mismatches
 from yak.merge import MergeArguments, merge
+from yak.source import ModelSource
 
 F16_TOLERANCE = 0.03  # of the largest logit: llama.cpp computes with f16 weights and activations
 
@@ -94,8 +95,8 @@ def exported(tiny_model_dir, tmp_path_factory):
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install llama-cpp-python)")
     work = tmp_path_factory.mktemp("gguf")
     adapter, _, _ = tied_adapter(tiny_model_dir, work / "adapter", ensure_weight_tying=True)
-    merged = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
-                                  output_dir=str(work / "merged")))
+    merged = merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(adapter)),
+                   MergeArguments(output_dir=str(work / "merged")))
     check = work / "check.txt"
     check.write_text("\n".join(t for lines in heldout_lines().values() for t in lines), encoding="utf-8")
     files = export_gguf(GGUFArguments(model_dir=str(merged), output_dir=str(work / "gguf"), quant_types="q4_0",
@@ -201,8 +202,8 @@ def test_meta_pth_output_gives_the_same_gguf(tiny_model_dir, exported):
     from gguf import GGUFReader
 
     merged, files = exported
-    pth = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(merged.parent / "adapter"),
-                               output_dir=str(merged.parent / "pth"), output_type="pth", num_shards=2))
+    pth = merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(merged.parent / "adapter")),
+                MergeArguments(output_dir=str(merged.parent / "pth"), output_type="pth", num_shards=2))
     src = llama_cpp_sources()
     out = merged.parent / "from-pth.gguf"
     done = subprocess.run([sys.executable, str(src / "examples" / "convert_legacy_llama.py"), str(pth),

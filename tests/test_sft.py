@@ -324,6 +324,7 @@ def test_documented_sft_after_run_pt_sh_finds_its_outputs():
 def test_short_sft_run_with_run_sft_sh_lowers_the_loss_on_the_training_answers(tiny_model_dir, tmp_path):
     """run_sft.sh (torchrun, 1 CPU process) -> train.py --task sft on the tiny model and merged tokenizer."""
     from yak.modeling import load_base_model, load_model_and_tokenizer, resize_and_init_embeddings
+    from yak.source import ModelSource
 
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
@@ -342,7 +343,7 @@ def test_short_sft_run_with_run_sft_sh_lowers_the_loss_on_the_training_answers(t
     assert run.returncode == 0, run.stderr[-3000:]
 
     # The training answers' loss, before (the model as training starts from it) and after (the saved adapter).
-    trained, saved_tok = load_model_and_tokenizer(tiny_model_dir, adapters=[out], device="cpu")
+    trained, saved_tok = load_model_and_tokenizer(ModelSource(tiny_model_dir, adapters=[out]), device="cpu")
     assert saved_tok.chat_template == LLAMA2_CHAT_TEMPLATE  # the tokenizer saved with the adapter has it
     rows = build_sft_datasets(saved_tok, sft_args(dataset_dir=str(data), max_seq_length=256,
                                                   validation_split_percentage=0))["train"]  # fmt: skip

@@ -18,7 +18,6 @@ from transformers import TrainerCallback, TrainingArguments
 from tests.conftest import HELDOUT, PT_DATA, ROOT
 from yak import YakError
 from yak.modeling import (
-    ModelArguments,
     load_base_model,
     load_model_and_tokenizer,
     load_tokenizer,
@@ -26,6 +25,7 @@ from yak.modeling import (
     resize_and_init_embeddings,
     save_embeddings,
 )
+from yak.source import ModelSource
 from yak.training import parse_train_args, run_training
 from yak.training.arguments import StageArguments
 from yak.training.model import build_model
@@ -147,7 +147,7 @@ def test_stage1_then_stage2_change_only_what_they_train(pt_dir, tmp_path, tiny_m
     for key, value in base_state.items():
         changed = not torch.equal(cap1.state_dict[key], value)
         assert changed == (key in ("model.embed_tokens.weight", "lm_head.weight")), key
-    m1, t1 = load_model_and_tokenizer(tiny_model_dir, [s1], dtype="float32", device="cpu")
+    m1, t1 = load_model_and_tokenizer(ModelSource(tiny_model_dir, [s1], dtype="float32"), device="cpu")
     assert len(t1) == len(tok)
     assert torch.equal(m1.model.embed_tokens.weight, cap1.state_dict["model.embed_tokens.weight"])
     # Tibetan held-out loss falls; English story loss stays close to the base model's
@@ -196,7 +196,7 @@ def test_stage1_then_stage2_change_only_what_they_train(pt_dir, tmp_path, tiny_m
         assert torch.equal(value, stage1_state[plain]), key
     config = json.loads((s2 / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["ensure_weight_tying"] is True
-    assert len(load_model_and_tokenizer(tiny_model_dir, [s1, s2], device="cpu")[1]) == len(tok)
+    assert len(load_model_and_tokenizer(ModelSource(tiny_model_dir, [s1, s2]), device="cpu")[1]) == len(tok)
 
 
 def test_killed_and_resumed_run_follows_the_uninterrupted_losses(pt_dir, tmp_path):
@@ -271,10 +271,11 @@ def test_resume_refuses_changed_settings_and_lists_each_difference(pt_dir, tmp_p
     # an older run file (the settings it had then), other logging, saving and evaluation, and the same 4
     # samples per step as 2 x 2 accumulated
     run_file = out / "yak_run.json"
-    old = ("task", "stage", "model_name_or_path", "tokenizer_name_or_path", "adapters", "lora_rank",
-           "trainable", "modules_to_save")  # fmt: skip
+    old = {"task": "task", "stage": "stage", "model_name_or_path": "base_model", "tokenizer_name_or_path":
+           "tokenizer_path", "adapters": "adapters", "lora_rank": "lora_rank", "trainable": "trainable",
+           "modules_to_save": "modules_to_save"}  # fmt: skip  (the model options under the original flag names)
     record = json.loads(run_file.read_text())
-    run_file.write_text(json.dumps({"identity": {k: record["identity"][k] for k in old}}))
+    run_file.write_text(json.dumps({"identity": {k: record["identity"][new] for k, new in old.items()}}))
     same = (
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
         "--logging_steps", "2", "--save_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3",
@@ -307,8 +308,8 @@ def test_resume_compares_folders_not_how_they_are_written(pt_dir):
     assert _identity_differences({"dataset_dir": str(pt_dir), "adapters": [str(pt_dir)]},
                                  {"dataset_dir": same, "adapters": [same]}) == []
     assert _identity_differences({"dataset_dir": str(pt_dir)}, {"dataset_dir": str(pt_dir.parent)}) != []
-    hub = {"model_name_or_path": "meta-llama/Llama-2-7b-hf"}  # not a local path: compared as written
-    assert _identity_differences(hub, {"model_name_or_path": "meta-llama/Llama-2-13b-hf"}) != []
+    hub = {"base_model": "meta-llama/Llama-2-7b-hf"}  # not a local path: compared as written
+    assert _identity_differences(hub, {"base_model": "meta-llama/Llama-2-13b-hf"}) != []
 
 
 def test_save_total_limit_keeps_the_last_complete_checkpoint_until_the_next_is_complete(
@@ -475,14 +476,14 @@ def test_load_in_kbits_is_checked_before_the_data_work(pt_dir, tmp_path):
     import importlib.util
 
     a = argv(pt_dir, tmp_path / "out", "--data_cache_dir", str(tmp_path / "cache"), "--load_in_kbits", "4")
-    model_args, stage_args, data_args, training_args = parse_train_args(a)
+    source, stage_args, data_args, training_args = parse_train_args(a)
     cases = [(5, "--load_in_kbits must be 4, 8 or 16, got 5")]
     if importlib.util.find_spec("bitsandbytes") is None:
         cases.append((4, "--load_in_kbits 4 needs the bitsandbytes package"))
     for bits, error in cases:
-        model_args.load_in_kbits = bits
+        stage_args.load_in_kbits = bits
         with pytest.raises(YakError, match=error):
-            run_training(model_args, stage_args, data_args, training_args)
+            run_training(source, stage_args, data_args, training_args)
         assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
@@ -498,9 +499,9 @@ def test_config_file_and_help(tmp_path, pt_dir):
         "loraplus_lr_ratio": 8,
     }
     (tmp_path / "c.json").write_text(json.dumps(config))
-    model_args, stage_args, data_args, training_args = parse_train_args([str(tmp_path / "c.json")])
+    source, stage_args, data_args, training_args = parse_train_args([str(tmp_path / "c.json")])
     assert stage_args.stage == 1 and stage_args.loraplus_lr_ratio == 8 and data_args.block_size == 64
-    assert training_args.use_cpu and model_args.model_name_or_path == config["model_name_or_path"]
+    assert training_args.use_cpu and source.base_model == config["model_name_or_path"]  # the original's key
     (tmp_path / "bad.json").write_text(json.dumps({**config, "lora_rnak": 8}))
     with pytest.raises(YakError, match="lora_rnak"):
         parse_train_args([str(tmp_path / "bad.json")])
@@ -598,14 +599,12 @@ def test_loraplus_groups_keep_embeddings_out_of_the_A_group(tiny_model_dir, tmp_
 def test_bf16_model_keeps_a_bf16_residual_stream_with_fp32_trained_embeddings(stage, tmp_path):
     """Trained weights are fp32 master copies, but the hidden states stay in the frozen weights' dtype (as in
     the bf16 model the base is and that inference runs), while gradients still reach the fp32 rows."""
-    model_args = ModelArguments(
-        model_name_or_path=str(ROOT / "models" / "stories260K"),
-        tokenizer_name_or_path=str(MERGED_TOKENIZER),
-        torch_dtype="bfloat16",
+    source = ModelSource(
+        base_model=str(ROOT / "models" / "stories260K"), tokenizer_path=str(MERGED_TOKENIZER), dtype="bfloat16"
     )
     stage_args = StageArguments(task="pt", stage=stage, lora_rank=4, lora_alpha=8)
     model = build_model(
-        model_args, stage_args, load_tokenizer(MERGED_TOKENIZER), cpu_args(tmp_path, bf16=True)
+        source, stage_args, load_tokenizer(MERGED_TOKENIZER), cpu_args(tmp_path, bf16=True)
     )
     embeddings = model.get_input_embeddings().weight
     assert embeddings.dtype == torch.float32 and embeddings.requires_grad
@@ -671,7 +670,7 @@ def test_deepspeed_on_cpu(config, stage, pt_dir, tmp_path):
     else:
         embeddings = load_file(str(out / "embeddings.safetensors"))["model.embed_tokens.weight"]
     assert embeddings.shape == (3520, 64) and embeddings.abs().sum(1).min() > 0  # complete, no empty rows
-    model, tok = load_model_and_tokenizer(ROOT / "models" / "stories260K", [out], device="cpu")
+    model, tok = load_model_and_tokenizer(ModelSource(ROOT / "models" / "stories260K", [out]), device="cpu")
     assert torch.equal(model.get_input_embeddings().weight, embeddings) and len(tok) == 3512
 
     # the same run dying after checkpoint-2: no checkpoint-4, no final output
@@ -760,9 +759,7 @@ def test_sft_task_on_top_of_continued_pretraining(tmp_path):
     losses = summary["losses"]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
     assert (tmp_path / "sft" / "adapter_model.safetensors").is_file()
-    _, tok = load_model_and_tokenizer(
-        ROOT / "models" / "stories260K", [tmp_path / "cpt", tmp_path / "sft"], device="cpu"
-    )
+    _, tok = load_model_and_tokenizer(ModelSource(ROOT / "models" / "stories260K", [tmp_path / "cpt", tmp_path / "sft"]), device="cpu")
     assert len(tok) == 3512 and tok.chat_template
 
 
@@ -810,7 +807,7 @@ def test_stage2_bf16_gradient_checkpointing_on_gpu(pt_dir, tmp_path):
     ]
     summary = run_training(*parse_train_args(a))
     assert summary["global_step"] == 5 and all(math.isfinite(x) for x in summary["losses"])
-    model, _ = load_model_and_tokenizer(ROOT / "models" / "stories260K", [out], dtype="bfloat16")
+    model, _ = load_model_and_tokenizer(ModelSource(ROOT / "models" / "stories260K", [out], dtype="bfloat16"))
     assert model.device.type == "cuda" and model.dtype == torch.bfloat16
 
 
@@ -842,11 +839,7 @@ def test_run_pt_sh_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stage 1 already finished" in result.stdout and "resuming from" in result.stderr
     assert (tmp_path / "pt" / "stage2" / "adapter_config.json").is_file()
-    model, tok = load_model_and_tokenizer(
-        ROOT / "models" / "stories260K",
-        [tmp_path / "pt" / "stage1", tmp_path / "pt" / "stage2"],
-        device="cpu",
-    )
+    model, tok = load_model_and_tokenizer(ModelSource(ROOT / "models" / "stories260K", [tmp_path / "pt" / "stage1", tmp_path / "pt" / "stage2"]), device="cpu")
     heldout = (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text(encoding="utf-8")[:3000]
     assert _loss(model, tok, heldout) < 12  # the resized base model: about 23.6
 

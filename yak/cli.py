@@ -84,7 +84,8 @@ def _check_config(parser, config) -> list[str]:
     """What argparse would refuse on the command line, checked on a config file's values, which
     ``parse_dict`` passes to the dataclasses unchecked (a missing required option is a TypeError there, a
     value outside its choices or a string for a number goes through). Numbers written as strings are
-    converted as on the command line: YAML reads ``2e-4`` (no dot) as a string."""
+    converted as on the command line: YAML reads ``2e-4`` (no dot) as a string. An option's other names
+    (aliases such as the original project's ``model_name_or_path``) are keys as on the command line."""
     from argparse import ArgumentTypeError
 
     from transformers.hf_argparser import string_to_bool
@@ -92,6 +93,13 @@ def _check_config(parser, config) -> list[str]:
     if not isinstance(config, dict):
         return [f"expected a mapping of option names to values, found {type(config).__name__}"]
     actions = {a.dest: a for a in parser._actions}
+    problems = []
+    # an option's other names (e.g. the original project's model_name_or_path for base_model) as keys too
+    aliases = {o.lstrip("-"): a.dest for a in parser._actions for o in a.option_strings if o.lstrip("-") != a.dest}
+    for key in [k for k in config if k in aliases]:
+        if aliases[key] in config:
+            problems.append(f"'{key}' and '{aliases[key]}' are one option; give it once")
+        config[aliases[key]] = config.pop(key)
     hints = {k: hint for t in parser.dataclass_types for k, hint in typing.get_type_hints(t).items()}
     strings = {k for k, hint in hints.items() if hint is str}
     # options that the command line cannot set to None (YAML's "key:" with no value is null): the program
@@ -99,7 +107,7 @@ def _check_config(parser, config) -> list[str]:
     defaults = {f.name: f.default for t in parser.dataclass_types for f in dataclasses.fields(t)}
     not_null = {k for k, hint in hints.items() if type(None) not in typing.get_args(hint) and hint is not typing.Any
                 and defaults.get(k) is not None}
-    problems = [f"'{a.dest}' is required" for a in parser._actions if a.required and a.dest not in config]
+    problems += [f"'{a.dest}' is required" for a in parser._actions if a.required and a.dest not in config]
     for key, value in config.items():
         action = actions.get(key)
         if value is None and key in not_null:

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from yak import YakError
 from yak.io import atomic_output_dir, atomic_write_json, inputs_inside, read_json, unreadable
-from yak.modeling import MERGE_FILE, adapter_order_problems, merged_adapters
+from yak.modeling import DTYPES, MERGE_FILE, merged_adapters
+from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # safetensors' dtype names (its format spec); only what Llama checkpoints hold.
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 SAFETENSORS_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -79,25 +79,19 @@ META_TOP_NAMES = {EMBED: ("tok_embeddings.weight", 1), "model.norm.weight": ("no
 
 @dataclass
 class MergeArguments:
-    base_model: str = field(metadata={"help": "Base model folder in Hugging Face layout (safetensors or .bin "
-                                              "shards, with or without an index)."})
-    lora_model: str = field(metadata={"help": "Comma-separated folders applied in order: a stage-1 output "
-                                              "(yak_adapter.json + embeddings.safetensors) and/or peft LoRA "
-                                              "adapters (e.g. stage1_dir,cpt_adapter,sft_adapter)."})
+    """Where and how the merged model is written (what is merged: :class:`yak.source.ModelSource`, whose
+    --base_model may hold safetensors or .bin shards, and whose --adapters are stage-1 outputs and/or peft LoRA
+    adapters, e.g. stage1_dir,cpt_adapter,sft_adapter; --dtype is the output's, auto: the base model's)."""
+
     output_dir: str = field(metadata={"help": "Folder to write; created atomically (nothing is left behind "
                                               "on failure)."})
     output_type: str = field(default="huggingface", metadata={
         "help": "huggingface (safetensors shards) or pth (Meta's consolidated.NN.pth + params.json)."})
-    output_dtype: str = field(default="auto", metadata={
-        "help": "float16, bfloat16, float32, or auto (the base model's dtype)."})
     max_shard_size: str = field(default="5GB", metadata={
         "help": "Largest Hugging Face output shard, e.g. 2GB or 500MB."})
     num_shards: int | None = field(default=None, metadata={
         "help": "pth only: number of consolidated.NN.pth files (model-parallel parts). Default: as Meta "
                 "splits its models (hidden size 4096 -> 1, 5120 -> 2, 6656 -> 4, 8192 -> 8; else 1)."})
-    tokenizer_path: str | None = field(default=None, metadata={
-        "help": "Tokenizer folder to copy into the output. Default: the last --lora_model folder that has "
-                "tokenizer files, else the base model's."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
 
 
@@ -232,9 +226,8 @@ def _read_json(path: Path, problems: list[str]) -> dict | None:
 
 
 def _load_step(path: Path, problems: list[str]) -> _Step | None:
-    """Read one --lora_model folder (stage-1 output or peft LoRA adapter); report what is wrong with it."""
-    if not path.is_dir():
-        problems.append(f"--lora_model {path}: not a folder")
+    """Read one --adapters folder (stage-1 output or peft LoRA adapter); report what is wrong with it."""
+    if not path.is_dir():  # reported by ModelSource.problems
         return None
     if (path / "yak_adapter.json").is_file():
         meta = _read_json(path / "yak_adapter.json", problems)
@@ -259,7 +252,7 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
                      ties_lm_head=bool(meta.get("tie_word_embeddings", False)))
     if not (path / "adapter_config.json").is_file():
         have = sorted(p.name for p in path.iterdir())[:12]
-        problems.append(f"--lora_model {path}: neither adapter_config.json (peft LoRA adapter) nor "
+        problems.append(f"--adapters {path}: neither adapter_config.json (peft LoRA adapter) nor "
                         f"yak_adapter.json (stage-1 output); found {have}")
         return None
     cfg = _read_json(path / "adapter_config.json", problems)
@@ -339,34 +332,30 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("tokenizer.model", "tokenizer.json"))
 
 
-def plan_merge(args: MergeArguments) -> _Plan:
+def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
     """Read every input's names and shapes (no tensor data), check them, and plan every output tensor.
 
     Raises:
         YakError: listing every problem found (missing files, an adapter made for another base, a tokenizer
             whose size disagrees with the embeddings, an output folder that is an input, too little disk).
     """
-    problems: list[str] = []
-    base_dir = Path(args.base_model)
+    problems = source.problems(formats=False)  # the files are read below, .bin too
+    base_dir = Path(source.base_model or "")
     if args.output_type not in ("huggingface", "pth"):
         problems.append(f"--output_type {args.output_type!r}: choose huggingface or pth")
-    if args.output_dtype not in ("auto", *DTYPES):
-        problems.append(f"--output_dtype {args.output_dtype!r}: choose auto, {', '.join(DTYPES)}")
-    config = _read_json(base_dir / "config.json", problems) if base_dir.is_dir() else None
-    files = _weight_files(base_dir, BASE_WEIGHTS) if base_dir.is_dir() else None
-    if not base_dir.is_dir():
-        problems.append(f"--base_model {base_dir}: not a folder")
-    elif files is None:
+    has_base = bool(source.base_model) and base_dir.is_dir()  # else a problem already
+    config = _read_json(base_dir / "config.json", problems) if has_base else None
+    files = _weight_files(base_dir, BASE_WEIGHTS) if has_base else None
+    if has_base and files is None:
         problems.append(f"--base_model {base_dir}: no model.safetensors, pytorch_model.bin or their "
                         f"index; found {sorted(p.name for p in base_dir.iterdir())[:12]}")
-    elif missing := [str(f) for f in files if not f.is_file()]:
+    elif has_base and (missing := [str(f) for f in files if not f.is_file()]):
         problems.append(f"--base_model: the index names shards that are missing: {missing}")
         files = None
-    lora_dirs = [Path(p.strip()) for p in args.lora_model.split(",") if p.strip()]  # "stage1, stage2" too
+    lora_dirs = [Path(p) for p in source.adapters]
     if not lora_dirs:
-        problems.append("--lora_model: give at least one adapter or stage-1 folder")
+        problems.append("--adapters: give at least one adapter or stage-1 folder")
     steps = [s for s in (_load_step(p, problems) for p in lora_dirs) if s is not None]
-    problems += [f"--lora_model: {p}" for p in adapter_order_problems(base_dir, lora_dirs)]
     if config is not None and config.get("model_type") not in ("llama", None):
         problems.append(f"{base_dir / 'config.json'}: model_type {config.get('model_type')!r}; only Llama "
                         "models are supported")
@@ -384,7 +373,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
         raise YakError(f"--base_model {base_dir}: no {EMBED}; not a Llama causal LM checkpoint")
     shapes = {k: base.shapes[k] for k in names}
     ops: dict[str, list[_Op]] = {k: [] for k in names}
-    source = {k: k for k in names}
+    starts = {k: k for k in names}  # output name -> base tensor it starts from
     lm_follows = tied
     for step in steps:
         touched = list(step.replacements) + [k for k in step.loras if k not in step.replacements]
@@ -394,7 +383,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
             # lm_head stops following the embedding here (peft trains a separate copy, or leaves the
             # original in place); it inherits the embedding's history so far.
             lm_follows = False
-            ops[LM_HEAD], shapes[LM_HEAD], source[LM_HEAD] = list(ops[EMBED]), shapes[EMBED], EMBED
+            ops[LM_HEAD], shapes[LM_HEAD], starts[LM_HEAD] = list(ops[EMBED]), shapes[EMBED], EMBED
             names.insert(names.index(EMBED) + 1, LM_HEAD)
         elif step.kind == "stage1" and not tied and step.ties_lm_head:
             problems.append(f"{step.path / 'yak_adapter.json'}: tie_word_embeddings is true but the base "
@@ -429,8 +418,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
         problems.append(f"lm_head keeps {shapes[LM_HEAD][0]} rows while the embedding has {vocab}: the "
                         "adapters must carry lm_head too (modules_to_save) or keep it tied")
 
-    tok_dir = Path(args.tokenizer_path) if args.tokenizer_path else next(
-        (s.path for s in reversed(steps) if _has_tokenizer(s.path)), base_dir)
+    tok_dir = Path(source.tokenizer_dir())
     n_tok = _tokenizer_length(tok_dir, problems)
     base_vocab = config.get("vocab_size", base.shapes[EMBED][0])
     if n_tok is not None:
@@ -443,11 +431,11 @@ def plan_merge(args: MergeArguments) -> _Plan:
                             f"merged embeddings have {vocab} rows; the adapters were trained with another "
                             "tokenizer: pass it with --tokenizer_path")
 
-    if args.output_dtype == "auto":
+    if source.dtype == "auto":
         dtype = DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or ""),
                            base.dtypes[EMBED] if base.dtypes[EMBED] in SAFETENSORS_DTYPES else torch.float32)
     else:
-        dtype = DTYPES.get(args.output_dtype, torch.float16)
+        dtype = DTYPES.get(source.dtype, torch.float16)
     out = Path(args.output_dir).resolve()
     for p in inputs_inside(out, [base_dir, *lora_dirs, tok_dir]):
         problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
@@ -456,9 +444,9 @@ def plan_merge(args: MergeArguments) -> _Plan:
         problems.append(f"--output_dir {out} already exists; choose another folder or pass --overwrite")
     if args.output_type == "pth":
         _check_pth(config, shapes, args, problems)
-    group = {k: base.file_of[source[k]] for k in names}
+    group = {k: base.file_of[starts[k]] for k in names}
     order = sorted(names, key=lambda k: files.index(group[k]))  # stable: keeps each file's order
-    plan = _Plan(base, steps, {k: ops[k] for k in order}, source, shapes, order, group, vocab,
+    plan = _Plan(base, steps, {k: ops[k] for k in order}, starts, shapes, order, group, vocab,
                  lm_follows, config, dtype, tok_dir, base_dir,
                  _parse_size(args.max_shard_size) if args.output_type == "huggingface" else 0)
     needed = _output_bytes(plan) * (2 if args.output_type == "pth" else 1) + (16 << 20)
@@ -529,7 +517,7 @@ class _Inputs:
         if out.is_floating_point() and not torch.isfinite(out).all():
             raise YakError(f"merged tensor {name} has NaN or inf values in {self.plan.dtype} (from "
                            f"{[str(op.step.path) for op in ops] or 'the base model'}); nothing was written. "
-                           "Check the adapters, or try --output_dtype bfloat16/float32")
+                           "Check the adapters, or try --dtype bfloat16/float32")
         return out
 
 
@@ -756,18 +744,20 @@ def _mmap_safetensors(path: Path) -> Iterator[dict[str, torch.Tensor]]:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def merge(args: MergeArguments) -> Path:
-    """Merge ``args.lora_model`` (in order) into ``args.base_model`` and write ``args.output_dir``.
+def merge(source: ModelSource, args: MergeArguments) -> Path:
+    """Merge ``source.adapters`` (in order) into ``source.base_model`` and write ``args.output_dir``.
 
     Args:
+        source: the base model, the adapters applied in order, the tokenizer copied into the output, and the
+            output dtype (see :class:`ModelSource`).
         args: the merge options (see :class:`MergeArguments`).
 
     Returns:
         The output folder.
     """
     start = time.time()
-    plan = plan_merge(args)
-    logger.info("merging %s into %s -> %s (%s, %s)", [str(s.path) for s in plan.steps], args.base_model,
+    plan = plan_merge(source, args)
+    logger.info("merging %s into %s -> %s (%s, %s)", [str(s.path) for s in plan.steps], source.base_model,
                 args.output_dir, args.output_type, plan.dtype)
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         if args.output_type == "pth":
@@ -781,7 +771,7 @@ def merge(args: MergeArguments) -> Path:
         atomic_write_json(tmp / MERGE_FILE, {"base_model": str(plan.base_dir.resolve()), "adapters": [
             *merged_adapters(plan.base_dir), *(str(s.path.resolve()) for s in plan.steps)]})
     rows = [
-        ("inputs applied", " -> ".join([Path(args.base_model).name] + [s.path.name for s in plan.steps])),
+        ("inputs applied", " -> ".join([plan.base_dir.name] + [s.path.name for s in plan.steps])),
         ("tensors", str(len(plan.order))),
         ("parameters", f"{sum(math.prod(plan.shapes[k]) for k in plan.order):,}"),
         ("vocab_size", str(plan.vocab_size)),

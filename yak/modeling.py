@@ -13,14 +13,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from yak import YakError
 from yak.io import atomic_write_json, read_json, unreadable
 from yak.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -39,62 +42,6 @@ PEFT_EMBED_KEY = "base_model.model." + EMBED_KEY
 PEFT_LM_HEAD_KEY = "base_model.model." + LM_HEAD_KEY
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ModelArguments:
-    """Which model and tokenizer to load, and how."""
-
-    model_name_or_path: str = field(
-        default=None, metadata={"help": "Base model folder (Hugging Face layout, safetensors weights)."}
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer folder (the merged tokenizer); default: that of the last --adapters folder "
-                          "with one, else the model's own."},
-    )
-    base_tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "The base model's original tokenizer, used to initialise each new embedding row as the "
-            "mean of the vectors of the pieces it splits the new token into; default: the model folder's."
-        },
-    )
-    adapters: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Output folders of earlier stages applied in order before training, e.g. stage 1's output "
-            "for stage 2, or stage 1's and stage 2's outputs for SFT."
-        },
-    )
-    torch_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the loaded weights: auto (as saved in the checkpoint), bfloat16, float16 or "
-            "float32. Mixed-precision training (--bf16/--fp16) must agree with it; it is checked.",
-            "choices": ["auto", *DTYPES],
-        },
-    )
-    load_in_kbits: int = field(
-        default=16,
-        metadata={
-            "help": "Load the frozen base weights in 4 or 8 bits (needs bitsandbytes and a GPU); 16 = off.",
-            "choices": [4, 8, 16],
-        },
-    )
-    attn_implementation: str = field(
-        default="sdpa",
-        metadata={"help": "Attention implementation passed to transformers (sdpa, eager, ...)."},
-    )
-    compile_layers: bool = field(
-        default=False,
-        metadata={
-            "help": "Compile each decoder layer with torch.compile (regional compilation: one compile, "
-            "reused by every layer). On GPUs, with --gradient_checkpointing off, it made LoRA CPT of a "
-            "7B-shaped model about 1.9x faster than the naive setup (bench/RESULTS.md); costs about a "
-            "minute of compilation at start."
-        },
-    )
 
 
 @contextlib.contextmanager
@@ -496,6 +443,18 @@ def has_tokenizer(folder: str | os.PathLike) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
+def tokenizer_dir(
+    base_model: str | os.PathLike,
+    adapters: Sequence[str | os.PathLike] = (),
+    tokenizer_path: str | os.PathLike | None = None,
+) -> Path:
+    """The tokenizer of a model: ``tokenizer_path`` when given, else the last adapter folder that has one (the
+    tokenizer a stage was trained with is saved in its output), else the base model's own."""
+    if tokenizer_path:
+        return Path(tokenizer_path)
+    return next((Path(a) for a in reversed(adapters) if has_tokenizer(a)), Path(base_model))
+
+
 def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
     """Apply stage outputs in order: stage-1 embeddings are copied in, LoRA adapters are merged.
 
@@ -568,38 +527,28 @@ def carries_lm_head(folder: str | os.PathLike) -> bool:
         return PEFT_LM_HEAD_KEY in f.keys()  # noqa: SIM118 (safe_open is not a container)
 
 
-def load_model_and_tokenizer(
-    base_model: str | os.PathLike,
-    adapters: Sequence[str | os.PathLike] = (),
-    tokenizer_path: str | os.PathLike | None = None,
-    dtype: str | torch.dtype = "auto",
-    device: str | None = "auto",
-):
+def load_model_and_tokenizer(source: ModelSource, device: str | None = "auto"):
     """Load a model for use (inference, serving, evaluation, merging): base + adapters, in eval mode.
 
     Args:
-        base_model: a Hugging Face model folder (a base model or a merged one).
-        adapters: output folders of training stages, applied in order (stage 1's ``embeddings.safetensors``
-            and/or peft LoRA adapters, which are merged into the weights).
-        tokenizer_path: tokenizer folder used when no adapter folder carries a tokenizer.
-        dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        source: the base model folder (a base model or a merged one), the output folders of training stages
+            applied in order (stage 1's ``embeddings.safetensors`` and/or peft LoRA adapters, which are merged
+            into the weights), the tokenizer and the dtype; see :class:`yak.source.ModelSource`.
         device: ``"auto"`` (CUDA if present, else CPU) or a device name.
 
     Returns:
-        ``(model, tokenizer)``. The tokenizer comes from the last adapter folder that has one, else
-        ``tokenizer_path``, else ``base_model``.
+        ``(model, tokenizer)``, the tokenizer from :meth:`ModelSource.tokenizer_dir`.
     """
-    adapters = [Path(a) for a in adapters]
+    adapters = [Path(a) for a in source.adapters]
     for a in adapters:
         adapter_kind(a)  # validate every folder before loading anything large
-    problems = adapter_order_problems(base_model, adapters)
+    problems = adapter_order_problems(source.base_model, adapters)
     if problems:
         raise YakError("adapters in the wrong order: " + "; ".join(problems))
-    tok_dir = next((a for a in reversed(adapters) if has_tokenizer(a)), None)
-    tok_dir = tok_dir or (Path(tokenizer_path) if tokenizer_path else Path(base_model))
+    tok_dir = source.tokenizer_dir()
     tokenizer = load_tokenizer(tok_dir)
-    model = load_base_model(base_model, dtype=dtype, device=device)
-    resize_for_adapters(model, tokenizer, adapters, str(tok_dir))
+    model = load_base_model(source.base_model, dtype=source.dtype, device=device)
+    resize_for_adapters(model, tokenizer, adapters, tok_dir)
     model = apply_adapters(model, adapters)
     model.eval()
     return model, tokenizer

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from yak import YakError
-from yak.generation.arguments import GenerationArguments, ModelArguments
+from yak.generation.arguments import GenerationArguments
 from yak.generation.engine import Engine
 from yak.generation.loading import load_for_inference
 from yak.generation.prompts import chat_messages, encode_chat
 from yak.generation.request import EngineFull, TextStreamer
 from yak.generation.sampling import SamplingParams
+from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def _add_page_routes(app, service: ChatService, body: Callable[[], Any]) -> None
 # ---------------------------------------------------------------------------------------------- entry points
 
 
-def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
+def build_service(source: ModelSource, gen_args: GenerationArguments,
                   server_args: ServerArguments) -> ChatService:
     """Check the options, load the model once, start the engine, and return the service."""
     defaults = gen_args.sampling()
@@ -479,14 +480,14 @@ def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
                         f"--max_total_tokens {gen_args.max_total_tokens}")
     if problems:
         raise YakError("; ".join(problems))
-    model, tokenizer = load_for_inference(model_args)
+    model, tokenizer = load_for_inference(source, gen_args)
     engine = gen_args.build_engine(model, tokenizer, max_queue=server_args.max_queue)
     try:
         gen_args.check_room(engine.max_total_tokens)
     except YakError:
         engine.close()
         raise
-    name = server_args.model_name or os.path.basename(os.path.normpath(model_args.base_model))
+    name = server_args.model_name or os.path.basename(os.path.normpath(source.base_model))
     return ChatService(engine, tokenizer, defaults, gen_args.system_prompt, server_args, name)
 
 
@@ -501,8 +502,8 @@ def app_from_config(path: str | None = None):
     path = path or os.environ.get(CONFIG_ENV)
     if not path:
         raise YakError(f"give the config file as app_from_config('serve.yaml') or in ${CONFIG_ENV}")
-    model_args, gen_args, server_args = parse_args([ModelArguments, GenerationArguments, ServerArguments], [path])
-    return create_app(build_service(model_args, gen_args, server_args))
+    source, gen_args, server_args = parse_args([ModelSource, GenerationArguments, ServerArguments], [path])
+    return create_app(build_service(source, gen_args, server_args))
 
 
 def page_url(host: str, port: int) -> str:
@@ -511,7 +512,7 @@ def page_url(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}/"
 
 
-def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
+def serve(source: ModelSource, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
     """Load the model and serve until interrupted, with werkzeug's threaded server (one thread per request)."""
     from werkzeug.serving import make_server, select_address_family
 
@@ -526,7 +527,7 @@ def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args
                        "--port (or --host), or stop the program that uses it") from None
     with sock:  # werkzeug takes a duplicate of the bound socket
         server = make_server(server_args.host, server_args.port, None, threaded=True, fd=sock.fileno())
-    service = build_service(model_args, gen_args, server_args)
+    service = build_service(source, gen_args, server_args)
     server.app = create_app(service)
     if server_args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the server is reachable from other machines and has no authentication",

@@ -18,9 +18,10 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from yak import YakError
-from yak.modeling import ModelArguments, check_tokenizer_extends
+from yak.modeling import check_tokenizer_extends
+from yak.source import ModelSource
 from yak.tokenizer import load_tokenizer
-from yak.training.arguments import StageArguments, _config_dict, _tokenizer_dir, check_args
+from yak.training.arguments import StageArguments, _config_dict, check_args
 from yak.training.model import build_model
 from yak.training.report import _summary_table, plot_losses
 from yak.training.run_folder import _leave_process_group, prepare_output_dir
@@ -69,7 +70,7 @@ def _save_final(trainer: YakTrainer, output_dir: str) -> None:
 
 
 def train_on_datasets(
-    model_args: ModelArguments,
+    source: ModelSource,
     stage_args: StageArguments,
     training_args: TrainingArguments,
     tokenizer,
@@ -82,7 +83,7 @@ def train_on_datasets(
     """Load and prepare the model, fix the schedule, train, save the output; return the summary.
 
     Args:
-        model_args, stage_args, training_args: the checked options.
+        source, stage_args, training_args: the checked options.
         tokenizer: the (merged) tokenizer; saved with every checkpoint.
         datasets: ``DatasetDict`` with ``train`` and optionally ``validation``.
         data_collator: makes batches of the datasets' rows.
@@ -100,7 +101,7 @@ def train_on_datasets(
             "split is empty: raise --validation_split_percentage above 0, or pass --eval_strategy no"
         )
     set_seed(training_args.seed)  # LoRA's A matrices are initialised at random: same seed, same run
-    model = build_model(model_args, stage_args, tokenizer, training_args)
+    model = build_model(source, stage_args, tokenizer, training_args)
     tokens_per_sample = tokens_per_sample or len(train_ds[0]["input_ids"])
     training_args, schedule = resolve_schedule(training_args, stage_args, len(train_ds), tokens_per_sample)
     trainer = YakTrainer(
@@ -113,7 +114,7 @@ def train_on_datasets(
         callbacks=list(callbacks),
         loraplus_lr_ratio=stage_args.loraplus_lr_ratio if stage_args.uses_lora else 1.0,
         embedding_learning_rate=stage_args.embedding_learning_rate,
-        base_model_name_or_path=model_args.model_name_or_path,
+        base_model_name_or_path=source.base_model,
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     _save_final(trainer, training_args.output_dir)
@@ -156,26 +157,26 @@ def train_on_datasets(
 
 
 def run_training(
-    model_args: ModelArguments,
+    source: ModelSource,
     stage_args: StageArguments,
     data_args,
     training_args: TrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
     """The whole run: check, claim output_dir, tokenizer, datasets, model, train, save. Returns the summary."""
-    training_args = check_args(model_args, stage_args, data_args, training_args)
+    training_args = check_args(source, stage_args, data_args, training_args)
     logger.info(
         "configuration:\n%s",
-        json.dumps(_config_dict(model_args, stage_args, data_args, training_args), indent=1, default=str),
+        json.dumps(_config_dict(source, stage_args, data_args, training_args), indent=1, default=str),
     )
-    resume = prepare_output_dir(model_args, stage_args, data_args, training_args)
-    tokenizer = load_tokenizer(_tokenizer_dir(model_args))
-    if not model_args.adapters:  # a tokenizer that does not extend the model's fails before the data work
-        base_dir = model_args.base_tokenizer_name_or_path or model_args.model_name_or_path
-        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), _tokenizer_dir(model_args), base_dir)
+    resume = prepare_output_dir(source, stage_args, data_args, training_args)
+    tokenizer = load_tokenizer(source.tokenizer_dir())
+    if not source.adapters:  # a tokenizer that does not extend the model's fails before the data work
+        base_dir = stage_args.base_tokenizer_name_or_path or source.base_model
+        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), source.tokenizer_dir(), base_dir)
     datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
     summary = train_on_datasets(
-        model_args,
+        source,
         stage_args,
         training_args,
         tokenizer,
