@@ -80,13 +80,13 @@ def test_problems_are_listed_with_the_option_or_the_model_name(stages, tmp_path)
     assert ModelSource(TINY_MODEL, [s1]).problems() == []
     found = ModelSource(None, [s1, tmp_path / "nowhere"], tmp_path / "no_tok", "float8").problems()
     assert found == [
-        "--base_model is required (a Hugging Face model folder)",
+        "--base_model: required: a Hugging Face model folder",
         f"--adapters: adapter folder {tmp_path / 'nowhere'} does not exist",
-        f"--tokenizer_path {tmp_path / 'no_tok'} is not a folder",
-        "--dtype 'float8' is not one of auto, float32, bfloat16, float16",
+        f"--tokenizer_path: {tmp_path / 'no_tok'} is not a folder",
+        "--dtype: 'float8' is not one of auto, float32, bfloat16, float16",
     ]
     spec = ModelSpec.parse(f"yak={tmp_path},{s1}")
     assert spec.source == ModelSource(str(tmp_path), [str(s1)])
-    assert spec.problems() == [f"model yak: base model {tmp_path} is not a Hugging Face model folder (no config.json)"]
+    assert spec.problems() == [f"model yak: {tmp_path} is not a Hugging Face model folder (no config.json)"]
     with pytest.raises(YakError, match="expected BASE"):
         ModelSpec.parse("yak=")

@@ -539,12 +539,10 @@ def load_model_and_tokenizer(source: ModelSource, device: str | None = "auto"):
     Returns:
         ``(model, tokenizer)``, the tokenizer from :meth:`ModelSource.tokenizer_dir`.
     """
-    adapters = [Path(a) for a in source.adapters]
-    for a in adapters:
-        adapter_kind(a)  # validate every folder before loading anything large
-    problems = adapter_order_problems(source.base_model, adapters)
+    problems = source.problems()  # every folder checked before anything large is loaded
     if problems:
-        raise YakError("adapters in the wrong order: " + "; ".join(problems))
+        raise YakError("; ".join(problems))
+    adapters = [Path(a) for a in source.adapters]
     tok_dir = source.tokenizer_dir()
     tokenizer = load_tokenizer(tok_dir)
     model = load_base_model(source.base_model, dtype=source.dtype, device=device)

@@ -95,38 +95,26 @@ class ModelSource:
             formats: also check that the base has a ``config.json`` and each adapter's files (stage-1 output or
                 peft adapter, safetensors). The merge reads those files itself and reports more.
         """
-        def named(option: str, word: str) -> str:  # "--dtype" on the command line, "dtype" after "model NAME:"
-            return word if where else option
-
-        found = []
+        found = []  # (option, what is wrong)
         base = self.base_model
         if not base:
-            found.append(f"{named('--base_model', 'the base model')} is required (a Hugging Face model folder)")
+            found.append(("--base_model", "required: a Hugging Face model folder"))
         elif not Path(base).is_dir():
-            found.append(f"{named('--base_model', 'base model')} {base} is not a folder")
+            found.append(("--base_model", f"{base} is not a folder"))
         elif formats and not (Path(base) / "config.json").is_file():
-            found.append(f"{named('--base_model', 'base model')} {base} is not a Hugging Face model folder "
-                         "(no config.json)")
-        adapter_problems = []
+            found.append(("--base_model", f"{base} is not a Hugging Face model folder (no config.json)"))
         for a in self.adapters:
             if not formats:
                 if not Path(a).is_dir():
-                    adapter_problems.append(f"adapter folder {a} does not exist")
+                    found.append(("--adapters", f"adapter folder {a} does not exist"))
                 continue
             try:
                 adapter_kind(a)
             except YakError as e:
-                adapter_problems.append(str(e))
-        adapter_problems += adapter_order_problems(base, self.adapters)
-        found += [f"{named('--adapters: ', '')}{p}" for p in adapter_problems]
+                found.append(("--adapters", str(e)))
+        found += [("--adapters", p) for p in adapter_order_problems(base, self.adapters)]
         if self.tokenizer_path and not Path(self.tokenizer_path).is_dir():
-            found.append(f"{named('--tokenizer_path', 'tokenizer')} {self.tokenizer_path} is not a folder")
+            found.append(("--tokenizer_path", f"{self.tokenizer_path} is not a folder"))
         if self.dtype not in ("auto", *DTYPES):
-            found.append(f"{named('--dtype', 'dtype')} {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-        return [f"{where}: {m}" for m in found] if where else found
-
-    def check(self) -> None:
-        """Raise one :class:`YakError` listing :meth:`problems`, if any."""
-        problems = self.problems()
-        if problems:
-            raise YakError("; ".join(problems))
+            found.append(("--dtype", f"{self.dtype!r} is not one of auto, {', '.join(DTYPES)}"))
+        return [f"{where or option}: {text}" for option, text in found]

@@ -26,7 +26,7 @@ def load_for_inference(source: ModelSource, args: GenerationArguments):
         source: the model; see :class:`ModelSource`.
         args: the device options (``--gpus``, ``--only_cpu``, ``--load_in_8bit``, ``--load_in_4bit``).
     """
-    problems = source.problems()
+    problems = source.problems()  # also checked by load_model_and_tokenizer; here with the device options
     if args.load_in_8bit and args.load_in_4bit:
         problems.append("choose one of --load_in_8bit and --load_in_4bit")
     if (args.load_in_8bit or args.load_in_4bit) and args.only_cpu:
