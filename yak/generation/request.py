@@ -50,7 +50,7 @@ class TextStreamer(_TransformersTextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self._text.append(text)
 
-    def __iter__(self) -> "TextStreamer":
+    def __iter__(self) -> TextStreamer:
         return self
 
     def __next__(self) -> str:
@@ -99,7 +99,7 @@ class Request:
         self.error: BaseException | None = None
         self._done = threading.Event()
         self._cancelled = False
-        self._on_cancel: Callable[["Request"], None] | None = None  # set by the engine that queues it
+        self._on_cancel: Callable[[Request], None] | None = None  # set by the engine that queues it
 
     def cancel(self) -> None:
         """Stop this request (e.g. its client went away): a waiting one leaves the engine's queue at once, a
