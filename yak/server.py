@@ -544,8 +544,8 @@ def page_url(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}/"
 
 
-def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
-    """Load the model and serve until interrupted, on waitress.
+def make_server(app, sock: socket.socket, args: ServerArguments, connections: dict | None = None):
+    """The waitress server of ``app`` on the bound socket ``sock``, with the limits of ``args``.
 
     waitress, a production WSGI server with no dependencies, rather than werkzeug's development server, which
     starts a thread for every connection without a cap and never closes an idle one: here one event loop holds
@@ -554,9 +554,28 @@ def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args
     at once (``send_bytes=1``; waitress would otherwise gather 18 kB first), and a connection is still read
     while its request runs (``channel_request_lookahead``), so a client that goes away is seen and its request
     cancelled, streaming or not.
+
+    Args:
+        app: the WSGI app (:func:`create_app`).
+        sock: a bound, listening TCP socket; the server owns it from now on.
+        args: the server's options.
+        connections: the event loop's socket map (``waitress.wasyncore.loop(map=connections)`` runs it;
+            ``server.run()`` does too, but returns normally on SIGTERM and Ctrl-C).
     """
-    from waitress import wasyncore
     from waitress.server import create_server
+
+    return create_server(
+        app, map={} if connections is None else connections, sockets=[sock], threads=args.threads,
+        connection_limit=args.connection_limit, channel_timeout=args.idle_timeout,
+        cleanup_interval=max(1, min(30, args.idle_timeout // 2)), send_bytes=1, channel_request_lookahead=1,
+        # waitress reads a whole body before the app sees it: bounded here, refused by the app as JSON up to
+        # twice the limit (beyond, waitress's own plain-text 413)
+        max_request_body_size=2 * args.max_body_bytes, asyncore_use_poll=True, ident="yak")
+
+
+def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
+    """Load the model and serve until interrupted, on waitress (:func:`make_server`)."""
+    from waitress import wasyncore
 
     if not 0 < server_args.port < 65536:
         raise YakError(f"--port must be in 1..65535, got {server_args.port}")
@@ -572,14 +591,8 @@ def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args
     except BaseException:
         sock.close()
         raise
-    connections: dict = {}  # waitress's socket map, for the event loop below
-    server = create_server(
-        create_app(service), map=connections, sockets=[sock], threads=server_args.threads,
-        connection_limit=server_args.connection_limit, channel_timeout=server_args.idle_timeout,
-        cleanup_interval=max(1, min(30, server_args.idle_timeout // 2)), send_bytes=1, channel_request_lookahead=1,
-        # waitress reads a whole body before the app sees it: bounded here, refused by the app as JSON up to
-        # twice the limit (beyond, waitress's own plain-text 413)
-        max_request_body_size=2 * server_args.max_body_bytes, asyncore_use_poll=True, ident="yak")
+    connections: dict = {}
+    server = make_server(create_app(service), sock, server_args, connections)
     if server_args.threads < gen_args.max_batch_size:
         logger.warning("--threads %d is below --max_batch_size %d: batches never fill", server_args.threads,
                        gen_args.max_batch_size)
