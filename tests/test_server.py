@@ -165,6 +165,11 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
     response = conn.getresponse()
     assert response.status == 413 and "--max_body_bytes" in json.load(response)["error"]["message"]
     conn.close()
+    # beyond twice the limit waitress refuses the body before it is read in full (its own plain-text 413)
+    huge = urllib.request.Request(server + "/api/chat", data=b"x" * 9000, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(huge, timeout=60)
+    assert refused.value.code == 413 and refused.value.headers.get_content_type() == "text/plain"
     with urllib.request.urlopen(server + "/health", timeout=10) as r:
         assert json.load(r)["status"] == "ok"
     assert _chat(server, QUERIES[2])
