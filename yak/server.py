@@ -322,7 +322,7 @@ def _sse(obj: Any) -> str:
 
 def _text_events(streamer, event: Callable[[str], str]) -> Iterator[str]:
     """``event(piece)`` for each piece of text as it comes, and :data:`HEARTBEAT` when none came for a while
-    (the streamer gives an empty piece for each token whose text it holds back, and nothing while queued)."""
+    (the streamer gives an empty piece for new tokens whose text it holds back, and nothing while queued)."""
     last = time.monotonic()
     while True:
         try:
