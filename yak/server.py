@@ -278,14 +278,9 @@ class ChatService:
         return request, prompt_ids, streamer
 
     def answer(self, request, client_gone: Callable[[], bool] | None = None) -> str:
-        """Wait for ``request`` and return its text.
-
-        Args:
-            request: a submitted request.
-            client_gone: tells whether the client closed its connection (waitress's
-                ``waitress.client_disconnected``); asked every :data:`DISCONNECT_POLL_S` while waiting. Once it
-                says so, the request is cancelled and :class:`BadRequest` (499) is raised.
-        """
+        """Wait for ``request`` and return its text; ``client_gone`` (waitress's ``waitress.client_disconnected``)
+        is asked every :data:`DISCONNECT_POLL_S`: once the client has gone, the request is cancelled and
+        :class:`BadRequest` (499) raised."""
         while client_gone is not None and not request.done:
             if client_gone():
                 request.cancel()
@@ -545,22 +540,15 @@ def page_url(host: str, port: int) -> str:
 
 
 def make_server(app, sock: socket.socket, args: ServerArguments, connections: dict | None = None):
-    """The waitress server of ``app`` on the bound socket ``sock``, with the limits of ``args``.
+    """The waitress server of ``app`` on the bound socket ``sock`` (which it then owns), with the limits of ``args``.
 
-    waitress, a production WSGI server with no dependencies, rather than werkzeug's development server, which
-    starts a thread for every connection without a cap and never closes an idle one: here one event loop holds
-    the open connections (at most ``--connection_limit``, each closed after ``--idle_timeout`` seconds without a
-    request), and a fixed pool of ``--threads`` serves their requests. Each write of a streamed answer is sent
-    at once (``send_bytes=1``; waitress would otherwise gather 18 kB first), and a connection is still read
-    while its request runs (``channel_request_lookahead``), so a client that goes away is seen and its request
-    cancelled, streaming or not.
-
-    Args:
-        app: the WSGI app (:func:`create_app`).
-        sock: a bound, listening TCP socket; the server owns it from now on.
-        args: the server's options.
-        connections: the event loop's socket map (``waitress.wasyncore.loop(map=connections)`` runs it;
-            ``server.run()`` does too, but returns normally on SIGTERM and Ctrl-C).
+    werkzeug's development server started a thread per connection without a cap and never closed an idle one.
+    Here one event loop holds the open connections (at most ``--connection_limit``, closed after
+    ``--idle_timeout`` s without a request) and ``--threads`` threads serve requests. Streamed writes leave at
+    once (``send_bytes=1``; waitress gathers 18 kB otherwise); a connection is read while its request runs
+    (``channel_request_lookahead``), so a client that goes away is seen, streaming or not. ``connections`` is
+    the event loop's socket map: ``waitress.wasyncore.loop(map=connections)`` runs it (``server.run()`` too,
+    but returns normally on SIGTERM and Ctrl-C).
     """
     from waitress.server import create_server
 
