@@ -2,7 +2,7 @@
 events with "stream": true), the OpenAI-compatible POST /v1/chat/completions (with "stream"), GET /v1/models and
 GET /health. Binds 127.0.0.1:8718 unless --host/--port say otherwise; the model loads once and concurrent
 requests are decoded together in one batch. Request size, query and history length and max_new_tokens are
-bounded. For production, run yak.server:app_from_config under gunicorn or waitress (docs/serving.md).
+bounded. Runs on waitress (bounded --threads and --connection_limit, --idle_timeout; docs/serving.md).
 A chat page for the browser is served at GET / (its address is printed at start; --no_web_ui turns it off).
 """
 

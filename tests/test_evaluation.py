@@ -369,14 +369,24 @@ def test_max_length_over_the_model_context_is_refused(tmp_path, tiny_model_dir):
         prepare(_args(tmp_path, [tiny_model_dir], ["heldout"], max_length=2048))
 
 
-def test_num_fewshot_override_checks_the_fewshot_file(tmp_path):
-    """tusa's few-shot file is only read when shots are asked for: --num_fewshot must check it up front."""
-    shutil.copytree(FIXTURES / "tusa", tmp_path / "root" / "tusa")
-    (tmp_path / "root" / "tusa" / "train.jsonl").unlink()
+def test_fewshot_file_is_needed_only_when_examples_are_drawn(tmp_path, tiny_model_dir):
+    """tusa's few-shot file (train.jsonl) is read only when shots are asked for: without it a zero-shot run
+    works (it crashed with FileNotFoundError, issue 13 case 11), and --num_fewshot 2 is refused up front
+    naming the file."""
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "tusa", root / "tusa")
+    (root / "tusa" / "train.jsonl").unlink()
+    for shots in (None, 0):  # the task's own num_fewshot (0), and given
+        res = evaluate(_args(tmp_path, [tiny_model_dir], ["tusa"], data_root=str(root), num_fewshot=shots,
+                             out=f"out{shots}"))
+        assert res["results"]["stories260K"]["tusa"]["n"] > 0
     for shots, message in [(2, "fewshot data file .*train.jsonl does not exist"), (-1, "num_fewshot must be >= 0")]:
         with pytest.raises(YakError, match=message):
-            prepare(_args(tmp_path, [ROOT / "models" / "stories260K"], ["tusa"], data_root=str(tmp_path / "root"),
-                          num_fewshot=shots))
+            prepare(_args(tmp_path, [tiny_model_dir], ["tusa"], data_root=str(root), num_fewshot=shots))
+    cfg = load_task("tusa", str(root))
+    cfg.num_fewshot = 2  # e.g. the file went away after the check
+    with pytest.raises(YakError, match="num_fewshot=2 draws examples from .*train.jsonl, which does not exist"):
+        build_examples(cfg, str(root))
 
 
 def test_unloadable_model_leaves_no_output(tmp_path, tiny_model_dir):

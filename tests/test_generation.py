@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import shutil
 import subprocess
 import sys
@@ -142,6 +143,25 @@ def test_streaming_matches_and_cancel_stops(engine, model_and_tokenizer):
     next(iter(streamer))
     long.cancel()
     assert long.wait(timeout=30).finish_reason == "cancelled" and len(long.output_ids) < 200
+
+
+def test_cancelling_a_waiting_request_takes_it_out_of_the_queue_at_once(model_and_tokenizer):
+    """A waiting request whose client went away must not hold a place in the queue (--max_queue) until a slot
+    frees: cancel() ends it at once."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, (), max_batch_size=1, max_total_tokens=512)  # no end token: answers run to the length
+    prompt = encode_raw(tokenizer, STARTS[0])
+    streamer = TextIteratorStreamer(tokenizer)
+    running = engine.submit(prompt, SamplingParams(max_new_tokens=400, temperature=0), streamer)
+    next(iter(streamer))
+    waiting = engine.submit(prompt, SamplingParams(max_new_tokens=5, temperature=0))
+    assert engine.load["waiting"] == 1
+    waiting.cancel()
+    assert waiting.done and waiting.finish_reason == "cancelled" and engine.load["waiting"] == 0
+    assert not running.done
+    running.cancel()
+    assert running.wait(timeout=30).finish_reason == "cancelled"
+    engine.close()
 
 
 def test_close_stops_the_worker_and_fails_what_is_left(model_and_tokenizer):
@@ -312,16 +332,35 @@ def test_tibetan_streams_syllable_by_syllable(text):
         sent, behind = [], []  # text sent after each token; how far the sent text lags behind the decoded text
         for i, token in enumerate(ids):
             streamer.put(torch.tensor([token]))
-            while not streamer.text_queue.empty():
-                sent.append(streamer.text_queue.get())
+            sent.append(next(streamer))  # ours decodes here, in the reader; transformers' did in put()
             decoded = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
             if decoded.endswith("\u0f0b"):
                 behind.append(len(decoded) - len("".join(sent)))
         streamer.end()
-        sent += [x for x in iter(streamer.text_queue.get, None)]
+        sent += list(streamer)
         return "".join(sent), behind
 
     full, behind = pieces(TextStreamer)
     assert full == tokenizer.decode(ids, skip_special_tokens=True)
     assert behind and max(behind) == 0  # everything up to each tsheg is out as soon as it is decoded
     assert max(pieces(TextIteratorStreamer)[1]) > 20  # transformers' own lags by many syllables
+
+
+def test_streamer_put_only_queues_and_the_reader_decodes():
+    """The engine's thread calls put() for every token of every streamed answer: it only queues the id. The
+    reader decodes everything that came since its last read in one go, and waits at most its timeout."""
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer" / "merged_tokenizer_hf")
+    line = (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text("utf-8").splitlines()[0][:200]
+    ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+    streamer = TextStreamer(tokenizer, timeout=0.05, skip_special_tokens=True)
+    with pytest.raises(queue.Empty):
+        next(streamer)
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    assert streamer.token_cache == []  # nothing decoded yet
+    first = next(streamer)
+    assert streamer.token_cache == ids and first  # all of them at once
+    streamer.end()
+    assert first + "".join(streamer) == tokenizer.decode(ids, skip_special_tokens=True)
+    with pytest.raises(StopIteration):
+        next(streamer)

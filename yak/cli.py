@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import typing
 from typing import Callable, Sequence
 
@@ -146,6 +148,43 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+WATCHDOG_S = 1.0
+
+
+def stop_with_launcher() -> None:
+    """End this process when its parent, the launcher (torchrun), dies.
+
+    A ``kill -9`` of torchrun (or of its terminal, or the OOM killer) left its workers training on, orphaned,
+    holding their GPUs (issue 13, case 12). On Linux the kernel kills this process when its parent dies
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)``, through ctypes: no library offers it): SIGKILL, because a rank
+    blocked in a collective runs no Python signal handler, and nothing needs cleaning (a checkpoint counts only
+    once complete). Elsewhere a watchdog thread checks the parent every second and exits with a message.
+    """
+    launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != launcher:  # it died just before the call: no signal will come
+                _launcher_died(launcher)
+            return
+    threading.Thread(target=_watch_launcher, args=(launcher,), name="yak-launcher-watchdog", daemon=True).start()
+
+
+def _watch_launcher(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(WATCHDOG_S)
+    _launcher_died(launcher)
+
+
+def _launcher_died(launcher: int) -> None:
+    print(f"error: the launcher of this worker (PID {launcher}) died; rank {os.environ.get('RANK', '?')} stops",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def run_main(fn: Callable[[], object]) -> Callable[[], None]:
     """Decorate a script's ``main``: a :class:`YakError` prints one clear message and exits 2.
 
@@ -153,12 +192,15 @@ def run_main(fn: Callable[[], object]) -> Callable[[], None]:
     writing (``atomic_output_dir`` removes its temporary folder), instead of Python's default of dying on the
     spot and leaving it behind. Not under torchrun (``LOCAL_RANK`` set): a rank waiting in a collective could
     not run the handler and would linger until torchrun's SIGKILL, and training writes no temporary folder
-    (its checkpoints are marked complete only once written).
+    (its checkpoints are marked complete only once written). There, instead, the worker stops when its
+    launcher dies (:func:`stop_with_launcher`).
     """
 
     @functools.wraps(fn)
     def wrapper() -> None:
-        if "LOCAL_RANK" not in os.environ:
+        if "LOCAL_RANK" in os.environ:
+            stop_with_launcher()
+        else:
             signal.signal(signal.SIGTERM, _terminate)
         try:
             fn()
