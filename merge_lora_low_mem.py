@@ -3,10 +3,10 @@
 Applies --lora_model folders in order (stage-1 output, CPT adapter, SFT adapter) to --base_model, one tensor
 at a time from memory-mapped files, and writes Hugging Face safetensors shards or Meta's consolidated.NN.pth
 layout to --output_dir, with the tokenizer and the merged vocab_size. Every input is checked before anything
-is written. Options may also come from one JSON/YAML file.
+is written. --verbose logs each tensor. Options may also come from one JSON/YAML file.
 """
 
-from yak.cli import parse_args, run_main, setup_logging
+from yak.cli import parse_args, run_main, setup_logging, verbose_logs
 from yak.merge import MergeArguments, merge
 
 
@@ -14,6 +14,8 @@ from yak.merge import MergeArguments, merge
 def main() -> None:
     setup_logging()
     (args,) = parse_args([MergeArguments], description=__doc__)
+    if args.verbose:
+        verbose_logs()
     merge(args)
 
 

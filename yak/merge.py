@@ -99,6 +99,9 @@ class MergeArguments:
         "help": "Tokenizer folder to copy into the output. Default: the last --lora_model folder that has "
                 "tokenizer files, else the base model's."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+    verbose: bool = field(default=False, metadata={
+        "help": "Detailed logs (the original script's flag): each tensor as it is merged, with its shape, dtype and "
+                "the source file it is read from."})
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -544,6 +547,8 @@ def _iter_merged(plan: _Plan) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             with _open_weights(f) as base:
                 for name in names:
+                    logger.debug("%s %s %s from %s", name, tuple(plan.shapes[name]),
+                                 str(plan.dtype).removeprefix("torch."), f.name)
                     yield name, inputs.compute(name, base)
                     bar.update()
         bar.close()

@@ -574,6 +574,7 @@ def load_model_and_tokenizer(
     tokenizer_path: str | os.PathLike | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | None = "auto",
+    attn_implementation: str | None = None,
 ):
     """Load a model for use (inference, serving, evaluation, merging): base + adapters, in eval mode.
 
@@ -584,6 +585,7 @@ def load_model_and_tokenizer(
         tokenizer_path: tokenizer folder used when no adapter folder carries a tokenizer.
         dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
         device: ``"auto"`` (CUDA if present, else CPU) or a device name.
+        attn_implementation: passed to transformers (None: its default, ``sdpa``).
 
     Returns:
         ``(model, tokenizer)``. The tokenizer comes from the last adapter folder that has one, else
@@ -598,7 +600,7 @@ def load_model_and_tokenizer(
     tok_dir = next((a for a in reversed(adapters) if has_tokenizer(a)), None)
     tok_dir = tok_dir or (Path(tokenizer_path) if tokenizer_path else Path(base_model))
     tokenizer = load_tokenizer(tok_dir)
-    model = load_base_model(base_model, dtype=dtype, device=device)
+    model = load_base_model(base_model, dtype=dtype, device=device, attn_implementation=attn_implementation)
     resize_for_adapters(model, tokenizer, adapters, str(tok_dir))
     model = apply_adapters(model, adapters)
     model.eval()

@@ -15,7 +15,12 @@ from yak.generation.sampling import SamplingParams
 class ModelArguments:
     """Which model to load and where (the original project's flag names)."""
 
-    base_model: str = field(metadata={"help": "Hugging Face model folder: a merged model, or the base model."})
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Hugging Face model folder: a merged model, or the base model. Default: the newest merged "
+                  "output of the shipped pipeline (output/merged-hf, outputs/demo/merged), else the shipped tiny "
+                  "model models/stories260K."},
+    )
     lora_model: list[str] = field(
         default_factory=list,
         metadata={"help": "Training output folders (stage 1 embeddings and/or LoRA adapters) applied in order on "
@@ -34,6 +39,11 @@ class ModelArguments:
     only_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is present."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Quantize weights to 8 bit (needs bitsandbytes)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Quantize weights to 4 bit (needs bitsandbytes)."})
+    use_flash_attention_2: bool = field(
+        default=False,
+        metadata={"help": "Attention through flash-attn 2 (the original project's flag) when it is installed and a "
+                  "CUDA GPU is used; otherwise PyTorch's sdpa, and the log says so."},
+    )
 
 
 @dataclass

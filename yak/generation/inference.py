@@ -85,6 +85,8 @@ class _VllmBackend:
 
 def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf_args: InferenceArguments) -> None:
     """``inference_hf.py``: interactive chat or file predictions, with the engine or vLLM."""
+    from yak.defaults import with_default_model
+
     problems = gen_args.problems()
     if inf_args.interactive == (inf_args.data_file is not None):
         problems.append("give exactly one of --interactive and --data_file")
@@ -100,6 +102,7 @@ def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf
     if problems:
         raise YakError("; ".join(problems))
     lines = _read_inputs(inf_args.data_file) if inf_args.data_file else []
+    model_args = with_default_model(model_args)
     logger.info("options: %s %s %s", model_args, gen_args, inf_args)
     backend = (_VllmBackend if inf_args.use_vllm else _EngineBackend)(model_args, gen_args)
     gen_args.check_room(backend.max_total_tokens)
