@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 
 from yak import YakError
 from yak.io import atomic_output_dir, atomic_write_json, inputs_inside, read_json, unreadable
-from yak.modeling import MERGE_FILE, adapter_order_problems, merged_adapters
+from yak.modeling import (
+    ADAPTER_WEIGHTS,
+    EMBEDDINGS_FILES,
+    MERGE_FILE,
+    adapter_order_problems,
+    merged_adapters,
+    weights_in,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +191,6 @@ def _weight_files(folder: Path, stems: tuple[str, ...]) -> list[Path] | None:
 
 
 BASE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -241,15 +247,15 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
         return None
     if (path / "yak_adapter.json").is_file():
         meta = _read_json(path / "yak_adapter.json", problems)
-        emb = path / "embeddings.safetensors"
+        emb = weights_in(path, EMBEDDINGS_FILES)
         if meta is None:
             return None
         if meta.get("format") != STAGE1_FORMAT or meta.get("version") != 1:
             problems.append(f"{path / 'yak_adapter.json'}: format {meta.get('format')!r} version "
                             f"{meta.get('version')!r}; expected {STAGE1_FORMAT!r} version 1")
             return None
-        if not emb.is_file():
-            problems.append(f"{path}: stage-1 output without embeddings.safetensors")
+        if emb is None:
+            problems.append(f"{path}: stage-1 output without {' or '.join(EMBEDDINGS_FILES)}")
             return None
         w = _read_checkpoint([emb], problems)
         if w is None:
