@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT
+from yak import YakError
 from yak.defaults import MERGED_OUTPUTS, TINY_MODEL, default_model
 
 DASH = shutil.which("dash")
@@ -167,8 +168,8 @@ def test_default_model_is_the_newest_merged_output_else_the_tiny_model(tmp_path)
             assert default_model(tmp_path)[0] == tmp_path / TINY_MODEL
         (tmp_path / folder / "yak_merge.json").write_text("{}")
         os.utime(tmp_path / folder / "yak_merge.json", (1000 + i, 1000 + i))
-    assert default_model(tmp_path) == (tmp_path / MERGED_OUTPUTS[-1], "the newest merged output of the shipped "
-                                                                     "pipeline")
+    newest = (tmp_path / MERGED_OUTPUTS[-1], "the newest merged output of the shipped pipeline")
+    assert default_model(tmp_path) == newest
     os.utime(tmp_path / MERGED_OUTPUTS[0] / "yak_merge.json", (5000, 5000))
     assert default_model(tmp_path)[0] == tmp_path / MERGED_OUTPUTS[0]
 
@@ -181,7 +182,7 @@ def test_wrappers_need_no_bare_python(tmp_path):
             (tmp_path / tool).symlink_to(shutil.which(tool))
     for script in ("run_pt.sh", "run_sft.sh", "run_merge_export.sh", "run_demo.sh"):
         text = (ROOT / script).read_text()
-        assert not re.search(r"^\s*python\s", text, re.M) and "bash" not in text.splitlines()[0], script
+        assert not re.search(r"^\s*python\s", text, re.MULTILINE) and "bash" not in text.splitlines()[0], script
         done = _run([DASH or "sh", script, "--help"], {"PATH": str(tmp_path)})
         assert done.returncode == 0 and len(done.stdout.splitlines()) > 3, (script, done.stderr)
 
@@ -208,3 +209,29 @@ def test_export_gguf_never_downloads(tmp_path):
     assert done.returncode == 2 and "not allowed" not in done.stderr, done.stderr
     assert f"pip download --no-deps --no-binary :all: -d {tmp_path / 'cache'} llama-cpp-python==" in done.stderr
     assert not (tmp_path / "gguf").exists() and not (tmp_path / "cache").exists()
+
+
+def test_pipeline_launches_torchrun_for_several_processes_or_deepspeed():
+    from yak.pipeline import ROOT as PIPELINE_ROOT
+    from yak.pipeline import Variables, launcher, overwrite_requested
+
+    def v(**env):
+        return Variables({"GPUS": "1", "NODES": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "", "NODE_RANK": "0",
+                          **env}, "run_pt.sh")
+
+    train = str(PIPELINE_ROOT / "train.py")
+    assert launcher(v(), uses_deepspeed=False) == [sys.executable, train]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    assert launcher(v(GPUS="8"), False) == [*torchrun, "--standalone", "--nproc_per_node", "8", train]
+    assert launcher(v(), True) == [*torchrun, "--standalone", "--nproc_per_node", "1", train]
+    assert launcher(v(NODES="2", NODE_RANK="1"), False) == [
+        *torchrun, "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "1", "--master_addr", "10.0.0.1",
+        "--master_port", "29500", train]
+    with pytest.raises(YakError, match="GPUS='two': give a number"):
+        launcher(v(GPUS="two"), False)
+    with pytest.raises(YakError, match="the variable NODES is not set; run the pipeline through run_pt.sh"):
+        launcher(Variables({"GPUS": "1"}, "run_pt.sh"), False)
+    # --overwrite_output_dir as train.py reads it, not as text: "false" and other options' values do not count
+    assert overwrite_requested(["--overwrite_output_dir"]) and overwrite_requested(["--overwrite_output_dir", "true"])
+    assert not overwrite_requested(["--overwrite_output_dir=false", "--logging_steps", "2"])
+    assert not overwrite_requested(["--run_name", "--overwrite_output_dir-test"])
