@@ -94,7 +94,10 @@ def device_args(v: Variables, gpu_extra: Sequence[str] = ()) -> list[str]:
 def run_stage(command: list[str], what: str) -> None:
     """Run one training process (group) to its end; a failure stops the pipeline with train.py's status."""
     logger.info("%s: %s", what, " ".join(command))
-    done = subprocess.run(command, check=False)
+    env = dict(os.environ)
+    if not env.get("MASTER_PORT"):  # exported empty by the wrapper (set -a): torch would read "" as a port
+        env.pop("MASTER_PORT", None)
+    done = subprocess.run(command, check=False, env=env)
     if done.returncode:
         print(f"error: {what} failed (exit status {done.returncode}); see the messages above", file=sys.stderr)
         raise SystemExit(done.returncode)
