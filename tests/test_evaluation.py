@@ -285,11 +285,6 @@ def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
 
 
 def test_tokenizer_section(tmp_path, tiny_model_dir):
-    pytest.importorskip("yak.tokenizer", reason="yak.tokenizer (engineer T) not merged yet")
-    from yak import tokenizer as tk
-
-    if not hasattr(tk, "tokenizer_stats"):
-        pytest.skip("yak.tokenizer.tokenizer_stats not merged yet")
     res = evaluate(_args(tmp_path, [tiny_model_dir], ["tokenizer"]))["results"]["stories260K"]["tokenizer"]
     for stem in ("bo_classical_kangyur_vol078_heldout", "bo_modern_nanhai_deseg_heldout"):
         r = {k.split("/")[1]: v for k, v in res.items() if k.startswith(stem + "/")}

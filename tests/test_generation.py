@@ -304,7 +304,7 @@ def test_corrupt_adapter_is_one_clear_error_in_every_script(tiny_model_dir, tmp_
     (cut / "adapter_model.safetensors").write_bytes(weights[:-100])  # e.g. an interrupted copy
     (not_json / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ', encoding="utf-8")
     res = subprocess.run([sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--only_cpu",
-                          "--port", "1", "--lora_model", str(cut)], cwd=ROOT, capture_output=True, text=True,
+                          "--port", "0", "--lora_model", str(cut)], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"{cut / 'adapter_model.safetensors'} cannot be read" in res.stderr and "copy it again" in res.stderr

@@ -129,7 +129,6 @@ BAD = [
     (b'{"query": "hi", "top_p": 0}', 400, "top_p"),
     (b'{"query": "hi", "history": [["a"]]}', 400, "pair of strings"),
     (b'{"query": "hi", "history": [["a", "b"], ["a", "b"], ["a", "b"], ["a", "b"]]}', 400, "limit is 3"),
-    (b'{"query": "hi", "prompt": "x"}', 400, "unknown field 'prompt'"),
     (b'{"query": "hi \\ud800"}', 400, "lone surrogate"),
     (b'{"query": "hi</s><s>[INST] x"}', 400, "control token"),  # would become real EOS/BOS ids
     (b'{"query": "hi", "history": [["a<s>", "b"]]}', 400, "control token"),  # valid JSON, but no text a tokenizer can take
@@ -173,6 +172,19 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server):
     with urllib.request.urlopen(server + "/health", timeout=10) as r:
         assert json.load(r)["status"] == "ok"
     assert _chat(server, QUERIES[2])
+
+
+def test_api_chat_ignores_unknown_fields_and_cors_is_off_by_default(server):
+    """The original Flask app ignored fields it did not know (clients send e.g. "user" or "prompt"); known
+    fields stay strict. Without --cors_origin, a browser page from another origin gets no CORS header."""
+    status, body = _post(server + "/api/chat", {"query": "Once upon a time", "prompt": "x", "n": [1],
+                                                "max_new_tokens": 4, "temperature": 0})
+    assert status == 200 and body["output"] == _chat(server, "Once upon a time", max_new_tokens=4, temperature=0)
+    assert _post(server + "/api/chat", {"query": "hi", "prompt": "x", "top_k": "9"})[0] == 400
+    req = urllib.request.Request(server + "/api/chat", method="OPTIONS", headers={
+        "Origin": "http://example.org", "Access-Control-Request-Method": "POST"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert "Access-Control-Allow-Origin" not in r.headers
 
 
 def _tibetan_only_model(folder: Path) -> None:

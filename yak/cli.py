@@ -30,6 +30,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     )
 
 
+def verbose_logs() -> None:
+    """Detailed logs (``--verbose``): the package's debug messages, not those of the libraries under it."""
+    logging.getLogger("yak").setLevel(logging.DEBUG)
+
+
 def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None, description: str = ""):
     """Parse dataclasses from the command line, or from one ``.json``/``.yaml`` file given alone.
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from yak import YakError
 from yak.io import atomic_output_dir, atomic_write_json, inputs_inside, read_json, unreadable
-from yak.modeling import DTYPES, MERGE_FILE, merged_adapters
+from yak.modeling import ADAPTER_WEIGHTS, DTYPES, EMBEDDINGS_FILES, MERGE_FILE, merged_adapters, weights_in
 from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ class MergeArguments:
         "help": "pth only: number of consolidated.NN.pth files (model-parallel parts). Default: as Meta "
                 "splits its models (hidden size 4096 -> 1, 5120 -> 2, 6656 -> 4, 8192 -> 8; else 1)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+    verbose: bool = field(default=False, metadata={
+        "help": "Detailed logs (the original script's flag): each tensor as it is merged, with its shape, dtype and "
+                "the source file it is read from."})
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -175,7 +178,6 @@ def _weight_files(folder: Path, stems: tuple[str, ...]) -> list[Path] | None:
 
 
 BASE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -231,15 +233,15 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
         return None
     if (path / "yak_adapter.json").is_file():
         meta = _read_json(path / "yak_adapter.json", problems)
-        emb = path / "embeddings.safetensors"
+        emb = weights_in(path, EMBEDDINGS_FILES)
         if meta is None:
             return None
         if meta.get("format") != STAGE1_FORMAT or meta.get("version") != 1:
             problems.append(f"{path / 'yak_adapter.json'}: format {meta.get('format')!r} version "
                             f"{meta.get('version')!r}; expected {STAGE1_FORMAT!r} version 1")
             return None
-        if not emb.is_file():
-            problems.append(f"{path}: stage-1 output without embeddings.safetensors")
+        if emb is None:
+            problems.append(f"{path}: stage-1 output without {' or '.join(EMBEDDINGS_FILES)}")
             return None
         w = _read_checkpoint([emb], problems)
         if w is None:
@@ -532,6 +534,8 @@ def _iter_merged(plan: _Plan) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             with _open_weights(f) as base:
                 for name in names:
+                    logger.debug("%s %s %s from %s", name, tuple(plan.shapes[name]),
+                                 str(plan.dtype).removeprefix("torch."), f.name)
                     yield name, inputs.compute(name, base)
                     bar.update()
         bar.close()

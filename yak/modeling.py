@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 VOCAB_MULTIPLE = 64  # rows padded to a multiple of 64: tensor-core friendly, the usual choice (LLaMA-Factory)
 EMBEDDINGS_FILE = "embeddings.safetensors"
+# The weight files of a stage-1 output and of a LoRA adapter: safetensors, or PyTorch .bin files (a torch.save of
+# the state dict, train.py --save_safetensors False, as the original project wrote), read with weights_only=True.
+EMBEDDINGS_FILES = (EMBEDDINGS_FILE, "embeddings.bin")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 YAK_ADAPTER_FILE = "yak_adapter.json"
 RUN_FILE = "yak_run.json"  # a training output's settings, with the --adapters it was trained on top of
 MERGE_FILE = "yak_merge.json"  # in a merged model: the folders merged into it (merge_lora_low_mem.py)
@@ -281,6 +285,7 @@ def save_embeddings(
     output_dir: str | os.PathLike,
     base_model_name_or_path: str,
     state: dict[str, torch.Tensor] | None = None,
+    safetensors: bool = True,
 ) -> None:
     """Write the stage-1 output format: ``embeddings.safetensors`` + ``yak_adapter.json`` (docs/formats.md).
 
@@ -289,13 +294,17 @@ def save_embeddings(
         output_dir: the folder to write into (created; the caller makes the folder atomic).
         base_model_name_or_path: recorded for the consumers.
         state: the tensors, if already gathered (ZeRO-3: every rank must join the gathering, only one saves).
+        safetensors: False writes ``embeddings.bin`` (``torch.save`` of the state dict) instead.
     """
     from safetensors.torch import save_file
 
     state = embedding_state(model) if state is None else state
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(output_dir / EMBEDDINGS_FILE), metadata={"format": "pt"})
+    if safetensors:
+        save_file(state, str(output_dir / EMBEDDINGS_FILE), metadata={"format": "pt"})
+    else:
+        torch.save(state, output_dir / EMBEDDINGS_FILES[1])
     atomic_write_json(
         output_dir / YAK_ADAPTER_FILE,
         {
@@ -315,19 +324,48 @@ def _read_stage1(folder: Path) -> dict:
             f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version "
             f"{info.get('version')!r} is not {YAK_ADAPTER_FORMAT!r} version {YAK_ADAPTER_VERSION}"
         )
-    if not (folder / EMBEDDINGS_FILE).is_file():
-        raise YakError(f"{folder} has {YAK_ADAPTER_FILE} but no {EMBEDDINGS_FILE}")
+    if weights_in(folder, EMBEDDINGS_FILES) is None:
+        raise YakError(f"{folder} has {YAK_ADAPTER_FILE} but no {' or '.join(EMBEDDINGS_FILES)}")
     return info
+
+
+def weights_in(folder: Path, names: Sequence[str]) -> Path | None:
+    """The first of the weight files ``names`` that ``folder`` holds (None: none)."""
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of a PyTorch ``.bin`` file loaded with ``weights_only=True`` (a
+    pickle that holds anything but tensors is refused, nothing in it runs); a broken file is a YakError."""
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # safetensors and torch raise various types for a broken file
+        raise unreadable(path, e) from e
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of a weight file, without reading the tensors of a safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix != ".safetensors":
+        return {k: tuple(t.shape) for k, t in read_weights(path).items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a container)
+    except (OSError, SafetensorError) as e:  # a file cut short: the header covers the data
+        raise unreadable(path, e) from e
 
 
 @torch.no_grad()
 def load_embeddings(model, folder: str | os.PathLike) -> None:
     """Copy stage-1 embeddings into ``model`` (already resized to the same number of rows)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     info = _read_stage1(folder)
-    state = load_file(str(folder / EMBEDDINGS_FILE))
+    state = read_weights(weights_in(folder, EMBEDDINGS_FILES))
     rows = embedding_rows(model)
     problems = []
     if info["tie_word_embeddings"] != is_tied(model):
@@ -345,21 +383,10 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
         targets[LM_HEAD_KEY] = model.get_output_embeddings().weight
     missing = sorted(set(targets) - set(state))
     if missing:
-        raise YakError(f"{folder / EMBEDDINGS_FILE} lacks {', '.join(missing)}")
+        raise YakError(f"{weights_in(folder, EMBEDDINGS_FILES)} lacks {', '.join(missing)}")
     with gathered(list(targets.values()), modify=True):
         for key, w in targets.items():
             w.copy_(state[key].to(w.dtype))
-
-
-def _check_safetensors(path: Path) -> None:
-    """Read the header of a safetensors file, which fails for a file cut short (the header covers the data)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (OSError, SafetensorError) as e:
-        raise unreadable(path, e) from e
 
 
 def adapter_kind(folder: str | os.PathLike) -> str:
@@ -371,13 +398,14 @@ def adapter_kind(folder: str | os.PathLike) -> str:
     folder = Path(folder)
     if (folder / YAK_ADAPTER_FILE).is_file():
         _read_stage1(folder)
-        _check_safetensors(folder / EMBEDDINGS_FILE)
+        weight_shapes(weights_in(folder, EMBEDDINGS_FILES))
         return "embeddings"
     if (folder / "adapter_config.json").is_file():
-        if not (folder / "adapter_model.safetensors").is_file():
-            raise YakError(f"adapter {folder} has no adapter_model.safetensors (only safetensors are loaded)")
+        weights = weights_in(folder, ADAPTER_WEIGHTS)
+        if weights is None:
+            raise YakError(f"adapter {folder} has no {' or '.join(ADAPTER_WEIGHTS)}")
         read_json(folder / "adapter_config.json")
-        _check_safetensors(folder / "adapter_model.safetensors")
+        weight_shapes(weights)
         return "lora"
     if not folder.is_dir():
         raise YakError(f"adapter folder {folder} does not exist")
@@ -428,15 +456,11 @@ def _recorded(path: Path, keys: tuple[str, ...]) -> list[str]:
 
 def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
     """Number of embedding rows an adapter folder carries (None if it carries no embeddings)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     if adapter_kind(folder) == "embeddings":
         return int(_read_stage1(folder)["vocab_size"])
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        if PEFT_EMBED_KEY in f.keys():  # noqa: SIM118 (safe_open is not a container)
-            return int(f.get_slice(PEFT_EMBED_KEY).get_shape()[0])
-    return None
+    shape = weight_shapes(weights_in(folder, ADAPTER_WEIGHTS)).get(PEFT_EMBED_KEY)
+    return int(shape[0]) if shape else None
 
 
 def has_tokenizer(folder: str | os.PathLike) -> bool:
@@ -518,16 +542,13 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
 
 def carries_lm_head(folder: str | os.PathLike) -> bool:
     """Whether an adapter folder brings a full ``lm_head`` matrix (untied stage-1 output, or modules_to_save)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     if adapter_kind(folder) == "embeddings":
         return not _read_stage1(folder)["tie_word_embeddings"]
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        return PEFT_LM_HEAD_KEY in f.keys()  # noqa: SIM118 (safe_open is not a container)
+    return PEFT_LM_HEAD_KEY in weight_shapes(weights_in(folder, ADAPTER_WEIGHTS))
 
 
-def load_model_and_tokenizer(source: ModelSource, device: str | None = "auto"):
+def load_model_and_tokenizer(source: ModelSource, device: str | None = "auto", attn_implementation: str | None = None):
     """Load a model for use (inference, serving, evaluation, merging): base + adapters, in eval mode.
 
     Args:
@@ -535,6 +556,7 @@ def load_model_and_tokenizer(source: ModelSource, device: str | None = "auto"):
             applied in order (stage 1's ``embeddings.safetensors`` and/or peft LoRA adapters, which are merged
             into the weights), the tokenizer and the dtype; see :class:`yak.source.ModelSource`.
         device: ``"auto"`` (CUDA if present, else CPU) or a device name.
+        attn_implementation: passed to transformers (None: its default, ``sdpa``).
 
     Returns:
         ``(model, tokenizer)``, the tokenizer from :meth:`ModelSource.tokenizer_dir`.
@@ -545,7 +567,8 @@ def load_model_and_tokenizer(source: ModelSource, device: str | None = "auto"):
     adapters = [Path(a) for a in source.adapters]
     tok_dir = source.tokenizer_dir()
     tokenizer = load_tokenizer(tok_dir)
-    model = load_base_model(source.base_model, dtype=source.dtype, device=device)
+    model = load_base_model(source.base_model, dtype=source.dtype, device=device,
+                            attn_implementation=attn_implementation)
     resize_for_adapters(model, tokenizer, adapters, tok_dir)
     model = apply_adapters(model, adapters)
     model.eval()

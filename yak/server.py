@@ -48,7 +48,12 @@ class ServerArguments:
     """Where to listen and what a request may ask for."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind; 0.0.0.0 exposes the server."})
-    port: int = field(default=8718, metadata={"help": "TCP port."})
+    port: int = field(default=8718, metadata={"help": "TCP port; 0 takes a free one (the address is printed)."})
+    cors_origin: str | None = field(
+        default=None,
+        metadata={"help": "Allow browser pages from this origin (e.g. http://localhost:3000) or from any ('*') to "
+                  "call the API (CORS, through flask-cors). Default: none, same-origin only."},
+    )
     max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body accepted (bytes)."})
     max_query_chars: int = field(
         default=8000, metadata={"help": "Longest query, history message or system prompt (characters)."}
@@ -184,7 +189,14 @@ class ChatService:
         return params
 
     def parse_chat(self, body: Any) -> tuple[str, list[dict], SamplingParams]:
-        """Validate an ``/api/chat`` body; return ``(query, messages, params)``."""
+        """Validate an ``/api/chat`` body; return ``(query, messages, params)``.
+
+        Unknown fields are ignored (logged at debug level), as the original project's Flask app did; the known
+        ones are checked strictly.
+        """
+        if isinstance(body, dict) and (unknown := [k for k in body if k not in _CHAT_FIELDS]):
+            logger.debug("/api/chat: ignoring unknown fields %s", ", ".join(unknown))
+            body = {k: v for k, v in body.items() if k in _CHAT_FIELDS}
         problems = _check_fields(body, _CHAT_FIELDS)
         if problems:
             raise BadRequest("; ".join(problems))
@@ -352,6 +364,10 @@ def create_app(service: ChatService):
 
     app = Flask("yak")
     app.config["MAX_CONTENT_LENGTH"] = service.args.max_body_bytes
+    if service.args.cors_origin:
+        from flask_cors import CORS
+
+        CORS(app, origins=service.args.cors_origin)
     app.json.ensure_ascii = False  # Tibetan stays readable in answers
 
     too_large = (f"Request Entity Too Large: the request body is over {service.args.max_body_bytes} bytes (the "
@@ -491,8 +507,13 @@ def _add_page_routes(app, service: ChatService, body: Callable[[], Any]) -> None
 def build_service(source: ModelSource, gen_args: GenerationArguments,
                   server_args: ServerArguments) -> ChatService:
     """Check the options, load the model once, start the engine, and return the service."""
+    from yak.defaults import with_default_model
+
     defaults = gen_args.sampling()
     problems = gen_args.problems()
+    if server_args.cors_origin is not None and not _is_origin(server_args.cors_origin):
+        problems.append(f"--cors_origin {server_args.cors_origin!r}: give one origin, scheme://host[:port] (e.g. "
+                        "http://localhost:3000), or '*' for any")
     # at 0 every request would be refused (413, 400 or 503)
     for name in ("max_new_tokens_cap", "max_body_bytes", "max_query_chars", "max_queue", "threads",
                  "connection_limit", "idle_timeout"):
@@ -508,6 +529,7 @@ def build_service(source: ModelSource, gen_args: GenerationArguments,
                         f"--max_total_tokens {gen_args.max_total_tokens}")
     if problems:
         raise YakError("; ".join(problems))
+    source = with_default_model(source)
     model, tokenizer = load_for_inference(source, gen_args)
     engine = gen_args.build_engine(model, tokenizer, max_queue=server_args.max_queue)
     try:
@@ -517,6 +539,21 @@ def build_service(source: ModelSource, gen_args: GenerationArguments,
         raise
     name = server_args.model_name or os.path.basename(os.path.normpath(source.base_model))
     return ChatService(engine, tokenizer, defaults, gen_args.system_prompt, server_args, name)
+
+
+def _is_origin(value: str) -> bool:
+    """``*``, or an origin as browsers send it: scheme://host[:port], nothing after."""
+    from urllib.parse import urlsplit
+
+    if value == "*":
+        return True
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not (
+        parts.path or parts.query or parts.fragment or parts.username)
 
 
 def app_from_config(path: str | None = None):
@@ -566,8 +603,8 @@ def serve(source: ModelSource, gen_args: GenerationArguments, server_args: Serve
     """Load the model and serve until interrupted, on waitress (:func:`make_server`)."""
     from waitress import wasyncore
 
-    if not 0 < server_args.port < 65536:
-        raise YakError(f"--port must be in 1..65535, got {server_args.port}")
+    if not 0 <= server_args.port < 65536:
+        raise YakError(f"--port must be in 0..65535 (0: a free port), got {server_args.port}")
     # Bind first: a busy port fails at once, not after minutes of model loading.
     try:
         family = socket.AF_INET6 if ":" in server_args.host else socket.AF_INET
@@ -588,8 +625,8 @@ def serve(source: ModelSource, gen_args: GenerationArguments, server_args: Serve
     if server_args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the server is reachable from other machines and has no authentication",
                        server_args.host)
-    logger.info("serving %s on http://%s:%d (POST /api/chat, /v1/chat/completions; GET /health)",
-                service.model_name, server_args.host, server.effective_port)
+    logger.info("serving %s on %s (POST /api/chat, /v1/chat/completions; GET /health)",
+                service.model_name, page_url(server_args.host, server.effective_port))
     if not server_args.no_web_ui:
         logger.info("chat page: open %s in a browser", page_url(server_args.host, server.effective_port))
     # waitress's server.run() returns normally on SIGTERM (run_main's SystemExit) and Ctrl-C; its loop, run

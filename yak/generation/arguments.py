@@ -22,6 +22,11 @@ class GenerationArguments:
     only_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is present."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Quantize weights to 8 bit (needs bitsandbytes)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Quantize weights to 4 bit (needs bitsandbytes)."})
+    use_flash_attention_2: bool = field(
+        default=False,
+        metadata={"help": "Attention through flash-attn 2 (the original project's flag) when it is installed and a "
+                  "CUDA GPU is used; otherwise PyTorch's sdpa, and the log says so."},
+    )
     max_new_tokens: int = field(default=400, metadata={"help": "Generated tokens at most per answer."})
     temperature: float = field(default=0.2, metadata={"help": "Sampling temperature; 0 = greedy decoding."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold (1 = off)."})

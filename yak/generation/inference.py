@@ -86,6 +86,8 @@ class _VllmBackend:
 
 def run_inference(source: ModelSource, gen_args: GenerationArguments, inf_args: InferenceArguments) -> None:
     """``inference_hf.py``: interactive chat or file predictions, with the engine or vLLM."""
+    from yak.defaults import with_default_model
+
     problems = gen_args.problems()
     if inf_args.interactive == (inf_args.data_file is not None):
         problems.append("give exactly one of --interactive and --data_file")
@@ -101,6 +103,7 @@ def run_inference(source: ModelSource, gen_args: GenerationArguments, inf_args: 
     if problems:
         raise YakError("; ".join(problems))
     lines = _read_inputs(inf_args.data_file) if inf_args.data_file else []
+    source = with_default_model(source)
     logger.info("options: %s %s %s", source, gen_args, inf_args)
     backend = (_VllmBackend if inf_args.use_vllm else _EngineBackend)(source, gen_args)
     gen_args.check_room(backend.max_total_tokens)

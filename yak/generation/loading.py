@@ -38,12 +38,13 @@ def load_for_inference(source: ModelSource, args: GenerationArguments):
     if args.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus  # before CUDA is initialised
     device = "cpu" if args.only_cpu or not torch.cuda.is_available() else "cuda"
+    attention = attention_implementation(args.use_flash_attention_2, device)
     if args.load_in_8bit or args.load_in_4bit:
-        model, tokenizer = _load_quantized(source, args, device)
+        model, tokenizer = _load_quantized(source, args, device, attention)
     else:
         from yak.modeling import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(source, device=device)
+        model, tokenizer = load_model_and_tokenizer(source, device=device, attn_implementation=attention)
     if getattr(tokenizer, "chat_template", None) is None:
         logger.warning("the tokenizer has no chat_template; using the toolkit's Llama 2 template")
         tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
@@ -51,7 +52,25 @@ def load_for_inference(source: ModelSource, args: GenerationArguments):
     return model, tokenizer
 
 
-def _load_quantized(source: ModelSource, args: GenerationArguments, device: str):
+def attention_implementation(flash_attention_2: bool, device: str) -> str | None:
+    """``flash_attention_2`` when asked for and possible (flash-attn installed, a CUDA device); else None
+    (transformers' default, PyTorch's sdpa), with a warning that says why when it was asked for."""
+    if not flash_attention_2:
+        return None
+    from transformers.utils import is_flash_attn_2_available
+
+    if device != "cuda":
+        why = "it needs a CUDA GPU"
+    elif not is_flash_attn_2_available():
+        why = "flash-attn is not installed (pip install flash-attn)"
+    else:
+        logger.info("--use_flash_attention_2: attention through flash-attn 2")
+        return "flash_attention_2"
+    logger.warning("--use_flash_attention_2: %s; using PyTorch's sdpa attention instead", why)
+    return None
+
+
+def _load_quantized(source: ModelSource, args: GenerationArguments, device: str, attention: str | None):
     """bitsandbytes 8/4-bit loading of a merged model (LoRA cannot be merged into quantized weights)."""
     import importlib.util
 
@@ -67,5 +86,5 @@ def _load_quantized(source: ModelSource, args: GenerationArguments, device: str)
     if device != "cuda":
         raise YakError("--load_in_8bit/--load_in_4bit need a CUDA GPU")
     model = load_base_model(source.base_model, dtype=source.dtype, device=device,
-                            load_in_kbits=8 if args.load_in_8bit else 4)
+                            load_in_kbits=8 if args.load_in_8bit else 4, attn_implementation=attention)
     return model.eval(), load_tokenizer(source.tokenizer_dir())

@@ -99,6 +99,14 @@ class StageArguments:
             "start again; without it such a folder is an error."
         },
     )
+    save_safetensors: bool = field(
+        default=True,
+        metadata={
+            "help": "False: write the trained weights (outputs and checkpoints) as PyTorch .bin files, a "
+            "torch.save of the state dict, as the original project did; every reader loads them with "
+            "weights_only=True (no code runs). True: safetensors."
+        },
+    )
     plot_loss: bool = field(
         default=True, metadata={"help": "Write loss.png (training/validation loss) at the end."}
     )

@@ -115,6 +115,7 @@ def train_on_datasets(
         loraplus_lr_ratio=stage_args.loraplus_lr_ratio if stage_args.uses_lora else 1.0,
         embedding_learning_rate=stage_args.embedding_learning_rate,
         base_model_name_or_path=source.base_model,
+        save_safetensors=stage_args.save_safetensors,
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     _save_final(trainer, training_args.output_dir)

@@ -105,7 +105,8 @@ def _same_place(value):
     return value
 
 
-def _has_final_output(output_dir: Path) -> bool:
+def has_final_output(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a finished run: its final descriptor is written last (``_save_final``)."""
     return any((output_dir / name).is_file() for name in ("yak_adapter.json", "adapter_config.json"))
 
 
@@ -138,7 +139,7 @@ def prepare_output_dir(source, stage_args, data_args, training_args) -> str | No
             "holds another run, with other settings:\n  - " + "\n  - ".join(diff)
             if diff
             else "holds a finished run"
-            if _has_final_output(out)
+            if has_final_output(out)
             else None
         )
         if reason and not stage_args.overwrite_output_dir:

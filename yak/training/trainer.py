@@ -11,7 +11,14 @@ from transformers import Trainer, TrainingArguments
 
 from yak import YakError
 from yak.io import atomic_write_json
-from yak.modeling import embedding_keys, load_embeddings, save_embeddings
+from yak.modeling import (
+    ADAPTER_WEIGHTS,
+    embedding_keys,
+    load_embeddings,
+    read_weights,
+    save_embeddings,
+    weights_in,
+)
 from yak.tokenizer import save_tokenizer
 from yak.training.model import _numel
 from yak.training.run_folder import CHECKPOINT_PREFIX, COMPLETE_MARKER
@@ -78,6 +85,7 @@ class YakTrainer(Trainer):
         loraplus_lr_ratio: learning rate of LoRA B over A.
         embedding_learning_rate: learning rate of the trained embeddings (None: ``learning_rate``).
         base_model_name_or_path: recorded in the stage-1 output.
+        save_safetensors: False writes PyTorch ``.bin`` weights (``--save_safetensors False``).
     """
 
     def __init__(
@@ -86,9 +94,11 @@ class YakTrainer(Trainer):
         loraplus_lr_ratio: float = 16.0,
         embedding_learning_rate: float | None = None,
         base_model_name_or_path: str = "",
+        save_safetensors: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.save_safetensors = save_safetensors
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.embedding_learning_rate = embedding_learning_rate
         self.base_model_name_or_path = base_model_name_or_path
@@ -125,13 +135,18 @@ class YakTrainer(Trainer):
             # save_embedding_layers=False: the trained embeddings are already in modules_to_save;
             # peft would otherwise add copies of the base embeddings because the vocabulary was resized
             self.model.save_pretrained(
-                output_dir, state_dict=state_dict, save_embedding_layers=False, safe_serialization=True
+                output_dir,
+                state_dict=state_dict,
+                save_embedding_layers=False,
+                safe_serialization=self.save_safetensors,
             )
         else:
             state = None
             if state_dict:
                 state = {k: state_dict[k].detach().cpu().contiguous() for k in embedding_keys(self.model)}
-            save_embeddings(self.model, output_dir, self.base_model_name_or_path, state=state)
+            save_embeddings(
+                self.model, output_dir, self.base_model_name_or_path, state=state, safetensors=self.save_safetensors
+            )
         if self.processing_class is not None:
             save_tokenizer(self.processing_class, output_dir)
 
@@ -162,11 +177,10 @@ class YakTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore the trained weights from a checkpoint in the project's format (non-DeepSpeed runs)."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         model = model or self.model
         if self._is_lora():
-            state = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
+            state = read_weights(weights_in(Path(resume_from_checkpoint), ADAPTER_WEIGHTS))
             result = set_peft_model_state_dict(model, state)
             if result.unexpected_keys:
                 raise YakError(
