@@ -212,6 +212,11 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
         except YakError as e:
             problems.append(f"--adapters: {e}")
     problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
+    if model_args.adapters and model_args.new_rows_init != "mean":
+        problems.append(
+            f"--new_rows_init {model_args.new_rows_init} initialises new rows of a base model; with --adapters "
+            "the rows come from the earlier stage: leave it out"
+        )
     kbits = kbits_problem(model_args.load_in_kbits)  # the model loads only after the data work
     if kbits:
         problems.append(kbits)

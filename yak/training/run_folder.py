@@ -35,7 +35,7 @@ COMPLETE_MARKER = "yak_checkpoint.json"  # written last: a checkpoint without it
 # they may change between restarts (e.g. on other hardware).
 RUN_IDENTITY = (
     # what is trained, on top of what
-    "task", "stage", "model_name_or_path", "tokenizer_name_or_path", "adapters",
+    "task", "stage", "model_name_or_path", "tokenizer_name_or_path", "new_rows_init", "adapters",
     "lora_rank", "lora_alpha", "lora_dropout", "trainable", "modules_to_save",
     # the data and its order (the samples of a step are the same on any number of processes whose
     # batch size x gradient accumulation x processes is the same)
