@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 
 import pytest
@@ -93,10 +92,18 @@ def test_bad_options_are_listed_together(ablation, tmp_path):
         assert part in str(e.value)
 
 
-def test_script_runs_from_the_command_line(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=False)
-    assert done.returncode == 0 and "--budget_bytes" in done.stdout
-    done = subprocess.run([sys.executable, str(SCRIPT), "--arms", "q", "--output_dir", str(tmp_path / "x")],
-                          capture_output=True, text=True, check=False, cwd=ROOT)  # fmt: skip
-    assert done.returncode == 2 and "--arms q: choose among a b c d e f" in done.stderr
-    assert not (tmp_path / "x").exists()
+def _main(argv, monkeypatch):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    return e.value.code
+
+
+def test_script_answers_help_and_refuses_bad_options(tmp_path, monkeypatch, capsys):
+    assert _main(["--help"], monkeypatch) == 0 and "--budget_bytes" in capsys.readouterr().out
+    out = tmp_path / "x"
+    assert _main(["--arms", "q", "--output_dir", str(out), "--", "--max_steps", "1"], monkeypatch) == 2
+    assert "--arms q: choose among a b c d e f" in capsys.readouterr().err
+    assert not out.exists()
