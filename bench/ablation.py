@@ -39,7 +39,6 @@ output). Training tokens/s leave out the evaluation time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -52,12 +51,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python bench/ablation.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from transformers import TrainerCallback  # noqa: E402
+from transformers import TrainerCallback
 
-from yak import YakError  # noqa: E402
-from yak.cli import parse_args, run_main, setup_logging  # noqa: E402
-from yak.data import parse_mix  # noqa: E402
-from yak.io import atomic_output_dir, atomic_write_json, atomic_write_text, inputs_inside  # noqa: E402
+from yak import YakError
+from yak.cli import parse_args, run_main, setup_logging
+from yak.data import parse_mix
+from yak.io import atomic_output_dir, atomic_write_json, atomic_write_text, inputs_inside
 
 logger = logging.getLogger("bench.ablation")
 
@@ -120,7 +119,7 @@ class AblationArguments:
     )
     heldout: list[str] = field(
         default_factory=lambda: list(DEFAULT_HELDOUT),
-        metadata={"help": "Held-out texts as NAME=FILE; names starting with 'bo' are Tibetan."},
+        metadata={"help": "Held-out texts as NAME=FILE (a column of the table, a panel of the PNG each)."},
     )
     arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": "Arms to run (a-f)."})
     seeds: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Seeds; every arm runs each."})
@@ -183,7 +182,7 @@ def check(args: AblationArguments) -> tuple[list, dict[str, Path]]:
         groups = parse_mix(args.mix) or []
         if not groups:
             problems.append("--mix none: give the byte shares, e.g. bo=3,en+zh=4")
-        if not any("bo" in names for names, _ in groups) and any(ARMS[a].tibetan_only for a in args.arms if a in ARMS):
+        if "f" in args.arms and not any("bo" in names for names, _ in groups):
             problems.append(f"--mix {args.mix} has no source 'bo' for the Tibetan-only arm f")
         for names, _ in groups:
             for source in names:
@@ -387,9 +386,11 @@ def markdown(results: dict) -> str:
     by_arm = {a: [r for r in runs if r["arm"] == a] for a in arms}
     seeds = results["arguments"]["seeds"]
     lines = [
-        f"Bits per byte of held-out text after {results['budget_bytes']:,} bytes of training text per run "
-        f"(lower is better); mean ± half the range over seeds {', '.join(map(str, seeds))}. Training tokens/s "
-        "leave out evaluation; wall time is per run, evaluation included.",
+        (
+            f"Bits per byte of held-out text after {results['budget_bytes']:,} bytes of training text per run "
+            f"(lower is better); mean ± half the range over seeds {', '.join(map(str, seeds))}. Training "
+            "tokens/s leave out evaluation; wall time is per run, evaluation included."
+        ),
         "",
         "| arm | " + " | ".join(names) + " | tokens per byte | training tokens/s | wall s |",
         "|---|" + "---:|" * (len(names) + 3),
@@ -407,8 +408,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| {a} | " + " | ".join(_cell([s[n] for s in start]) for n in names) + " |")
     contrasts = [c for c in CONTRASTS if c[1] in by_arm and c[2] in by_arm]
     if contrasts:
-        lines += ["", "Effect of each part: bits per byte with it minus without it (negative: it helps); "
-                  "'within spread' when the difference is smaller than the two arms' spreads together.", "",
+        lines += ["", ("Effect of each part: bits per byte with it minus without it (negative: it helps); "
+                       "'within spread' when the difference is smaller than the two arms' spreads together."), "",
                   "| part | arms | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]  # fmt: skip
         for part, without, with_ in contrasts:
             cells = []
@@ -432,13 +433,13 @@ def plot(results: dict, path: Path) -> None:
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        for a in ARMS:
+        for a, arm in ARMS.items():
             rs = [r for r in results["runs"] if r["arm"] == a]
             if not rs:
                 continue
             xs = [p["bytes"] / 1000 for p in rs[0]["curve"]]
             ys = [[r["curve"][i]["bits_per_byte"][name] for r in rs] for i in range(len(xs))]
-            ax.plot(xs, [sum(y) / len(y) for y in ys], "o-", ms=3, label=f"{a}: {ARMS[a].description}")
+            ax.plot(xs, [sum(y) / len(y) for y in ys], "o-", ms=3, label=f"{a}: {arm.description}")
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
         ax.set_title(f"held-out {name}")
         ax.set_xlabel("training text (kB)")

@@ -25,12 +25,13 @@ def ablation():
 
 
 def _args(ablation, out, **changes):
-    options = dict(
-        output_dir=str(out), model=str(TINY_MODEL), tokenizer=str(MERGED_TOKENIZER), corpus=str(PT_DATA),
-        heldout=[f"bo_modern={HELDOUT / 'bo_modern_nanhai_deseg_heldout.txt'}",
-                 f"en={HELDOUT / 'en_moby_dick_heldout.txt'}"],
-        arms=["a", "d"], seeds=[1, 2], budget_bytes=8000, block_size=32, eval_points=2, eval_bytes=1500,
-    )  # fmt: skip
+    options = {
+        "output_dir": str(out), "model": str(TINY_MODEL), "tokenizer": str(MERGED_TOKENIZER),
+        "corpus": str(PT_DATA), "arms": ["a", "d"], "seeds": [1, 2], "budget_bytes": 8000, "block_size": 32,
+        "eval_points": 2, "eval_bytes": 1500,
+        "heldout": [f"bo_modern={HELDOUT / 'bo_modern_nanhai_deseg_heldout.txt'}",
+                    f"en={HELDOUT / 'en_moby_dick_heldout.txt'}"],
+    }  # fmt: skip
     options.update(changes)
     return ablation.AblationArguments(**options)
 
@@ -51,7 +52,7 @@ def test_toy_ablation_trains_every_arm_on_the_same_bytes(ablation, tmp_path):
     assert abs(shares["a"]["bo"] / sum(shares["a"].values()) - 3 / 7) < 0.01
     # the byte-fallback tokenizer needs more tokens for the same bytes
     assert runs[("a", 1)]["tokens_per_byte"] > runs[("d", 1)]["tokens_per_byte"]
-    for (arm, seed), r in runs.items():
+    for r in runs.values():
         # before training, then at 1/2 and all of the budget (d: stage 1 ends at 1/4, between them)
         assert [p["bytes"] for p in r["curve"]] == pytest.approx([0, r["bytes"] / 2, r["bytes"]])
         start, end = r["curve"][0]["bits_per_byte"], r["final"]
