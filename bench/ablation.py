@@ -28,7 +28,7 @@ and half the range over seeds; the effect of each part of the method), ``ablatio
 against training bytes, a line per arm, a panel per held-out text) and ``runs/`` (each run's train.py
 output). Training tokens/s leave out the evaluation time.
 
-    python bench/ablation.py                                  # tiny model, shared corpus: ~30 min on 2 cores
+    python bench/ablation.py                  # tiny model, shared corpus: 36 min on 2 shared cores (RESULTS.md)
     python bench/ablation.py --arms c d --seeds 1 --budget_bytes 60000 --output_dir /tmp/abl
     # a real model on a GPU: extra train.py options go after "--" (they override the script's)
     python bench/ablation.py --model /models/llama-2-7b --tokenizer tokenizer/merged_tokenizer_hf \\
