@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 from yak import YakError
 from yak.cli import parse_args
 from yak.io import inputs_inside
-from yak.modeling import DTYPES, kbits_problem
+from yak.modeling import DTYPES, NEW_ROWS_INIT, kbits_problem
 from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,15 @@ class StageArguments:
         metadata={
             "help": "The base model's original tokenizer, used to initialise each new embedding row as the "
             "mean of the vectors of the pieces it splits the new token into; default: the --base_model folder's."
+        },
+    )
+    new_rows_init: str = field(
+        default="mean",
+        metadata={
+            "help": "Initialisation of the new tokens' embedding rows: mean (of the vectors of the pieces the "
+            "base tokenizer splits each new token into) or random (normal with the model's "
+            "initializer_range, what the original project got; for ablations).",
+            "choices": list(NEW_ROWS_INIT),
         },
     )
     load_in_kbits: int = field(
@@ -238,6 +247,11 @@ def check_args(source: ModelSource, stage_args: StageArguments, data_args, train
     base_tok = stage_args.base_tokenizer_name_or_path
     if base_tok and not Path(base_tok).is_dir():
         problems.append(f"--base_tokenizer_name_or_path {base_tok} is not a folder")
+    if source.adapters and stage_args.new_rows_init != "mean":
+        problems.append(
+            f"--new_rows_init {stage_args.new_rows_init} initialises new rows of a base model; with --adapters "
+            "the rows come from the earlier stage: leave it out"
+        )
     kbits = kbits_problem(stage_args.load_in_kbits)  # the model loads only after the data work
     if kbits:
         problems.append(kbits)
