@@ -38,6 +38,7 @@ from yak.server import ChatService, ServerArguments, create_app  # noqa: E402
 from yak.template import LLAMA2_CHAT_TEMPLATE  # noqa: E402
 
 PROMPT, NEW, CLIENTS = 64, 128, 16
+VARIANTS = {"graphs": False, "graphs+compile": True}  # the engine's: CUDA graphs of the eager / compiled step
 GREEDY = SamplingParams(max_new_tokens=NEW, temperature=0, repetition_penalty=1.0)
 
 
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--one_stream", action="store_true",
                         help="only the engine's one-stream speed (no generate baseline, batch or server runs)")
     parser.add_argument("--toy", action="store_true", help="a toy-sized model, also on the CPU (the rehearsal)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="the engine's variants, in this order (default: %(default)s)")
     opts = parser.parse_args()
     one_stream = opts.one_stream
     if DEVICE != "cuda" and not opts.toy:
@@ -101,7 +104,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "models", "stories260K"))
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
     prompts = [torch.randint(100, 50000, (PROMPT,)).tolist() for _ in range(CLIENTS)]
-    for label, compile_ in (("graphs", False), ("graphs+compile", True)):
+    for label in opts.variants:
+        compile_ = VARIANTS[label]
         start = time.perf_counter()
         engine = Engine(model, eos_token_ids=(), max_batch_size=CLIENTS, max_total_tokens=512, compile=compile_)
         print(f"RESULT engine[{label}] start-up: {time.perf_counter() - start:.1f} s", flush=True)

@@ -2,11 +2,11 @@
 # Every GPU check and GPU benchmark of the toolkit in one command, one log per job and a summary at the end.
 #
 #   bash bench/gpu_checks.sh                            # every job, on every visible GPU (LOGS=gpu_checks)
-#   JOBS="preflight +gputests +runpt 13b" bash bench/gpu_checks.sh    # some jobs; '+': in the background
+#   JOBS="preflight +gputests +runpt 13b wait train1" bash bench/gpu_checks.sh   # '+': in the background
 #   REHEARSAL=1 bash bench/gpu_checks.sh                # the CPU rehearsal: each job's code path at toy size
 #
 # Jobs (one GPU each unless said; JOBS runs them in the order given, a '+' job in the background beside the
-# jobs after it, and waits for all at the end):
+# jobs after it; 'wait' waits for the background jobs so far, as does the end):
 #   preflight  bench/check_env.py: versions, carried wheels' requirements, the GPU
 #   gputests   python -m pytest -m gpu over every test file with gpu-marked tests
 #   runpt      run_pt.sh DEVICE=gpu on the tiny model, both stages; then again, killed mid-stage 2 and started
@@ -54,9 +54,9 @@ job_gputests() {
   python3 -m pytest -q -p no:cacheprovider -m gpu $(grep -l "mark.gpu" tests/test_*.py)
 }
 pt_vars() {  # run_pt.sh's settings for the tiny runs
-  if R; then echo DEVICE=cpu STAGE1_TOKENS=6144 STAGE2_TOKENS=6144 BLOCK_SIZE=64 BATCH=4 GRAD_ACC=2 \
+  if R; then echo GPUS=1 DEVICE=cpu STAGE1_TOKENS=6144 STAGE2_TOKENS=6144 BLOCK_SIZE=64 BATCH=4 GRAD_ACC=2 \
       WARMUP_STEPS=2 LOGGING_STEPS=1
-  else echo DEVICE=gpu STAGE1_TOKENS=400000 STAGE2_TOKENS=400000 WARMUP_STEPS=5 LOGGING_STEPS=1; fi
+  else echo GPUS=1 DEVICE=gpu STAGE1_TOKENS=400000 STAGE2_TOKENS=400000 WARMUP_STEPS=5 LOGGING_STEPS=1; fi
 }
 job_runpt() {
   local first=$WORK/pt resumed=$WORK/pt_resumed cache=$WORK/cache
@@ -110,14 +110,16 @@ job_train2() {
   else tb --stages 2 --project_batch 4 6 --liger_batch 6 8 --liger_config "$FLCE" --profile; fi
 }
 job_train1() { tb --stages 1 --profile; }
-job_decode() { if R; then python3 bench/decode_throughput.py --toy; else python3 bench/decode_throughput.py; fi; }
+job_decode() {  # compiled engine first: the one-stream target's figure comes before a time limit can cut the job
+  python3 bench/decode_throughput.py --variants graphs+compile graphs $(R && echo --toy)
+}
 job_z2() {
   local z2=(bench/train_throughput.py --stages 2 --skip_naive --deepspeed ds_z2_config.json) n
-  for n in 1 2 "$GPUS"; do
+  for n in 1 2 "$NGPUS"; do
     echo "== ZeRO-2 over $n GPU(s)"
     CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) torchrun --nproc_per_node "$n" --master_port $((29700 + n)) \
       "${z2[@]}" || return 1
-    [ "$n" = "$GPUS" ] && break
+    [ "$n" = "$NGPUS" ] && break
   done
 }
 job_z3_13b() {
@@ -142,19 +144,19 @@ if [ "${1:-}" = --job ]; then  # one job, in the process group that the runner m
 fi
 
 # ---------------------------------------------------------------------------------------------- the runner
-if R; then GPUS=0; else
-  GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  [ "$GPUS" -ge 1 ] || { echo "bench/gpu_checks.sh: no CUDA GPU visible (REHEARSAL=1 runs on the CPU)" >&2; exit 2; }
+if R; then NGPUS=0; else
+  NGPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  [ "$NGPUS" -ge 1 ] || { echo "bench/gpu_checks.sh: no CUDA GPU visible (REHEARSAL=1 runs on the CPU)" >&2; exit 2; }
 fi
-export GPUS
+export NGPUS
 ONE_GPU="preflight gputests runpt loss_paths serve 13b train2 train1 decode"
-JOBS=${JOBS:-$ONE_GPU $( [ "$GPUS" -ge 2 ] && echo z2 z3_13b runpt2)}
+JOBS=${JOBS:-$ONE_GPU $( [ "$NGPUS" -ge 2 ] && echo z2 z3_13b runpt2)}
 for j in $JOBS; do
-  declare -F "job_${j#+}" >/dev/null || { echo "bench/gpu_checks.sh: unknown job '${j#+}' in JOBS (jobs: $ONE_GPU z2 z3_13b runpt2)" >&2; exit 2; }
+  [ "$j" = wait ] || declare -F "job_${j#+}" >/dev/null || { echo "bench/gpu_checks.sh: unknown job '${j#+}' in JOBS (jobs: $ONE_GPU z2 z3_13b runpt2)" >&2; exit 2; }
 done
 START=$SECONDS
 SUMMARY=$LOGS/summary.txt
-echo "gpu_checks $(date -u +%FT%TZ): JOBS=$JOBS REHEARSAL=$REHEARSAL GPUS=$GPUS BUDGET=${BUDGET:-none} WORK=$WORK" > "$SUMMARY"
+echo "gpu_checks $(date -u +%FT%TZ): JOBS=$JOBS REHEARSAL=$REHEARSAL NGPUS=$NGPUS BUDGET=${BUDGET:-none} WORK=$WORK" > "$SUMMARY"
 
 run_job() {  # run_job NAME: with its time limit, logged to LOGS/NAME.log; one line in the summary
   local name=$1 limit t0=$SECONDS rc status
@@ -181,16 +183,18 @@ run_job() {  # run_job NAME: with its time limit, logged to LOGS/NAME.log; one l
 }
 
 failed=0 pids=()
+wait_background() { local p; for p in "${pids[@]}"; do wait "$p" || failed=1; done; pids=(); }
 for j in $JOBS; do
-  if [ "${j#+}" != "$j" ]; then run_job "${j#+}" & pids+=($!)
+  if [ "$j" = wait ]; then wait_background
+  elif [ "${j#+}" != "$j" ]; then run_job "${j#+}" & pids+=($!)
   else run_job "$j" || failed=1; fi
 done
-for p in "${pids[@]}"; do wait "$p" || failed=1; done
+wait_background
 
 {
   echo
   for j in $JOBS; do
-    [ -f "$LOGS/${j#+}.log" ] || continue
+    [ "$j" != wait ] && [ -f "$LOGS/${j#+}.log" ] || continue
     grep -h "^RESULT\|^PROFILE\|^FAILED\|^| \|[0-9] passed\|[0-9] failed\|^ERROR\|^E  " "$LOGS/${j#+}.log" \
       | sed "s/^/${j#+}: /" | head -60
   done
