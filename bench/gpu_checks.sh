@@ -40,10 +40,14 @@ mkdir -p "$LOGS" "$WORK"
 LOGS=$(cd "$LOGS" && pwd) WORK=$(cd "$WORK" && pwd)
 export LOGS WORK REHEARSAL
 R() { [ "$REHEARSAL" = 1 ]; }  # rehearsal?
+tree() { local c; for c in $(pgrep -P "$1"); do tree "$c"; done; echo "$1"; }  # a process and its descendants
+# End a process and all its descendants at once. Not by process group alone: torchrun starts its workers in
+# sessions of their own, so a killed group would leave them training.
+kill_tree() { kill -KILL $(tree "$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------------------------------------- the jobs
-# Each job is a function run in a fresh bash (bash gpu_checks.sh --job NAME) in its own process group, so that
-# a time limit ends the whole job (torchrun workers, servers) and nothing else.
+# Each job is a function run in a fresh bash (bash gpu_checks.sh --job NAME), so that a time limit ends the
+# whole job (its process tree: torchrun workers, servers) and nothing else.
 tb() {  # bench/train_throughput.py, at toy size in the rehearsal
   if R; then python3 bench/train_throughput.py "$@" --shape toy --block 32 --steps 2 --warmup 1 \
       --naive_batch 2 --stage1_batch 2
@@ -65,11 +69,11 @@ job_runpt() {
   env $(pt_vars) SAVE_STEPS=50 OUT="$first" CACHE="$cache" bash run_pt.sh || return 1
   echo "== run_pt.sh again (stage 1 copied from the first run), killed once stage 2 has saved a checkpoint"
   mkdir -p "$resumed" && cp -r "$first/stage1" "$resumed/stage1"
-  setsid env $(pt_vars) SAVE_STEPS=2 OUT="$resumed" CACHE="$cache" bash run_pt.sh > "$WORK/killed.log" 2>&1 &
+  env $(pt_vars) SAVE_STEPS=2 OUT="$resumed" CACHE="$cache" bash run_pt.sh > "$WORK/killed.log" 2>&1 &
   local pid=$! waited=0
   until ls "$resumed"/stage2/checkpoint-*/yak_checkpoint.json >/dev/null 2>&1 || ! kill -0 "$pid" 2>/dev/null \
       || [ $waited -ge 3000 ]; do sleep 0.1; waited=$((waited + 1)); done
-  kill -KILL -- -"$pid" 2>/dev/null
+  kill_tree "$pid"
   wait "$pid" 2>/dev/null
   cat "$WORK/killed.log"
   [ -f "$resumed/stage2/yak_adapter.json" ] && { echo "FAILED: stage 2 finished before the kill"; return 1; }
@@ -169,13 +173,12 @@ run_job() {  # run_job NAME: with its time limit, logged to LOGS/NAME.log; one l
     fi
   fi
   echo "$(date +%T) start $name (limit ${limit} s)"
-  setsid bash "$0" --job "$name" > "$LOGS/$name.log" 2>&1 < /dev/null &
+  bash "$0" --job "$name" > "$LOGS/$name.log" 2>&1 < /dev/null &
   local pid=$!
-  ( sleep "$limit"; kill -TERM -- -"$pid" 2>/dev/null; sleep 10; kill -KILL -- -"$pid" 2>/dev/null ) &
+  ( sleep "$limit"; echo "TIMEOUT: ended after ${limit} s" >> "$LOGS/$name.log"; kill_tree "$pid" ) &
   local watch=$!
   wait "$pid"; rc=$?
-  kill "$watch" 2>/dev/null; wait "$watch" 2>/dev/null
-  kill -KILL -- -"$pid" 2>/dev/null  # whatever the job left running (a server, a worker)
+  kill_tree "$watch"; wait "$watch" 2>/dev/null
   if [ $((SECONDS - t0)) -ge "$limit" ] && [ "$rc" -ne 0 ]; then status="TIMEOUT after ${limit} s"
   elif [ "$rc" -eq 0 ]; then status=ok; else status="FAILED (exit $rc)"; fi
   echo "$(printf '%-10s' "$name") $status, $((SECONDS - t0)) s" | tee -a "$SUMMARY"
