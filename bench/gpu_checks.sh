@@ -77,7 +77,7 @@ job_runpt() {
   wait "$pid" 2>/dev/null
   cat "$WORK/killed.log"
   [ -f "$resumed/stage2/yak_adapter.json" ] && { echo "FAILED: stage 2 finished before the kill"; return 1; }
-  echo "== killed with $(ls -d "$resumed"/stage2/checkpoint-* | xargs -n1 basename | tr '\n' ' ')in $resumed/stage2; started again"
+  echo; echo "== killed with $(ls -d "$resumed"/stage2/checkpoint-* | xargs -n1 basename | tr '\n' ' ')in $resumed/stage2; started again"
   env $(pt_vars) SAVE_STEPS=2 OUT="$resumed" CACHE="$cache" bash run_pt.sh 2>&1 | tee "$WORK/resumed.log" || return 1
   grep -q "resuming from .*checkpoint-" "$WORK/resumed.log" || { echo "FAILED: it did not resume"; return 1; }
   python3 - "$first/stage2" "$resumed/stage2" <<'EOF'
