@@ -40,9 +40,9 @@ mkdir -p "$LOGS" "$WORK"
 LOGS=$(cd "$LOGS" && pwd) WORK=$(cd "$WORK" && pwd)
 export LOGS WORK REHEARSAL
 R() { [ "$REHEARSAL" = 1 ]; }  # rehearsal?
-tree() { local c; for c in $(pgrep -P "$1"); do tree "$c"; done; echo "$1"; }  # a process and its descendants
-# End a process and all its descendants at once. Not by process group alone: torchrun starts its workers in
-# sessions of their own, so a killed group would leave them training.
+tree() { local c; echo "$1"; for c in $(pgrep -P "$1"); do tree "$c"; done; }  # a process, then its descendants
+# End a process and all its descendants at once, parents first (none can react to a child's end). Not by process
+# group: torchrun starts its workers in sessions of their own, so a killed group would leave them training.
 kill_tree() { kill -KILL $(tree "$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------------------------------------- the jobs
@@ -175,11 +175,12 @@ run_job() {  # run_job NAME: with its time limit, logged to LOGS/NAME.log; one l
   echo "$(date +%T) start $name (limit ${limit} s)"
   bash "$0" --job "$name" > "$LOGS/$name.log" 2>&1 < /dev/null &
   local pid=$!
-  ( sleep "$limit"; echo "TIMEOUT: ended after ${limit} s" >> "$LOGS/$name.log"; kill_tree "$pid" ) &
+  ( sleep "$limit" && kill -0 "$pid" && echo "TIMEOUT: ended after ${limit} s" >> "$LOGS/$name.log" \
+    && kill_tree "$pid" ) 2>/dev/null &
   local watch=$!
   wait "$pid"; rc=$?
   kill_tree "$watch"; wait "$watch" 2>/dev/null
-  if [ $((SECONDS - t0)) -ge "$limit" ] && [ "$rc" -ne 0 ]; then status="TIMEOUT after ${limit} s"
+  if grep -q "^TIMEOUT: ended after" "$LOGS/$name.log"; then status="TIMEOUT after ${limit} s"; rc=124
   elif [ "$rc" -eq 0 ]; then status=ok; else status="FAILED (exit $rc)"; fi
   echo "$(printf '%-10s' "$name") $status, $((SECONDS - t0)) s" | tee -a "$SUMMARY"
   [ "$rc" -eq 0 ]
