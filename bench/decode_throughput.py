@@ -12,6 +12,8 @@ A Llama-2-7B-shaped model with random weights (vocabulary 55,296, bf16, SDPA), g
 
 Needs torch, transformers and flask (+ werkzeug). Run from the repository root: ``python bench/decode_throughput.py``
 (about 8 minutes on an H200); ``--one_stream`` measures only the engine's one stream (about 5 minutes).
+``--toy`` runs the same code at toy size, also on the CPU (the rehearsal of ``bench/gpu_checks.sh``; its figures
+mean nothing).
 """
 
 from __future__ import annotations
@@ -36,20 +38,29 @@ from yak.server import ChatService, ServerArguments, create_app, make_server  # 
 from yak.template import LLAMA2_CHAT_TEMPLATE  # noqa: E402
 
 PROMPT, NEW, CLIENTS = 64, 128, 16
+VARIANTS = {"graphs": False, "graphs+compile": True}  # the engine's: CUDA graphs of the eager / compiled step
 GREEDY = SamplingParams(max_new_tokens=NEW, temperature=0, repetition_penalty=1.0)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Bytes per second moved by a large device-to-device copy (read + write)."""
-    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    a = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
     b = torch.empty_like(a)
     b.copy_(a)
     seconds = min(timed(lambda: b.copy_(a)) for _ in range(5))
@@ -60,21 +71,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one_stream", action="store_true",
                         help="only the engine's one-stream speed (no generate baseline, batch or server runs)")
-    one_stream = parser.parse_args().one_stream
-    cfg = LlamaConfig(vocab_size=55296, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    with torch.device("cuda"):
+    parser.add_argument("--toy", action="store_true", help="a toy-sized model, also on the CPU (the rehearsal)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="the engine's variants, in this order (default: %(default)s)")
+    opts = parser.parse_args()
+    one_stream = opts.one_stream
+    if DEVICE != "cuda" and not opts.toy:
+        raise SystemExit("bench/decode_throughput.py needs a CUDA GPU (on the CPU only --toy, the rehearsal)")
+    hidden, inter, layers, heads = (64, 128, 2, 4) if opts.toy else (4096, 11008, 32, 32)
+    cfg = LlamaConfig(vocab_size=55296, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096)
+    with torch.device(DEVICE):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     model.generation_config.pad_token_id = 0
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (rehearsal)"
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    limit = copy_bandwidth() / weight_bytes  # tokens/s if one decode step only had to read the weights once
+    limit = copy_bandwidth(64 << 20 if opts.toy else 2 << 30) / weight_bytes  # tokens/s if one decode step only had to read the weights once
     print(f"RESULT card {name}: {weight_bytes / 1e9:.1f} GB of weights, bandwidth limit {limit:.0f} tokens/s "
           f"per stream", flush=True)
 
     # --- baseline: plain generate
     for batch in () if one_stream else (1, CLIENTS):
-        ids = torch.randint(100, 50000, (batch, PROMPT), device="cuda")
+        ids = torch.randint(100, 50000, (batch, PROMPT), device=DEVICE)
         model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         dt = timed(lambda: model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False))
         print(f"RESULT baseline generate bs={batch}: {batch * NEW / dt:.1f} tokens/s total", flush=True)
@@ -83,7 +101,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "models", "stories260K"))
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
     prompts = [torch.randint(100, 50000, (PROMPT,)).tolist() for _ in range(CLIENTS)]
-    for label, compile_ in (("graphs", False), ("graphs+compile", True)):
+    for label in opts.variants:
+        compile_ = VARIANTS[label]
         start = time.perf_counter()
         engine = Engine(model, eos_token_ids=(), max_batch_size=CLIENTS, max_total_tokens=512, compile=compile_)
         print(f"RESULT engine[{label}] start-up: {time.perf_counter() - start:.1f} s", flush=True)

@@ -15,26 +15,35 @@ input and weight gradients (6 V d), the adapters (6 N_lora) and attention (12 L 
 counted. Peak: 989 TFLOP/s dense bf16 (H100/H200).
 
     python bench/train_throughput.py                    # stage 2 and stage 1, 7B shape, block 1024
+    python bench/train_throughput.py --liger_batch 6 8  # also the project path with Liger's kernels (not RMSNorm)
     python bench/train_throughput.py --stages 2 --shape 13b --project_batch 2 --ckpt --skip_naive
     torchrun --nproc_per_node 4 bench/train_throughput.py --stages 2 --skip_naive --deepspeed ds_z2_config.json
 
 Under torchrun every process trains on its own GPU; the figures are per GPU (rank 0's step time, which
-includes the gradient exchange), so they compare directly with a one-GPU run.
+includes the gradient exchange), so they compare directly with a one-GPU run. ``--shape toy`` also runs on the
+CPU: the same code paths at toy size, for the rehearsal of ``bench/gpu_checks.sh`` (its figures mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 import time
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the package yak lies beside bench/, wherever the script is started from
+
 SHAPES = {  # hidden, intermediate, layers, heads
     "7b": (4096, 11008, 32, 32),
     "13b": (5120, 13824, 40, 40),
+    "toy": (64, 128, 2, 4),  # the CPU rehearsal
 }
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 PEAK_FLOPS = 989e12
 
@@ -45,7 +54,7 @@ def random_model(shape: str, vocab: int):
     hidden, inter, layers, heads = SHAPES[shape]
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         return LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
 
 
@@ -68,6 +77,11 @@ class RandomBlocks(torch.utils.data.Dataset):
         return {"input_ids": torch.randint(0, self.vocab, (self.block,), generator=g).tolist()}
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def step_timer():
     from transformers import TrainerCallback
 
@@ -76,24 +90,27 @@ def step_timer():
             self.times = []
 
         def on_step_begin(self, *args, **kwargs):
-            torch.cuda.synchronize()
+            sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *args, **kwargs):
-            torch.cuda.synchronize()
+            sync()
             self.times.append(time.perf_counter() - self.t0)
 
     return Timer()
 
 
-def training_args(bs: int, steps: int, ckpt: bool, deepspeed: str | None = None, liger: bool = False):
+def training_args(bs: int, steps: int, ckpt: bool, deepspeed: str | None = None, liger: dict | None = None):
+    """The run's TrainingArguments; ``liger``: Liger's kernel configuration (train.py's liger_kernel_config), or
+    None for no Liger kernels."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=bs, max_steps=steps, bf16=True,
         gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
         logging_steps=10_000, save_strategy="no", report_to=[], learning_rate=2e-5, dataloader_num_workers=2,
-        deepspeed=deepspeed, use_liger_kernel=liger, disable_tqdm=True,
+        deepspeed=deepspeed, use_liger_kernel=liger is not None, liger_kernel_config=liger, disable_tqdm=True,
+        use_cpu=DEVICE == "cpu",
     )
 
 
@@ -105,14 +122,14 @@ def profiler(first_step: int, steps: int = 2):
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == first_step:
-                torch.cuda.synchronize()
+                sync()
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
                 self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == first_step + steps:
-                torch.cuda.synchronize()
+                sync()
                 wall = time.perf_counter() - self.t0
                 self.prof.__exit__(None, None, None)
                 events = self.prof.key_averages()
@@ -165,16 +182,23 @@ def project_trainer(model, stage: int, args, dataset, callbacks, tokenizer_dir: 
 
 
 def measure(name: str, path: str, stage: int, bs: int, opts, ckpt: bool, compile_layers: bool = False,
-            liger: bool = False) -> dict:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+            liger: dict | None = None) -> dict:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     profiling = opts.profile and path == "project"
     steps = opts.warmup + opts.steps + (2 if profiling else 0)  # profiled steps come after the timed ones
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dataset = RandomBlocks(bs * steps * world, opts.block, opts.vocab)
     callbacks = [step_timer()] + ([profiler(opts.warmup + opts.steps)] if profiling else [])
     args = training_args(bs, steps, ckpt, opts.deepspeed, liger)
+    trainer = model = None
     try:
+        from yak.training.arguments import liger_problem
+
+        problem = liger_problem(compile_layers, args)  # the bench offers no setup that train.py refuses
+        if problem:
+            raise ValueError(problem)
         torch.manual_seed(0)
         model = random_model(opts.shape, opts.vocab)
         if path == "naive":
@@ -186,17 +210,18 @@ def measure(name: str, path: str, stage: int, bs: int, opts, ckpt: bool, compile
         step = times[len(times) // 2]
         tok_s = bs * opts.block / step
         mfu = tok_s * flops_per_token(opts.shape, opts.vocab, opts.block, stage) / PEAK_FLOPS
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
         row = {"name": name, "stage": stage, "bs": bs, "tok_s": tok_s, "peak": peak, "mfu": mfu}
         report(f"RESULT {name}: stage={stage} shape={opts.shape} block={opts.block} bs={bs} ckpt={ckpt} "
-               f"compile={compile_layers} liger={liger} gpus={world} deepspeed={opts.deepspeed} "
+               f"compile={compile_layers} liger={json.dumps(liger, separators=(',', ':'))} gpus={world} deepspeed={opts.deepspeed} "
                f"step_s={step:.3f} tok/s/GPU={tok_s:.0f} peakGiB={peak:.1f} mfu={100 * mfu:.1f}%")
     except Exception as e:  # report and go on with the next setup (e.g. out of memory)
         report(f"RESULT {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
         row = {"name": name, "stage": stage, "bs": bs, "tok_s": float("nan"), "peak": float("nan"), "mfu": 0.0}
     finally:
         trainer = model = None
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     return row
 
 
@@ -206,7 +231,7 @@ def main() -> None:
     parser.add_argument("--shape", default="7b", choices=sorted(SHAPES))
     parser.add_argument("--vocab", type=int, default=64000, help="rows of the embeddings (the shipped merged "
                         "Llama 2 + Tibetan tokenizer has 64,000)")
-    parser.add_argument("--tokenizer", default="tokenizer/merged_tokenizer_hf",
+    parser.add_argument("--tokenizer", default=os.path.join(ROOT, "tokenizer", "merged_tokenizer_hf"),
                         help="tokenizer folder for the project path; at most --vocab tokens")
     parser.add_argument("--block", type=int, default=1024)
     parser.add_argument("--naive_batch", type=int, default=8)
@@ -218,31 +243,41 @@ def main() -> None:
     parser.add_argument("--skip_naive", action="store_true")
     parser.add_argument("--ckpt", action="store_true", help="project path with gradient checkpointing")
     parser.add_argument("--no_compile", action="store_true", help="project path without --compile_layers")
-    parser.add_argument("--liger", action="store_true",
-                        help="also measure the project path with Liger kernels (train.py --use_liger_kernel)")
+    parser.add_argument("--liger_batch", type=int, nargs="*", default=[],
+                        help="stage-2 batch sizes at which to measure the project path with Liger's kernels too "
+                        "(train.py --use_liger_kernel with --liger_config), e.g. 6 8: the fused linear "
+                        "cross-entropy never builds the (B, T, V) logits, which leaves memory for a larger batch")
+    parser.add_argument("--liger_config", type=json.loads, default={"rms_norm": False},
+                        help="Liger's kernels (train.py's liger_kernel_config), as JSON; RMSNorm stays off inside "
+                        "the compiled layers (issue 15). Default: %(default)s")
     parser.add_argument("--deepspeed", help="DeepSpeed config for both paths (run under torchrun)")
     parser.add_argument("--profile", action="store_true", help="print the project path's top GPU kernels")
     opts = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/train_throughput.py needs a CUDA GPU")
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    report(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-           f"{os.environ.get('WORLD_SIZE', '1')} process(es)")
+    if DEVICE != "cuda" and opts.shape != "toy":
+        raise SystemExit("bench/train_throughput.py needs a CUDA GPU (on the CPU only --shape toy, the rehearsal)")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (rehearsal)"
+    report(f"device {name}, torch {torch.__version__}, {os.environ.get('WORLD_SIZE', '1')} process(es)")
 
     rows = []
     for stage in opts.stages:
         if not opts.skip_naive:
             rows.append(measure(f"naive-stage{stage}", "naive", stage, opts.naive_batch, opts, ckpt=True))
-        for bs in opts.project_batch if stage == 2 else [opts.stage1_batch]:
-            for liger in [False, True] if opts.liger else [False]:
-                rows.append(measure(f"yak-stage{stage}-bs{bs}" + ("-liger" if liger else ""), "project", stage,
-                                    bs, opts, ckpt=opts.ckpt, compile_layers=not opts.no_compile, liger=liger))
+        setups = [(bs, None) for bs in (opts.project_batch if stage == 2 else [opts.stage1_batch])]
+        setups += [(bs, opts.liger_config) for bs in (opts.liger_batch if stage == 2 else [])]
+        for bs, liger in setups:
+            rows.append(measure(f"yak-stage{stage}-bs{bs}" + ("-liger" if liger is not None else ""), "project",
+                                stage, bs, opts, ckpt=opts.ckpt, compile_layers=not opts.no_compile, liger=liger))
 
     report("\n| setup | stage | batch | tokens/s per GPU | vs naive | peak GiB | MFU |\n|---|---|---|---|---|---|---|")
     for r in rows:
         base = next((b["tok_s"] for b in rows if b["name"] == f"naive-stage{r['stage']}"), float("nan"))
         report(f"| {r['name']} | {r['stage']} | {r['bs']} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | "
                f"{r['peak']:.1f} | {100 * r['mfu']:.1f}% |")
+    failed = [r["name"] for r in rows if r["tok_s"] != r["tok_s"]]  # NaN: the setup failed (RESULT ... FAILED)
+    if failed:
+        raise SystemExit(f"bench/train_throughput.py: {len(failed)} setup(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -878,3 +878,19 @@ def test_untied_model_without_lm_head_in_modules_to_save_is_refused_before_train
     with pytest.raises(YakError, match="does not train embed_tokens and no --adapters"):
         run_training(*parse_train_args(tied))
     assert not (tmp_path / "tied" / "adapter_model.safetensors").exists()
+
+
+def test_liger_rms_norm_is_refused_inside_compiled_layers(pt_dir, tmp_path):
+    """Liger's RMSNorm failed to compile inside --compile_layers on a GPU (issue 15): refused up front, with
+    the way out; with rms_norm off (an options file, since the option is a dict) the check passes."""
+    from yak.training.arguments import check_args
+
+    args = argv(pt_dir, tmp_path / "x", "--compile_layers", "--use_liger_kernel")
+    with pytest.raises(YakError, match=r"--use_liger_kernel with --compile_layers: Liger's RMSNorm.*rms_norm"):
+        run_training(*parse_train_args(args))
+    assert not (tmp_path / "x").exists()
+    config = {"model_name_or_path": str(ROOT / "models" / "stories260K"), "tokenizer_name_or_path": str(MERGED_TOKENIZER),
+              "dataset_dir": str(pt_dir), "output_dir": str(tmp_path / "x"), "use_cpu": True, "report_to": "none",
+              "compile_layers": True, "use_liger_kernel": True, "liger_kernel_config": {"rms_norm": False}}
+    (tmp_path / "options.json").write_text(json.dumps(config))
+    check_args(*parse_train_args([str(tmp_path / "options.json")]))

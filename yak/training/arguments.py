@@ -211,6 +211,24 @@ def _checkpoint_dtype(model_dir: str) -> torch.dtype:
     return dtype or torch.float32
 
 
+def liger_problem(compile_layers: bool, training_args: TrainingArguments) -> str | None:
+    """Why ``--use_liger_kernel`` cannot go with ``--compile_layers`` as configured, or None.
+
+    Liger's RMSNorm kernels fail to compile inside the compiled decoder layers (on an H100, torch 2.11: a
+    Triton ``CompilationError``, ``'float' object has no attribute 'to'`` at ``eps.to(tl.float32)``, issue 15),
+    and the run was slower than compilation alone; its other kernels (e.g. the fused linear cross-entropy,
+    outside the layers) are not refused.
+    """
+    config = training_args.liger_kernel_config or {}
+    if not (compile_layers and training_args.use_liger_kernel and config.get("rms_norm", True)):
+        return None
+    return (
+        "--use_liger_kernel with --compile_layers: Liger's RMSNorm kernels fail to compile inside the compiled "
+        'layers (issue 15). Turn them off with liger_kernel_config {"rms_norm": false} (in a JSON/YAML options '
+        "file), or leave out --compile_layers or --use_liger_kernel"
+    )
+
+
 def _report_to_problems(report_to: list[str]) -> list[str]:
     """``--report_to`` names that transformers does not know or whose package is not installed (the Trainer
     would only fail on them once the data is tokenized and the model loaded)."""
@@ -262,6 +280,9 @@ def check_args(source: ModelSource, stage_args: StageArguments, data_args, train
             f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
         )
     problems += _report_to_problems(training_args.report_to)
+    liger = liger_problem(model_args.compile_layers, training_args)
+    if liger:
+        problems.append(liger)
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
