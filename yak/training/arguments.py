@@ -280,7 +280,7 @@ def check_args(source: ModelSource, stage_args: StageArguments, data_args, train
             f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
         )
     problems += _report_to_problems(training_args.report_to)
-    liger = liger_problem(model_args.compile_layers, training_args)
+    liger = liger_problem(stage_args.compile_layers, training_args)
     if liger:
         problems.append(liger)
     if stage_args.task == "sft" and stage_args.stage == 1:
