@@ -21,7 +21,8 @@ from yak.evaluation.tasks import (
     lm_files,
     load_task,
 )
-from yak.io import atomic_output_dir, inputs_inside, read_json
+from yak.io import read_json
+from yak.outdir import inputs_inside, output_dir_problems, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,7 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
     for opt in ("limit", "lm_max_bytes", "max_new_tokens"):
         if getattr(args, opt) is not None and getattr(args, opt) < 1:
             problems.append(f"--{opt} must be >= 1, found {getattr(args, opt)}")
-    if os.path.exists(args.output_dir) and not args.overwrite:
-        problems.append(f"output folder {args.output_dir} already exists: choose another or pass --overwrite")
+    problems += output_dir_problems(args.output_dir, args.overwrite)
     if args.max_length is not None and args.max_length < 2:
         problems.append(f"--max_length must be >= 2, found {args.max_length}")
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -188,7 +188,7 @@ def evaluate(args: EvalArguments) -> dict:
         del model, scorer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         write_report(tmp, results, predictions)
     logger.info("wrote %s", args.output_dir)
     return results

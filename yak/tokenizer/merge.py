@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from yak import YakError
-from yak.io import atomic_output_dir, inputs_inside
+from yak.outdir import inputs_inside, output_dir_problems, replace_dir
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -648,8 +648,7 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
         problems.append(f"--character_coverage must be in (0, 1] (got {args.character_coverage})")
     if args.max_sentence_length < 256:
         problems.append(f"--max_sentence_length must be at least 256 bytes (got {args.max_sentence_length})")
-    if Path(args.output_dir).exists() and not args.overwrite:
-        problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
+    problems += output_dir_problems(args.output_dir, args.overwrite)
     if args.tibetan_sp_model is None and not args.corpus:
         problems.append("--corpus is required to train a model (or give --tibetan_sp_model)")
     # --overwrite replaces output_dir as a whole at the end
@@ -697,7 +696,7 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
     base_config_path = base_dir / "tokenizer_config.json"
     base_config = json.loads(base_config_path.read_text()) if base_config_path.is_file() else {}
     licences = [base_dir / name for name in LICENCE_FILES if (base_dir / name).is_file()]
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         (tmp / SOURCE_DIR).mkdir()
         (tmp / SOURCE_DIR / "tokenizer.model").write_bytes(
             restrict_source(source, added, ranges).SerializeToString())

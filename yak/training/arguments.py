@@ -16,8 +16,8 @@ from transformers import TrainingArguments
 
 from yak import YakError
 from yak.cli import parse_args
-from yak.io import inputs_inside
 from yak.modeling import DTYPES, ModelArguments, adapter_kind, adapter_order_problems, kbits_problem
+from yak.outdir import inputs_inside
 
 logger = logging.getLogger(__name__)
 
@@ -217,12 +217,16 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
         problems.append(kbits)
     inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
               data_args.dataset_dir, *model_args.adapters]
-    # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
+    # prepare_output_dir may delete the run in output_dir (--overwrite_output_dir), and writes into it
     for path in inputs_inside(training_args.output_dir, inputs):
         problems.append(
             f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
         )
     problems += _report_to_problems(training_args.report_to)
+    if stage_args.task == "pt":  # SFT's data options are checked as they are parsed
+        from yak.data import option_problems
+
+        problems += option_problems(data_args)
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
@@ -254,7 +258,7 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             problems.append(f"--warmup_ratio must be in [0, 1), got {stage_args.warmup_ratio}")
         if training_args.warmup_steps:
             problems.append("give either --warmup_ratio or --warmup_steps, not both")
-    if getattr(data_args, "block_size", 2) < 2:  # the data module allows 1 (token counts); training does not
+    if getattr(data_args, "block_size", 2) == 1:  # the data module allows 1 (token counts); training does not
         problems.append(
             f"--block_size {data_args.block_size} must be at least 2: each token is trained to predict the next "
             "one in its block, so a block of one token has nothing to predict (the run would log loss 0)"
