@@ -53,10 +53,10 @@ def wait_for(condition, what: str, seconds: float = 180, proc=None) -> None:
 
 def test_replace_dir_records_its_files_and_deletes_only_those(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):  # a failure leaves nothing: no output, no temporary folder, no lock
-        with replace_dir(out) as tmp:
-            (tmp / "half.txt").write_text("x")
-            raise RuntimeError("boom")
+    # a failure leaves nothing: no output, no temporary folder, no lock
+    with pytest.raises(RuntimeError), replace_dir(out) as tmp:
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     with replace_dir(out) as tmp:
         (tmp / "a.txt").write_text("1")
@@ -64,14 +64,13 @@ def test_replace_dir_records_its_files_and_deletes_only_those(tmp_path):
         (tmp / "deep" / "b.txt").write_text("2")
     assert json.loads((out / MANIFEST).read_text())["files"] == ["a.txt", "deep/b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    with pytest.raises(YakError, match="already exists; choose another folder, or pass --overwrite"):
-        with replace_dir(out):
-            pass
+    with pytest.raises(YakError, match="already exists; choose another folder, or pass --overwrite"), replace_dir(out):
+        pass
     plant(out)
     assert foreign_files(out) == ["notes.txt", "sub/keep.bin"]
-    with pytest.raises(YakError, match="holds files that Yak did not write: notes.txt, sub/keep.bin"):
-        with replace_dir(out, overwrite=True):
-            pass
+    with pytest.raises(YakError, match="holds files that Yak did not write: notes.txt, sub/keep.bin"), \
+            replace_dir(out, overwrite=True):
+        pass
     assert planted(out) and (out / "deep" / "b.txt").is_file()
     shutil.rmtree(out / "sub")
     (out / "notes.txt").unlink()
