@@ -189,6 +189,12 @@ def delete_own(folder: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------------------- lock, leftovers
 
 
+def _beside(target: str | os.PathLike, kind: str) -> Path:
+    """``.NAME.lock``, ``.NAME.tmp-PID`` or ``.NAME.old-PID`` beside ``target`` (``out/``, ``.`` work too)."""
+    target = Path(os.path.abspath(target))
+    return target.parent / (f".{target.name}.lock" if kind == "lock" else f".{target.name}.{kind}-{os.getpid()}")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -210,7 +216,7 @@ class Lock:
 
     def __init__(self, target: str | os.PathLike):
         self.target = Path(target)
-        self.path = self.target.parent / f".{self.target.name}.lock"
+        self.path = _beside(target, "lock")
         self.fd: int | None = None
 
     def acquire(self) -> None:
@@ -251,7 +257,7 @@ def remove_leftovers(target: str | os.PathLike) -> None:
     """Remove ``.NAME.tmp-PID`` and ``.NAME.old-PID`` beside ``target`` left by killed runs (their process is
     gone). Call it holding ``target``'s lock. An ``.old`` folder whose run was killed between its two renames
     is put back when ``target`` is missing."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))
     if not target.parent.is_dir():
         return
     for p in sorted(target.parent.iterdir()):
@@ -274,9 +280,11 @@ def remove_leftovers(target: str | os.PathLike) -> None:
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
-# torch.save ("[enforce fail at inline_container.cc] unexpected pos ...": no errno) and safetensors
-# ("I/O error: No space left on device (os error 28)") on a full disk
-_WRITER_FAILED = ("inline_container.cc", "pytorchstreamwriter", "i/o error", "iostream error")
+# torch.save ("[enforce fail at inline_container.cc] . unexpected pos 576 vs 534": no errno; "PytorchStreamWriter
+# failed writing file") and safetensors ("Error while serializing: I/O error: No space left on device") on a full
+# disk; not their readers' errors ("PytorchStreamReader failed", "Error while deserializing")
+_WRITER_FAILED = ("unexpected pos", "pytorchstreamwriter", "file write failed", "error while serializing",
+                  "iostream error")
 
 
 def write_error(folder: str | os.PathLike, error: BaseException, *also: Path) -> YakError | None:
@@ -340,7 +348,7 @@ def _replacing(target: Path, problems) -> Iterator[tuple[Path, Path]]:
         found = problems()  # again, holding the lock: the folder may have changed since the options were checked
         if found:
             raise YakError("; ".join(found))
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        tmp = _beside(target, "tmp")
         try:
             yield tmp, target
         except BaseException as e:
@@ -373,11 +381,14 @@ def replace_dir(path: str | os.PathLike, overwrite: bool = False, option: str = 
         tmp.mkdir()
         yield tmp
         entries = set()
-        for root, _, files in os.walk(tmp):
-            entries |= {(Path(root).relative_to(tmp) / f).as_posix() for f in files}
+        for root, dirs, files in os.walk(tmp):
+            rel = Path(root).relative_to(tmp)
+            entries |= {(rel / f).as_posix() for f in files}
+            if not dirs and not files and rel != Path("."):
+                entries.add(rel.as_posix() + "/")  # an empty folder the tool wrote
         _write_manifest(tmp, entries)
         if target.is_dir() and any(target.iterdir()):
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            old = _beside(target, "old")
             os.replace(target, old)
             os.replace(tmp, target)
             delete_own(old)
@@ -407,13 +418,13 @@ def cache_entry(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = _beside(target, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
         if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            old = _beside(target, "old")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

@@ -171,24 +171,25 @@ def evaluate(args: EvalArguments) -> dict:
     predictions: dict[str, dict[str, list[dict]]] = {}
     for t in tasks:
         results["tasks"][t.name] = {"kind": t.kind, "description": t.description, "config": t.path}
-    for spec in specs:
-        model, tokenizer = load_model(spec, args.dtype, args.device)
-        max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 2048), 4096)
-        scorer = Scorer(model, tokenizer, max_length, args.batch_size, args.chat_template)
-        results["results"][spec.name] = {}
-        predictions[spec.name] = {}
-        for t in tasks:
-            start = time.perf_counter()
-            logger.info("%s: %s (%s)", spec.name, t.name, t.kind)
-            res, preds = run_task(scorer, t, examples.get(t.name), args)
-            res["seconds"] = round(time.perf_counter() - start, 2)
-            results["results"][spec.name][t.name] = res
-            if preds:
-                predictions[spec.name][t.name] = preds
-        del model, scorer
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    # the folder is locked (and checked again) for the whole run, not only at its end: one run per folder
     with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        for spec in specs:
+            model, tokenizer = load_model(spec, args.dtype, args.device)
+            max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 2048), 4096)
+            scorer = Scorer(model, tokenizer, max_length, args.batch_size, args.chat_template)
+            results["results"][spec.name] = {}
+            predictions[spec.name] = {}
+            for t in tasks:
+                start = time.perf_counter()
+                logger.info("%s: %s (%s)", spec.name, t.name, t.kind)
+                res, preds = run_task(scorer, t, examples.get(t.name), args)
+                res["seconds"] = round(time.perf_counter() - start, 2)
+                results["results"][spec.name][t.name] = res
+                if preds:
+                    predictions[spec.name][t.name] = preds
+            del model, scorer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         write_report(tmp, results, predictions)
     logger.info("wrote %s", args.output_dir)
     return results
