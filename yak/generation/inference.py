@@ -150,15 +150,16 @@ def _predict_file(backend, gen_args: GenerationArguments, inf_args: InferenceArg
                        f"--max_total_tokens {backend.max_total_tokens} with --max_new_tokens "
                        f"{params.max_new_tokens}; raise the first or lower the second")
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc="generating", unit="input") as bar:
-        outputs, tokens = backend.generate(prompts, params, bar)
-    seconds = time.perf_counter() - start
-    records = [{"id": i, "input": line, "output": out} for i, (line, out) in enumerate(zip(lines, outputs))]
-    if inf_args.predictions_file.endswith(".jsonl"):
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    else:
-        text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+    # locked (and checked again) while the answers are generated, not only when they are written
     with replace_file(inf_args.predictions_file, inf_args.overwrite, "--predictions_file") as tmp:
+        with tqdm(total=len(prompts), desc="generating", unit="input") as bar:
+            outputs, tokens = backend.generate(prompts, params, bar)
+        seconds = time.perf_counter() - start
+        records = [{"id": i, "input": line, "output": out} for i, (line, out) in enumerate(zip(lines, outputs))]
+        if inf_args.predictions_file.endswith(".jsonl"):
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        else:
+            text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
         tmp.write_text(text, encoding="utf-8")
     print(f"\n| inputs | answer tokens | seconds | tokens/s |\n|---|---|---|---|\n"
           f"| {len(lines)} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} |\n"

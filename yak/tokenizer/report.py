@@ -324,13 +324,14 @@ def run_report(args: ReportArguments) -> list[dict]:
         raise YakError("; ".join(problems))
     reference = sp_processor(load_sp_model(args.reference, option="--reference"))
     results = []
-    for spec in tqdm(args.tokenizers, desc="tokenizers"):
-        candidate = load_candidate(spec)
-        results.append(measure_candidate(candidate, reference, reference.get_piece_size(), heldout, other,
-                                         ranges))
-    table = format_tables(results)
-    print(table)
+    # the folder is locked (and checked again) while the tokenizers are measured, not only when it is written
     with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        for spec in tqdm(args.tokenizers, desc="tokenizers"):
+            candidate = load_candidate(spec)
+            results.append(measure_candidate(candidate, reference, reference.get_piece_size(), heldout, other,
+                                             ranges))
+        table = format_tables(results)
+        print(table)
         (tmp / "report.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "report.md").write_text(table + "\n")
         plot_report(results, tmp / "report.png")
