@@ -4,6 +4,7 @@ tiny model, real second processes, real ``kill -9``, a real full filesystem (a s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from transformers import TrainerCallback
 
 from tests.conftest import PT_DATA, ROOT, TINY_MODEL
 from yak import YakError
-from yak.outdir import MANIFEST, foreign_files, output_dir_problems, replace_dir
+from yak.outdir import MANIFEST, foreign_files, output_dir_problems, replace_dir, write_error
 from yak.training import parse_train_args, run_training
 
 MERGED_TOKENIZER = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"
@@ -80,6 +81,17 @@ def test_replace_dir_records_its_files_and_deletes_only_those(tmp_path):
     empty = tmp_path / "empty"  # an empty folder holds nothing to lose
     empty.mkdir()
     assert output_dir_problems(empty, overwrite=False) == []
+
+
+def test_write_errors_name_the_folder_and_reader_errors_pass_through(tmp_path):
+    """Only a failed write becomes the one-line error: an input that cannot be read is its loader's to report."""
+    full = write_error(tmp_path / "out", OSError(errno.ENOSPC, "No space left on device"))
+    assert str(full).startswith(f"cannot write {tmp_path / 'out'}: No space left on device (")
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".out.tmp-7" / "a.bin"))
+    assert "make" in str(write_error(tmp_path / "out", denied, tmp_path / ".out.tmp-7"))
+    assert write_error(tmp_path / "out", PermissionError(errno.EACCES, "Permission denied", "/srv/in.bin")) is None
+    assert write_error(tmp_path, RuntimeError("PytorchStreamReader failed reading zip archive")) is None
+    assert write_error(tmp_path, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576"))
 
 
 def test_a_terminated_script_removes_what_it_was_writing_and_its_lock(tmp_path):
