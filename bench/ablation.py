@@ -56,7 +56,8 @@ from transformers import TrainerCallback
 from yak import YakError
 from yak.cli import parse_args, run_main, setup_logging
 from yak.data import parse_mix
-from yak.io import atomic_output_dir, atomic_write_json, atomic_write_text, inputs_inside
+from yak.io import atomic_write_json, atomic_write_text
+from yak.outdir import inputs_inside, replace_dir
 
 logger = logging.getLogger("bench.ablation")
 
@@ -462,7 +463,7 @@ def ablation(args: AblationArguments, extra: list[str]) -> dict:
     groups, heldout = check(args)
     logger.info("arguments: %s; train.py options added: %s", dataclasses.asdict(args), extra)
     start = time.perf_counter()
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as root:
+    with replace_dir(args.output_dir, overwrite=args.overwrite) as root:
         mixes = {"mix": groups}
         if any(ARMS[a].tibetan_only for a in args.arms):
             mixes["bo"] = [(("bo",), 1.0)]

@@ -1,4 +1,4 @@
-"""The shared helpers: atomic outputs, content hashes, argument parsing, the chat template."""
+"""The shared helpers: content hashes, argument parsing, the chat template (output folders: test_outdir.py)."""
 
 import os
 import re
@@ -11,33 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
 from yak import YakError
 from yak.cli import parse_args
-from yak.io import atomic_output_dir, content_hash
+from yak.io import content_hash
 from yak.template import build_chat_template
 
-
-def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(out) as tmp:
-            (tmp / "half.txt").write_text("x")
-            raise RuntimeError("boom")
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_output_dir_refuses_existing_unless_overwrite(tmp_path):
-    out = tmp_path / "out"
-    with atomic_output_dir(out) as tmp:
-        (tmp / "a.txt").write_text("1")
-    with pytest.raises(YakError, match="already exists"):
-        with atomic_output_dir(out):
-            pass
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_content_hash_follows_content(tmp_path):
@@ -170,27 +149,6 @@ def test_chat_template_renders_llama2_format(tiny_model_dir):
     assert text == '<s>[INST] <<SYS>>\nSay "hi".\n<</SYS>>\n\na [/INST] b </s><s>[INST] c [/INST]'
     with pytest.raises(Exception, match="alternate"):
         tok.apply_chat_template(conv[1:], tokenize=False)
-
-
-def test_a_terminated_script_removes_what_it_was_writing(tmp_path):
-    """kill (SIGTERM) mid-write: the temporary output folder is removed, as on Ctrl-C, not left behind."""
-    script = tmp_path / "script.py"
-    script.write_text(
-        "import os, signal, time\n"
-        "from yak.cli import run_main\n"
-        "from yak.io import atomic_output_dir\n"
-        "@run_main\n"
-        "def main():\n"
-        f"    with atomic_output_dir({str(tmp_path / 'out')!r}) as tmp:\n"
-        "        (tmp / 'half').write_text('x')\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "        time.sleep(30)\n"
-        "main()\n"
-    )
-    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 128 + signal.SIGTERM, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["script.py"]
 
 
 # A torchrun job like training's: each rank in a loop of gloo collectives, started through run_main.

@@ -193,6 +193,7 @@ def test_every_task_kind_on_the_tiny_model(full_run):
     assert set(r["bo_zh"]) >= {"chrf++", "bleu"} and set(r["tibetan_qa"]) >= {"exact_match", "f1"}
     out = tmp / "out"
     assert sorted(p.name for p in out.iterdir()) == [
+        ".yak_manifest.json",  # the files evaluate.py wrote: what --overwrite may delete
         "predictions",
         "results.json",
         "results.md",
@@ -303,6 +304,7 @@ def test_tokenizer_section(tmp_path, tiny_model_dir):
 
 def test_problems_are_listed_before_any_model_is_loaded(tmp_path):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.md").write_text("an earlier report")
     with pytest.raises(YakError) as e:
         prepare(_args(tmp_path, [tmp_path / "no_model"], ["no_such_task", "tncc"], data_root=str(tmp_path)))
     msg = str(e.value)

@@ -202,7 +202,8 @@ def test_run_merge_export_script(tiny_model_dir, tmp_path):
                           env={**os.environ, **env})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "llama.cpp equals Hugging Face on 177/177 lines" in done.stderr
-    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["hf-f16.gguf", "hf-q4_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [".yak_manifest.json", "hf-f16.gguf",
+                                                                      "hf-q4_0.gguf"]
 
 
 @pytest.mark.slow

@@ -270,7 +270,7 @@ def test_pth_output_converts_back_to_the_huggingface_output(tiny_model_dir, resi
     out = merge(source, MergeArguments(output_dir=str(tmp_path / "pth"), output_type="pth", num_shards=num_shards))
     assert sorted(p.name for p in out.glob("*.pth")) == [f"consolidated.{i:02d}.pth"
                                                          for i in range(num_shards or 1)]
-    assert not list(out.glob(".*"))  # the streamed intermediates are gone
+    assert [p.name for p in out.glob(".*")] == [".yak_manifest.json"]  # the streamed intermediates are gone
     params = json.loads((out / "params.json").read_text())
     assert (params["vocab_size"], params["n_heads"], params["n_kv_heads"]) == (3520, 8, 4)
     assert len(AutoTokenizer.from_pretrained(out)) == len(tok)

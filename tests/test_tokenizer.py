@@ -105,6 +105,7 @@ def test_bad_input_is_reported_at_once_and_leaves_nothing(tmp_path):
     empty.write_text("")
     existing = tmp_path / "exists"
     existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
     args = TokenizerArguments(corpus=[str(bad), str(empty), str(tmp_path / "missing")],
                               base_tokenizer=str(PT_DATA / "bo" / "mila.txt"), output_dir=str(existing))
     with pytest.raises(YakError) as e:

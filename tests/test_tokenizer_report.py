@@ -36,7 +36,7 @@ def test_report_writes_table_json_and_png(tmp_path, capsys):
         other_text=[str(PT_DATA / "en")], output_dir=str(out))
     results = run_report(args)
     assert "tokens/syllable" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".yak_manifest.json", "report.json", "report.md", "report.png"]
     tiny, converted = json.loads((out / "report.json").read_text())
     assert tiny == json.loads(json.dumps(results[0]))
     assert tiny["reachable"] == tiny["fast_slow_agreement"] == tiny["round_trip"] == 1.0

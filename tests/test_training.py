@@ -25,6 +25,7 @@ from yak.modeling import (
     resize_and_init_embeddings,
     save_embeddings,
 )
+from yak.outdir import Claim
 from yak.source import ModelSource
 from yak.training import parse_train_args, run_training
 from yak.training.arguments import StageArguments
@@ -228,7 +229,10 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_losses(pt_dir, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run_training(*parse_train_args(argv(pt_dir, out, *extra)), callbacks=[StopAt(5)])
     assert (out / "checkpoint-4" / COMPLETE_MARKER).is_file()
-    (out / "checkpoint-5").mkdir()  # a save interrupted half-way: never resumed from, removed
+    claim = Claim.take(out)  # a save interrupted half-way (recorded, as a save does first): never resumed, removed
+    claim.record("checkpoint-5/")
+    claim.release()
+    (out / "checkpoint-5").mkdir()
     (out / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"half")
     resumed = run_training(*parse_train_args(argv(pt_dir, out, *extra)))
 
@@ -415,8 +419,10 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
                 argv(pt_dir, tmp_path / "z", "--validation_split_percentage", "0", "--eval_strategy", "steps")
             )
         )
-    # the run above stopped before training: the corrected command may use its folder
-    assert [p.name for p in (tmp_path / "y").iterdir()] == ["yak_run.json"]
+    # the runs above stopped before training: they left nothing (no run file, no lock), and the corrected command
+    # may use the folder
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    assert not list(tmp_path.glob(".*.lock"))
     run_training(*parse_train_args(argv(pt_dir, tmp_path / "y", "--stage", "1", "--max_steps", "1")))
     assert (tmp_path / "y" / "yak_adapter.json").is_file()
     # another run's folder: a stage-1 folder is not continued as stage 2

@@ -194,8 +194,8 @@ def run_main(fn: Callable[[], object]) -> Callable[[], None]:
     """Decorate a script's ``main``: a :class:`YakError` prints one clear message and exits 2.
 
     SIGTERM (``kill``, a job scheduler) ends the script like Ctrl-C does, through the cleanup of what it was
-    writing (``atomic_output_dir`` removes its temporary folder), instead of Python's default of dying on the
-    spot and leaving it behind. Not under torchrun (``LOCAL_RANK`` set): a rank waiting in a collective could
+    writing (:func:`yak.outdir.replace_dir` removes its temporary folder and its lock), instead of Python's
+    default of dying on the spot and leaving them behind. Not under torchrun (``LOCAL_RANK`` set): a rank waiting in a collective could
     not run the handler and would linger until torchrun's SIGKILL, and training writes no temporary folder
     (its checkpoints are marked complete only once written). There, instead, the worker stops when its
     launcher dies (:func:`stop_with_launcher`).

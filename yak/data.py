@@ -36,7 +36,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.io import atomic_output_dir, atomic_write_json, content_hash
+from yak.io import atomic_write_json, content_hash
+from yak.outdir import cache_entry
 
 logger = logging.getLogger(__name__)
 
@@ -411,8 +412,7 @@ def _build_source(source: Source, scans: list[_FileScan], backend_json: str, eos
             desc=f"tokenizing source {source.name}",
         )
         if len(blocks):
-            # overwrite=True: two nodes sharing the cache may build the same entry at once; both are equal.
-            with atomic_output_dir(entry, overwrite=True) as tmp:
+            with cache_entry(entry) as tmp:
                 blocks.save_to_disk(tmp / "blocks")
                 atomic_write_json(tmp / "meta.json", {
                     "source": source.name,
@@ -496,7 +496,9 @@ def _share_tables(groups, stats, metas, block_size: int) -> str:
 # ------------------------------------------------------------------------------------------------- build
 
 
-def _check_args(data_args: DataArguments, tokenizer) -> list[str]:
+def option_problems(data_args: DataArguments, layout: bool = True) -> list[str]:
+    """The problems with the data options and (``layout``) the data folder's sources and ``--mix`` that can be
+    found without a tokenizer or reading the text: train.py checks them before it changes the output folder."""
     problems = []
     if data_args.block_size < 1:
         problems.append(f"--block_size {data_args.block_size}: must be a positive number of tokens")
@@ -509,6 +511,16 @@ def _check_args(data_args: DataArguments, tokenizer) -> list[str]:
         problems.append(f"--on_decode_error {data_args.on_decode_error!r}: use 'skip' or 'stop'")
     if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers < 1:
         problems.append(f"--preprocessing_num_workers {data_args.preprocessing_num_workers}: must be 1 or more")
+    if layout:
+        try:
+            resolve_mix(data_args.mix, [s.name for s in find_sources(data_args.dataset_dir)])
+        except YakError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _check_args(data_args: DataArguments, tokenizer) -> list[str]:
+    problems = option_problems(data_args, layout=False)  # the caller reads the layout next
     if not getattr(tokenizer, "is_fast", False):
         problems.append(
             f"{type(tokenizer).__name__} is not a fast tokenizer; load it with yak.tokenizer.load_tokenizer "

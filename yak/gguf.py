@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from yak import YakError
-from yak.io import atomic_output_dir, inputs_inside
+from yak.outdir import cache_entry, inputs_inside, output_dir_problems, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _extract_sources(archive: Path, folder: Path) -> None:
     """Keep only the converter's parts of llama-cpp-python's source package (about 2 of its 76 MB)."""
     logger.info("extracting llama.cpp's converter from %s into %s", archive, folder)
     try:
-        with atomic_output_dir(folder, overwrite=True) as out, tarfile.open(archive) as tar:
+        with cache_entry(folder) as out, tarfile.open(archive) as tar:
             prefix = tar.getmembers()[0].name.split("/")[0] + "/vendor/llama.cpp"
             wanted = [m for m in tar.getmembers() if any(
                 m.name == f"{prefix}/{p}" or m.name.startswith(f"{prefix}/{p}/") for p in CACHED_PARTS)]
@@ -283,8 +283,7 @@ def export_gguf(args: GGUFArguments) -> list[Path]:
         problems.append(f"--outtype {args.outtype!r}: choose one of {', '.join(CONVERT_TYPES)}")
     if args.check_file and not Path(args.check_file).is_file():
         problems.append(f"--check_file {args.check_file}: no such file")
-    if Path(args.output_dir).exists() and not args.overwrite:
-        problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
+    problems += output_dir_problems(args.output_dir, args.overwrite)
     if inputs_inside(args.output_dir, [model_dir]):  # --overwrite would replace the model
         problems.append(f"--output_dir {args.output_dir} is (or contains) the model folder {model_dir}; "
                         "choose a new folder")
@@ -294,7 +293,7 @@ def export_gguf(args: GGUFArguments) -> list[Path]:
     if problems:
         raise YakError("cannot export:\n  - " + "\n  - ".join(problems))
     name = model_dir.resolve().name
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         converted = convert_to_gguf(model_dir, tmp / f"{name}-{args.outtype}.gguf", args.outtype, args.llama_cpp_dir)
         files = [converted] + [quantize(converted, tmp / f"{name}-{q}.gguf", q, args.llama_cpp_dir) for q in qtypes]
         if args.check_file:

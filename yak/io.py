@@ -1,58 +1,17 @@
-"""Small file helpers shared by every stage: atomic outputs and content hashes."""
+"""Small file helpers shared by every stage: JSON reading, atomic small files and content hashes.
+
+Output folders, locks and what a tool may delete: :mod:`yak.outdir`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from yak import YakError
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; rename it to ``path`` only if the block succeeds.
-
-    Nothing half-written is ever left at ``path``: on any exception the temporary folder is removed
-    and an existing ``path`` is untouched.
-
-    Args:
-        path: the final output folder.
-        overwrite: replace an existing ``path``; otherwise an existing one is an error.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise YakError(f"output folder {path} already exists; choose another path or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-def inputs_inside(output_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> list[str]:
-    """The ``inputs`` (files or folders; ``None`` skipped) that ``output_dir`` is or contains.
-
-    Replacing ``output_dir`` as a whole (``--overwrite``) would delete them, so callers refuse such an
-    output folder up front.
-    """
-    out = Path(output_dir).resolve()
-    return [str(p) for p in inputs if p and (out == Path(p).resolve() or out in Path(p).resolve().parents)]
 
 
 def unreadable(path: str | os.PathLike, error: Exception) -> YakError:

@@ -34,8 +34,9 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.io import atomic_output_dir, atomic_write_json, inputs_inside, read_json, unreadable
+from yak.io import atomic_write_json, read_json, unreadable
 from yak.modeling import ADAPTER_WEIGHTS, DTYPES, EMBEDDINGS_FILES, MERGE_FILE, merged_adapters, weights_in
+from yak.outdir import inputs_inside, output_dir_problems, replace_dir
 from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -442,8 +443,7 @@ def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
     for p in inputs_inside(out, [base_dir, *lora_dirs, tok_dir]):
         problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
                         "choose a new folder")
-    if out.exists() and not args.overwrite:
-        problems.append(f"--output_dir {out} already exists; choose another folder or pass --overwrite")
+    problems += output_dir_problems(args.output_dir, args.overwrite)
     if args.output_type == "pth":
         _check_pth(config, shapes, args, problems)
     group = {k: base.file_of[starts[k]] for k in names}
@@ -763,7 +763,7 @@ def merge(source: ModelSource, args: MergeArguments) -> Path:
     plan = plan_merge(source, args)
     logger.info("merging %s into %s -> %s (%s, %s)", [str(s.path) for s in plan.steps], source.base_model,
                 args.output_dir, args.output_type, plan.dtype)
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         if args.output_type == "pth":
             files = _write_pth(plan, tmp, args.num_shards)
         else:

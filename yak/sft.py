@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from yak import YakError
-from yak.io import atomic_output_dir, content_hash
+from yak.io import content_hash
+from yak.outdir import cache_entry
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -574,7 +575,7 @@ def build_sft_datasets(tokenizer, args: SFTDataArguments, seed: int = 42):
         )
     _log_table(rows)
     if cache_dir is not None:
-        with atomic_output_dir(cache_dir, overwrite=True) as tmp:
+        with cache_entry(cache_dir) as tmp:
             result.save_to_disk(str(tmp))
         logger.info("cached tokenized SFT data in %s", cache_dir)
     return result

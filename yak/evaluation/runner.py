@@ -21,8 +21,9 @@ from yak.evaluation.tasks import (
     lm_files,
     load_task,
 )
-from yak.io import atomic_output_dir, inputs_inside, read_json
+from yak.io import read_json
 from yak.modeling import DTYPES
+from yak.outdir import inputs_inside, output_dir_problems, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
     for opt in ("limit", "lm_max_bytes", "max_new_tokens"):
         if getattr(args, opt) is not None and getattr(args, opt) < 1:
             problems.append(f"--{opt} must be >= 1, found {getattr(args, opt)}")
-    if os.path.exists(args.output_dir) and not args.overwrite:
-        problems.append(f"output folder {args.output_dir} already exists: choose another or pass --overwrite")
+    problems += output_dir_problems(args.output_dir, args.overwrite)
     if args.max_length is not None and args.max_length < 2:
         problems.append(f"--max_length must be >= 2, found {args.max_length}")
     if not args.tasks:
@@ -171,24 +171,25 @@ def evaluate(args: EvalArguments) -> dict:
     predictions: dict[str, dict[str, list[dict]]] = {}
     for t in tasks:
         results["tasks"][t.name] = {"kind": t.kind, "description": t.description, "config": t.path}
-    for spec in specs:
-        model, tokenizer = load_model(spec, args.device)
-        max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 2048), 4096)
-        scorer = Scorer(model, tokenizer, max_length, args.batch_size, args.chat_template)
-        results["results"][spec.name] = {}
-        predictions[spec.name] = {}
-        for t in tasks:
-            start = time.perf_counter()
-            logger.info("%s: %s (%s)", spec.name, t.name, t.kind)
-            res, preds = run_task(scorer, t, examples.get(t.name), args)
-            res["seconds"] = round(time.perf_counter() - start, 2)
-            results["results"][spec.name][t.name] = res
-            if preds:
-                predictions[spec.name][t.name] = preds
-        del model, scorer
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    # the folder is locked (and checked again) for the whole run, not only at its end: one run per folder
+    with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        for spec in specs:
+            model, tokenizer = load_model(spec, args.device)
+            max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 2048), 4096)
+            scorer = Scorer(model, tokenizer, max_length, args.batch_size, args.chat_template)
+            results["results"][spec.name] = {}
+            predictions[spec.name] = {}
+            for t in tasks:
+                start = time.perf_counter()
+                logger.info("%s: %s (%s)", spec.name, t.name, t.kind)
+                res, preds = run_task(scorer, t, examples.get(t.name), args)
+                res["seconds"] = round(time.perf_counter() - start, 2)
+                results["results"][spec.name][t.name] = res
+                if preds:
+                    predictions[spec.name][t.name] = preds
+            del model, scorer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         write_report(tmp, results, predictions)
     logger.info("wrote %s", args.output_dir)
     return results

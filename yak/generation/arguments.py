@@ -100,6 +100,8 @@ class InferenceArguments:
     data_file: str | None = field(default=None, metadata={"help": "Text file with one input per line."})
     predictions_file: str = field(
         default="predictions.json",
-        metadata={"help": "Where file mode writes its answers: .json (a list) or .jsonl (one object per line)."},
+        metadata={"help": "Where file mode writes its answers: .json (a list) or .jsonl (one object per line). "
+                  "An existing file is refused unless --overwrite."},
     )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --predictions_file."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (merged models; pip install vllm)."})

@@ -13,6 +13,7 @@ from yak.generation.loading import load_for_inference
 from yak.generation.prompts import chat_messages, encode_chat, encode_raw
 from yak.generation.request import TextStreamer
 from yak.generation.sampling import SamplingParams
+from yak.outdir import output_file_problems, replace_file
 from yak.source import ModelSource
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
@@ -95,11 +96,11 @@ def run_inference(source: ModelSource, gen_args: GenerationArguments, inf_args: 
         problems.append(f"--data_file {inf_args.data_file} does not exist")
     if not inf_args.predictions_file.endswith((".json", ".jsonl")):
         problems.append(f"--predictions_file must end in .json or .jsonl, got {inf_args.predictions_file}")
-    if os.path.isdir(inf_args.predictions_file):  # found only after every answer was generated
-        problems.append(f"--predictions_file {inf_args.predictions_file} is a folder; give a file name")
-    elif inf_args.data_file is not None and os.path.abspath(inf_args.predictions_file) == os.path.abspath(
+    if inf_args.data_file is not None and os.path.abspath(inf_args.predictions_file) == os.path.abspath(
             inf_args.data_file):
         problems.append("--predictions_file is --data_file: the answers would replace the inputs")
+    elif inf_args.data_file is not None:  # found only after every answer was generated
+        problems += output_file_problems(inf_args.predictions_file, inf_args.overwrite, "--predictions_file")
     if problems:
         raise YakError("; ".join(problems))
     lines = _read_inputs(inf_args.data_file) if inf_args.data_file else []
@@ -140,8 +141,6 @@ def _predict_file(backend, gen_args: GenerationArguments, inf_args: InferenceArg
 
     from tqdm import tqdm
 
-    from yak.io import atomic_write_text
-
     params = gen_args.sampling()
     prompts = []
     for i, line in enumerate(lines):
@@ -155,15 +154,17 @@ def _predict_file(backend, gen_args: GenerationArguments, inf_args: InferenceArg
                        f"--max_total_tokens {backend.max_total_tokens} with --max_new_tokens "
                        f"{params.max_new_tokens}; raise the first or lower the second")
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc="generating", unit="input") as bar:
-        outputs, tokens = backend.generate(prompts, params, bar)
-    seconds = time.perf_counter() - start
-    records = [{"id": i, "input": line, "output": out} for i, (line, out) in enumerate(zip(lines, outputs))]
-    if inf_args.predictions_file.endswith(".jsonl"):
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    else:
-        text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
-    atomic_write_text(inf_args.predictions_file, text)
+    # locked (and checked again) while the answers are generated, not only when they are written
+    with replace_file(inf_args.predictions_file, inf_args.overwrite, "--predictions_file") as tmp:
+        with tqdm(total=len(prompts), desc="generating", unit="input") as bar:
+            outputs, tokens = backend.generate(prompts, params, bar)
+        seconds = time.perf_counter() - start
+        records = [{"id": i, "input": line, "output": out} for i, (line, out) in enumerate(zip(lines, outputs))]
+        if inf_args.predictions_file.endswith(".jsonl"):
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        else:
+            text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
+        tmp.write_text(text, encoding="utf-8")
     print(f"\n| inputs | answer tokens | seconds | tokens/s |\n|---|---|---|---|\n"
           f"| {len(lines)} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} |\n"
           f"predictions: {inf_args.predictions_file}")

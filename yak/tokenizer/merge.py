@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from yak import YakError
-from yak.io import atomic_output_dir, inputs_inside
+from yak.outdir import inputs_inside, output_dir_problems, replace_dir
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -648,8 +648,7 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
         problems.append(f"--character_coverage must be in (0, 1] (got {args.character_coverage})")
     if args.max_sentence_length < 256:
         problems.append(f"--max_sentence_length must be at least 256 bytes (got {args.max_sentence_length})")
-    if Path(args.output_dir).exists() and not args.overwrite:
-        problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
+    problems += output_dir_problems(args.output_dir, args.overwrite)
     if args.tibetan_sp_model is None and not args.corpus:
         problems.append("--corpus is required to train a model (or give --tibetan_sp_model)")
     # --overwrite replaces output_dir as a whole at the end
@@ -684,20 +683,21 @@ def build_merged_tokenizer(args: TokenizerArguments) -> dict:
     if problems:
         raise YakError("; ".join(problems))
 
-    if source is None:
-        size = args.vocab_size or int(args.num_pieces * 1.05) + 100
-        source = train_sentencepiece(files, args, vocab_size=size)
-    merged, added, dropped = merge_pieces(base, source, args.num_pieces, ranges, args.script_characters)
-    if len(added) < args.num_pieces:
-        raise YakError(f"--num_pieces {args.num_pieces}: only {len(added)} reachable pieces of the script "
-                       f"{args.script_ranges} are available from the new model; ask for at most {len(added)},"
-                       " give more text, or check that the text is in the script of --script_ranges")
-    base_dir = Path(args.base_tokenizer)
-    base_dir = base_dir if base_dir.is_dir() else base_dir.parent
-    base_config_path = base_dir / "tokenizer_config.json"
-    base_config = json.loads(base_config_path.read_text()) if base_config_path.is_file() else {}
-    licences = [base_dir / name for name in LICENCE_FILES if (base_dir / name).is_file()]
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    # the folder is locked (and checked again) while the model trains, not only when it is written
+    with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        if source is None:
+            size = args.vocab_size or int(args.num_pieces * 1.05) + 100
+            source = train_sentencepiece(files, args, vocab_size=size)
+        merged, added, dropped = merge_pieces(base, source, args.num_pieces, ranges, args.script_characters)
+        if len(added) < args.num_pieces:
+            raise YakError(f"--num_pieces {args.num_pieces}: only {len(added)} reachable pieces of the script "
+                           f"{args.script_ranges} are available from the new model; ask for at most {len(added)},"
+                           " give more text, or check that the text is in the script of --script_ranges")
+        base_dir = Path(args.base_tokenizer)
+        base_dir = base_dir if base_dir.is_dir() else base_dir.parent
+        base_config_path = base_dir / "tokenizer_config.json"
+        base_config = json.loads(base_config_path.read_text()) if base_config_path.is_file() else {}
+        licences = [base_dir / name for name in LICENCE_FILES if (base_dir / name).is_file()]
         (tmp / SOURCE_DIR).mkdir()
         (tmp / SOURCE_DIR / "tokenizer.model").write_bytes(
             restrict_source(source, added, ranges).SerializeToString())

@@ -19,7 +19,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from yak import YakError
-from yak.io import atomic_output_dir, inputs_inside
+from yak.outdir import inputs_inside, output_dir_problems, replace_dir
 from yak.tokenizer.merge import (
     HF_DIR,
     NORMAL,
@@ -305,8 +305,7 @@ def run_report(args: ReportArguments) -> list[dict]:
     problems = []
     if not args.tokenizers:
         problems.append("--tokenizers: give at least one candidate")
-    if Path(args.output_dir).exists() and not args.overwrite:
-        problems.append(f"--output_dir {args.output_dir} already exists; choose another or pass --overwrite")
+    problems += output_dir_problems(args.output_dir, args.overwrite)
     inputs = [spec.rpartition("=")[2] for spec in args.tokenizers] + [args.reference, *args.heldout,
                                                                       *args.other_text]
     for path in inputs_inside(args.output_dir, inputs):  # --overwrite replaces output_dir as a whole
@@ -325,13 +324,14 @@ def run_report(args: ReportArguments) -> list[dict]:
         raise YakError("; ".join(problems))
     reference = sp_processor(load_sp_model(args.reference, option="--reference"))
     results = []
-    for spec in tqdm(args.tokenizers, desc="tokenizers"):
-        candidate = load_candidate(spec)
-        results.append(measure_candidate(candidate, reference, reference.get_piece_size(), heldout, other,
-                                         ranges))
-    table = format_tables(results)
-    print(table)
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+    # the folder is locked (and checked again) while the tokenizers are measured, not only when it is written
+    with replace_dir(args.output_dir, overwrite=args.overwrite) as tmp:
+        for spec in tqdm(args.tokenizers, desc="tokenizers"):
+            candidate = load_candidate(spec)
+            results.append(measure_candidate(candidate, reference, reference.get_piece_size(), heldout, other,
+                                             ranges))
+        table = format_tables(results)
+        print(table)
         (tmp / "report.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "report.md").write_text(table + "\n")
         plot_report(results, tmp / "report.png")

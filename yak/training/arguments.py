@@ -16,8 +16,8 @@ from transformers import TrainingArguments
 
 from yak import YakError
 from yak.cli import parse_args
-from yak.io import inputs_inside
 from yak.modeling import DTYPES, NEW_ROWS_INIT, kbits_problem
+from yak.outdir import inputs_inside
 from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def check_args(source: ModelSource, stage_args: StageArguments, data_args, train
     if kbits:
         problems.append(kbits)
     inputs = [model_dir, source.tokenizer_path, base_tok, data_args.dataset_dir, *source.adapters]
-    # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
+    # prepare_output_dir may delete the run in output_dir (--overwrite_output_dir), and writes into it
     for path in inputs_inside(training_args.output_dir, inputs):
         problems.append(
             f"output_dir {training_args.output_dir} is (or contains) the input {path}; choose a new folder"
@@ -283,6 +283,10 @@ def check_args(source: ModelSource, stage_args: StageArguments, data_args, train
     liger = liger_problem(stage_args.compile_layers, training_args)
     if liger:
         problems.append(liger)
+    if stage_args.task == "pt":  # SFT's data options are checked as they are parsed
+        from yak.data import option_problems
+
+        problems += option_problems(data_args)
     if stage_args.task == "sft" and stage_args.stage == 1:
         problems.append(
             "--stage 1 (embeddings only) is for --task pt; SFT trains LoRA (and --modules_to_save)"
@@ -314,7 +318,7 @@ def check_args(source: ModelSource, stage_args: StageArguments, data_args, train
             problems.append(f"--warmup_ratio must be in [0, 1), got {stage_args.warmup_ratio}")
         if training_args.warmup_steps:
             problems.append("give either --warmup_ratio or --warmup_steps, not both")
-    if getattr(data_args, "block_size", 2) < 2:  # the data module allows 1 (token counts); training does not
+    if getattr(data_args, "block_size", 2) == 1:  # the data module allows 1 (token counts); training does not
         problems.append(
             f"--block_size {data_args.block_size} must be at least 2: each token is trained to predict the next "
             "one in its block, so a block of one token has nothing to predict (the run would log loss 0)"

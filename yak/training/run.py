@@ -1,8 +1,9 @@
 """Training: continued pretraining (stage 1: embeddings; stage 2: LoRA+ and embeddings) and SFT.
 
-One run reads top to bottom in :func:`run_training`: check the options, claim the output folder (or find
-the checkpoint to resume), load the tokenizer, build the datasets, load and prepare the model, fix the
-schedule, build the trainer, train, save, report.
+One run reads top to bottom in :func:`run_training`: check the options, load the tokenizer, claim the output
+folder (or find the checkpoint to resume), build the datasets, load and prepare the model, fix the schedule,
+build the trainer, train, save, report. The output folder is locked for the run and every file written there
+is recorded in its manifest (:mod:`yak.outdir`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from transformers import TrainerCallback, TrainingArguments
 
 from yak import YakError
 from yak.modeling import check_tokenizer_extends
+from yak.outdir import Claim
 from yak.source import ModelSource
 from yak.tokenizer import load_tokenizer
 from yak.training.arguments import StageArguments, _config_dict, check_args
 from yak.training.model import build_model
 from yak.training.report import _summary_table, plot_losses
-from yak.training.run_folder import _leave_process_group, prepare_output_dir
+from yak.training.run_folder import _leave_process_group, abandon_if_empty, prepare_output_dir
 from yak.training.schedule import resolve_schedule
 from yak.training.trainer import YakTrainer
 
@@ -58,14 +60,23 @@ def build_datasets(stage_args: StageArguments, data_args, tokenizer, training_ar
 
 
 def _save_final(trainer: YakTrainer, output_dir: str) -> None:
-    """Write the final output into ``output_dir`` through a temporary folder; the descriptor moves last."""
+    """Write the final output into ``output_dir`` through a temporary folder; the descriptor moves last.
+
+    Every file is recorded in the folder's manifest before it is written (whatever the save writes: the
+    stage's format, the tokenizer, records added to it).
+    """
     tmp = Path(output_dir) / FINAL_TMP
-    trainer.save_model(str(tmp))
+    trainer._record(tmp.parent, f"{FINAL_TMP}/")
+    with trainer._writing(tmp):
+        trainer.save_model(str(tmp))
     if trainer.args.should_save:
         last = ("yak_adapter.json", "adapter_config.json")
         for f in sorted(tmp.iterdir(), key=lambda f: f.name in last):
+            trainer._record(tmp.parent, f.name)
             os.replace(f, Path(output_dir) / f.name)
         tmp.rmdir()
+        if trainer.claim is not None:
+            trainer.claim.forget(f"{FINAL_TMP}/")
     trainer.accelerator.wait_for_everyone()
 
 
@@ -79,6 +90,7 @@ def train_on_datasets(
     resume_from_checkpoint: str | None = None,
     tokens_per_sample: int | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    claim: Claim | None = None,
 ) -> dict:
     """Load and prepare the model, fix the schedule, train, save the output; return the summary.
 
@@ -90,6 +102,7 @@ def train_on_datasets(
         resume_from_checkpoint: a complete checkpoint folder, or None.
         tokens_per_sample: tokens per row for the token counts (default: the first row's length).
         callbacks: extra ``TrainerCallback`` objects.
+        claim: the output folder's claim (rank 0), which records every file written there.
     """
     from transformers import set_seed
 
@@ -116,6 +129,7 @@ def train_on_datasets(
         embedding_learning_rate=stage_args.embedding_learning_rate,
         base_model_name_or_path=source.base_model,
         save_safetensors=stage_args.save_safetensors,
+        claim=claim,
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     _save_final(trainer, training_args.output_dir)
@@ -138,6 +152,7 @@ def train_on_datasets(
     }
     if trainer.args.should_save:
         if stage_args.plot_loss:
+            trainer._record(Path(training_args.output_dir), "loss.png")
             plot_losses(trainer.state.log_history, Path(training_args.output_dir) / "loss.png")
         rows = [
             ("task / stage", f"{stage_args.task} / {stage_args.stage if stage_args.task == 'pt' else '-'}"),
@@ -164,29 +179,40 @@ def run_training(
     training_args: TrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
-    """The whole run: check, claim output_dir, tokenizer, datasets, model, train, save. Returns the summary."""
+    """The whole run: check, tokenizer, claim output_dir, datasets, model, train, save. Returns the summary.
+
+    A run that fails before its first checkpoint removes what it wrote in output_dir.
+    """
     training_args = check_args(source, stage_args, data_args, training_args)
     logger.info(
         "configuration:\n%s",
         json.dumps(_config_dict(source, stage_args, data_args, training_args), indent=1, default=str),
     )
-    resume = prepare_output_dir(source, stage_args, data_args, training_args)
     tokenizer = load_tokenizer(source.tokenizer_dir())
-    if not source.adapters:  # a tokenizer that does not extend the model's fails before the data work
+    if not source.adapters:  # a tokenizer that does not extend the model's fails before the folder changes
         base_dir = stage_args.base_tokenizer_name_or_path or source.base_model
         check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), source.tokenizer_dir(), base_dir)
-    datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
-    summary = train_on_datasets(
-        source,
-        stage_args,
-        training_args,
-        tokenizer,
-        datasets,
-        collator,
-        resume_from_checkpoint=resume,
-        tokens_per_sample=getattr(data_args, "block_size", None)
-        or getattr(data_args, "max_seq_length", None),
-        callbacks=callbacks,
-    )
+    resume, claim = prepare_output_dir(source, stage_args, data_args, training_args)
+    try:
+        datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
+        summary = train_on_datasets(
+            source,
+            stage_args,
+            training_args,
+            tokenizer,
+            datasets,
+            collator,
+            resume_from_checkpoint=resume,
+            tokens_per_sample=getattr(data_args, "block_size", None)
+            or getattr(data_args, "max_seq_length", None),
+            callbacks=callbacks,
+            claim=claim,
+        )
+    except BaseException:
+        abandon_if_empty(claim)  # a run that failed early leaves no run file, as if a run were there
+        raise
+    finally:
+        if claim is not None:
+            claim.release()
     _leave_process_group(training_args)
     return summary

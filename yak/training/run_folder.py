@@ -19,6 +19,7 @@ import torch
 from yak import YakError
 from yak.io import atomic_write_json
 from yak.modeling import RUN_FILE, adapter_kind
+from yak.outdir import MANIFEST, Claim, foreign_files, listed, read_manifest
 from yak.source import ModelSource
 from yak.training.arguments import _config_dict
 from yak.training.schedule import samples_per_step
@@ -110,28 +111,64 @@ def has_final_output(output_dir: Path) -> bool:
     return any((output_dir / name).is_file() for name in ("yak_adapter.json", "adapter_config.json"))
 
 
-def prepare_output_dir(source, stage_args, data_args, training_args) -> str | None:
-    """Claim ``output_dir`` for this run and return the checkpoint to resume from (or None).
+def prepare_output_dir(source, stage_args, data_args, training_args) -> tuple[str | None, Claim | None]:
+    """Claim ``output_dir`` for this run; return the checkpoint to resume from (or None) and the claim.
 
-    A folder holding another run (other settings), a finished run, or files that are not a Yak run is an
-    error (``--overwrite_output_dir`` deletes a Yak run); a folder holding only the run file of a run that
-    stopped before its first checkpoint is claimed. Incomplete checkpoints (no ``yak_checkpoint.json``)
-    are never resumed from; the newest complete one is, unless ``--resume_from_checkpoint`` names one.
-    Every rank takes the same decisions and passes the same barriers; only rank 0 changes the folder.
+    The folder is locked for the run (a second run on it is refused, naming the process that holds it). A
+    folder holding another run (other settings), a finished run, or files that are not a Yak run is an error;
+    ``--overwrite_output_dir`` deletes a Yak run's own files (its manifest) and refuses a folder that holds
+    anything else, naming it. A folder holding only the run file of a run that stopped before its first
+    checkpoint is claimed. Incomplete checkpoints (no ``yak_checkpoint.json``) are never resumed from; the
+    newest complete one is, unless ``--resume_from_checkpoint`` names one. Every rank takes the same decisions
+    and passes the same barriers; only rank 0 holds the claim (other ranks get None) and changes the folder.
     """
     out = Path(training_args.output_dir)
     identity = _identity(source, stage_args, data_args, training_args)
     run_file = out / RUN_FILE
-    _barrier(training_args)  # every rank looks at the folder before rank 0 changes it
-    delete = False
-    # a folder holding only the run file is a run that stopped before its first checkpoint (a wrong tokenizer,
-    # bad data): nothing to keep, and the corrected command may claim it
-    if out.is_dir() and {p.name for p in out.iterdir()} - {RUN_FILE}:
-        if not run_file.is_file():
-            raise YakError(
-                f"output_dir {out} holds files that are not from a Yak run; choose an empty or new folder"
+    claim = Claim.take(out) if training_args.process_index == 0 else None
+    try:
+        _barrier(training_args)  # every rank looks at the folder once rank 0 holds it, before it changes it
+        resume, delete, incomplete, reason = _decide(out, identity, stage_args, training_args)
+        _barrier(training_args)  # every rank has decided
+        if claim is not None:
+            if delete:
+                logger.warning("--overwrite_output_dir: deleting the files Yak wrote in %s (%s)", out, reason)
+                claim.delete_own()
+            if incomplete:
+                logger.warning(
+                    "removing incomplete checkpoints (interrupted while saving): %s",
+                    ", ".join(c.name for c in incomplete),
+                )
+                for c in incomplete:
+                    shutil.rmtree(c)
+                claim.forget(*(f"{c.name}/" for c in incomplete))
+            claim.record(RUN_FILE)
+            atomic_write_json(
+                run_file,
+                {"identity": identity, "config": _config_dict(source, stage_args, data_args, training_args)},
             )
-        previous = json.loads(run_file.read_text(encoding="utf-8")).get("identity", {})
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+    if resume:
+        logger.info("resuming from %s", resume)
+    _barrier(training_args)
+    return resume, claim
+
+
+def _decide(out: Path, identity: dict, stage_args, training_args):
+    """``(checkpoint to resume, delete the folder's run, incomplete checkpoints to remove, why delete)``."""
+    delete, reason = False, None
+    # a folder holding only the run file is a run that stopped before its first checkpoint (killed): nothing
+    # to keep, and the corrected command may claim it
+    if out.is_dir() and {p.name for p in out.iterdir()} - {RUN_FILE, MANIFEST}:
+        if not (out / RUN_FILE).is_file():
+            raise YakError(
+                f"output_dir {out} holds files that are not from a Yak run ({listed(foreign_files(out))}); "
+                "choose an empty or new folder"
+            )
+        previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8")).get("identity", {})
         # a run file of an older version names the model options by the original flags
         previous = {ModelSource.renamed().get(k, k): v for k, v in previous.items()}
         diff = _identity_differences(previous, identity)
@@ -177,26 +214,32 @@ def prepare_output_dir(source, stage_args, data_args, training_args) -> str | No
         incomplete = [c for c in checkpoints if not is_complete_checkpoint(c)]
         complete = [c for c in checkpoints if is_complete_checkpoint(c)]
         resume = str(complete[-1]) if complete else None
-    _barrier(training_args)  # every rank has decided
-    if training_args.process_index == 0:
-        if delete:
-            logger.warning("--overwrite_output_dir: deleting %s (%s)", out, reason)
-            shutil.rmtree(out)
-        if incomplete:
-            logger.warning(
-                "removing incomplete checkpoints (interrupted while saving): %s",
-                ", ".join(c.name for c in incomplete),
-            )
-            for c in incomplete:
-                shutil.rmtree(c)
-        atomic_write_json(
-            run_file,
-            {"identity": identity, "config": _config_dict(source, stage_args, data_args, training_args)},
+    foreign = foreign_files(out) if out.is_dir() else []
+    if delete and foreign:
+        raise YakError(
+            f"output_dir {out} {reason.splitlines()[0].rstrip(':')}, and holds files that Yak did not write: "
+            f"{listed(foreign)}; --overwrite_output_dir deletes only what Yak wrote there (listed in {MANIFEST}), "
+            "so move those files out or choose another folder"
         )
-    if resume:
-        logger.info("resuming from %s", resume)
-    _barrier(training_args)
-    return resume
+    strays = [c.name for c in incomplete if f"{c.name}/" not in read_manifest(out)]
+    if strays:
+        raise YakError(
+            f"output_dir {out} holds {', '.join(strays)}: incomplete checkpoints that Yak did not record writing "
+            "(a run of an older version, or copied in); delete them or choose another folder"
+        )
+    return resume, delete, incomplete, reason
+
+
+def abandon_if_empty(claim: Claim | None) -> None:
+    """After a failed run: when the folder holds no complete checkpoint and no final output, remove what the
+    run wrote (its run file, half-written checkpoints) and the folder if that empties it, so that it does not
+    look like a run."""
+    if claim is None or not claim.folder.is_dir():
+        return
+    if has_final_output(claim.folder) or any(is_complete_checkpoint(c) for c in _checkpoints(claim.folder)):
+        return
+    logger.info("the run stopped before its first checkpoint: removing what it wrote in %s", claim.folder)
+    claim.delete_own()
 
 
 def _barrier(training_args) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
@@ -19,6 +21,7 @@ from yak.modeling import (
     save_embeddings,
     weights_in,
 )
+from yak.outdir import Claim, write_error
 from yak.tokenizer import save_tokenizer
 from yak.training.model import _numel
 from yak.training.run_folder import CHECKPOINT_PREFIX, COMPLETE_MARKER
@@ -86,6 +89,8 @@ class YakTrainer(Trainer):
         embedding_learning_rate: learning rate of the trained embeddings (None: ``learning_rate``).
         base_model_name_or_path: recorded in the stage-1 output.
         save_safetensors: False writes PyTorch ``.bin`` weights (``--save_safetensors False``).
+        claim: the output folder's :class:`~yak.outdir.Claim` (rank 0; None elsewhere), which records every
+            checkpoint before it is written.
     """
 
     def __init__(
@@ -95,10 +100,12 @@ class YakTrainer(Trainer):
         embedding_learning_rate: float | None = None,
         base_model_name_or_path: str = "",
         save_safetensors: bool = True,
+        claim: Claim | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.save_safetensors = save_safetensors
+        self.claim = claim
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.embedding_learning_rate = embedding_learning_rate
         self.base_model_name_or_path = base_model_name_or_path
@@ -153,26 +160,53 @@ class YakTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         from transformers.trainer_utils import rotate_checkpoints
 
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        self._record(run_dir, f"{folder.name}/")
         # The Trainer deletes old checkpoints (--save_total_limit) at the end of its save, before the marker
         # below: a kill in between would leave no complete checkpoint. Rotate only once this one is complete.
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
-            super()._save_checkpoint(model, trial)
+            with self._writing(folder):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            folder = Path(run_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            atomic_write_json(
-                folder / COMPLETE_MARKER, {"global_step": self.state.global_step, "complete": True}
-            )
+            with self._writing(folder):
+                atomic_write_json(
+                    folder / COMPLETE_MARKER, {"global_step": self.state.global_step, "complete": True}
+                )
+            before = {p.name for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*")}
             rotate_checkpoints(
-                output_dir=run_dir,
+                output_dir=str(run_dir),
                 save_total_limit=limit,
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+            if self.claim is not None and run_dir == self.claim.folder:
+                self.claim.forget(*(f"{name}/" for name in before - {p.name for p in run_dir.iterdir()}))
+
+    def _record(self, folder: Path, name: str) -> None:
+        """Record ``name`` in the output folder's manifest before it is written there (rank 0)."""
+        if self.claim is not None and self.args.should_save and folder == self.claim.folder:
+            self.claim.record(name)
+
+    @contextmanager
+    def _writing(self, path: Path):
+        """A disk-full or permission error while writing ``path`` (a checkpoint or the final output) ends in
+        one line naming it (:func:`yak.outdir.write_error`), and the half-written folder is removed."""
+        try:
+            yield
+        except Exception as e:
+            error = write_error(path, e)
+            if error is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(path, ignore_errors=True)
+                if self.claim is not None and path.parent == self.claim.folder:
+                    self.claim.forget(f"{path.name}/")
+            raise error from e
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore the trained weights from a checkpoint in the project's format (non-DeepSpeed runs)."""
