@@ -19,26 +19,31 @@ from pathlib import Path
 import torch
 
 from yak import YakError
-from yak.io import atomic_write_json, read_json, unreadable
+from yak.formats import (
+    DTYPES,
+    EMBED_KEY,
+    EMBEDDINGS_FILE,
+    LM_HEAD_KEY,
+    VOCAB_MULTIPLE,
+    YAK_ADAPTER_FILE,
+    YAK_ADAPTER_FORMAT,
+    YAK_ADAPTER_VERSION,
+    adapter_kind,
+    adapter_order_problems,
+    adapter_vocab_rows,
+    carries_lm_head,
+    check_model_folder,
+    has_tokenizer,
+    padded_vocab_size,
+    read_stage1,
+    require_adapters_fit,
+    tokenizer_dir,
+)
+from yak.io import atomic_write_json
 from yak.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-VOCAB_MULTIPLE = 64  # rows padded to a multiple of 64: tensor-core friendly, the usual choice (LLaMA-Factory)
-EMBEDDINGS_FILE = "embeddings.safetensors"
-YAK_ADAPTER_FILE = "yak_adapter.json"
-RUN_FILE = "yak_run.json"  # a training output's settings, with the --adapters it was trained on top of
-MERGE_FILE = "yak_merge.json"  # in a merged model: the folders merged into it (merge_lora_low_mem.py)
-YAK_ADAPTER_FORMAT = "yak-embeddings"
-YAK_ADAPTER_VERSION = 1
-EMBED_KEY = "model.embed_tokens.weight"
-LM_HEAD_KEY = "lm_head.weight"
-# Key names of the full embedding matrices inside a peft adapter (modules_to_save), without the
-# ".modules_to_save.<adapter>" part, which peft strips when saving.
-PEFT_EMBED_KEY = "base_model.model." + EMBED_KEY
-PEFT_LM_HEAD_KEY = "base_model.model." + LM_HEAD_KEY
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -122,11 +127,6 @@ def embedding_rows(model) -> int:
     return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
-def padded_vocab_size(n: int) -> int:
-    """``n`` rounded up to a multiple of :data:`VOCAB_MULTIPLE`."""
-    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
 def resolve_dtype(name: str | torch.dtype) -> str | torch.dtype:
     """``"auto"`` stays ``"auto"`` (the checkpoint's own dtype); a name becomes a ``torch.dtype``."""
     if isinstance(name, torch.dtype) or name == "auto":
@@ -143,7 +143,11 @@ def load_base_model(
     load_in_kbits: int = 16,
     attn_implementation: str | None = None,
 ):
-    """Load a causal LM from a Hugging Face folder, safetensors weights only.
+    """Load a causal LM from a Hugging Face folder: safetensors, or ``.bin`` weights holding plain tensors.
+
+    The folder is checked first (:func:`yak.formats.check_model_folder`): a broken ``config.json``, a weight
+    file cut short or a pickle that is not plain tensors is a one-line error naming the file. transformers
+    reads ``.bin`` files with ``weights_only=True``.
 
     Args:
         path: the model folder.
@@ -153,19 +157,11 @@ def load_base_model(
         load_in_kbits: 4 or 8 to quantize the weights with bitsandbytes; 16 for none.
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ...).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise YakError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
-    if not any(path.glob("*.safetensors")):
-        found = sorted(p.name for p in path.iterdir())
-        raise YakError(
-            f"model folder {path} has no *.safetensors weights (found: {', '.join(found)}); only safetensors "
-            "are loaded, because pickled .bin files can execute code. Convert them once with "
-            "transformers (from_pretrained + save_pretrained) in a trusted environment."
-        )
-    kwargs = {"dtype": resolve_dtype(dtype), "use_safetensors": True, "trust_remote_code": False}
+    check_model_folder(path)
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     problem = kbits_problem(load_in_kbits)
@@ -178,7 +174,6 @@ def load_base_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device is not None:
         kwargs["device_map"] = {"": device}
-    AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # a clear error on a broken config first
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (ValueError, ImportError) as e:
@@ -361,25 +356,13 @@ def save_embeddings(
     )
 
 
-def _read_stage1(folder: Path) -> dict:
-    info = read_json(folder / YAK_ADAPTER_FILE)
-    if info.get("format") != YAK_ADAPTER_FORMAT or info.get("version") != YAK_ADAPTER_VERSION:
-        raise YakError(
-            f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version "
-            f"{info.get('version')!r} is not {YAK_ADAPTER_FORMAT!r} version {YAK_ADAPTER_VERSION}"
-        )
-    if not (folder / EMBEDDINGS_FILE).is_file():
-        raise YakError(f"{folder} has {YAK_ADAPTER_FILE} but no {EMBEDDINGS_FILE}")
-    return info
-
-
 @torch.no_grad()
 def load_embeddings(model, folder: str | os.PathLike) -> None:
     """Copy stage-1 embeddings into ``model`` (already resized to the same number of rows)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    info = _read_stage1(folder)
+    info = read_stage1(folder)
     state = load_file(str(folder / EMBEDDINGS_FILE))
     rows = embedding_rows(model)
     problems = []
@@ -402,98 +385,6 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
     with gathered(list(targets.values()), modify=True):
         for key, w in targets.items():
             w.copy_(state[key].to(w.dtype))
-
-
-def _check_safetensors(path: Path) -> None:
-    """Read the header of a safetensors file, which fails for a file cut short (the header covers the data)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (OSError, SafetensorError) as e:
-        raise unreadable(path, e) from e
-
-
-def adapter_kind(folder: str | os.PathLike) -> str:
-    """``"embeddings"`` (stage 1) or ``"lora"`` (peft adapter); raise for anything else.
-
-    The folder's files are checked here, before anything large is loaded: a JSON file that is not JSON or a
-    weight file cut short is a :class:`YakError` naming the file, not a traceback from deep in peft.
-    """
-    folder = Path(folder)
-    if (folder / YAK_ADAPTER_FILE).is_file():
-        _read_stage1(folder)
-        _check_safetensors(folder / EMBEDDINGS_FILE)
-        return "embeddings"
-    if (folder / "adapter_config.json").is_file():
-        if not (folder / "adapter_model.safetensors").is_file():
-            raise YakError(f"adapter {folder} has no adapter_model.safetensors (only safetensors are loaded)")
-        read_json(folder / "adapter_config.json")
-        _check_safetensors(folder / "adapter_model.safetensors")
-        return "lora"
-    if not folder.is_dir():
-        raise YakError(f"adapter folder {folder} does not exist")
-    raise YakError(
-        f"{folder} is neither a stage-1 output ({YAK_ADAPTER_FILE}) nor a peft adapter (adapter_config.json)"
-    )
-
-
-def adapter_order_problems(base_model: str | os.PathLike | None, adapters: Sequence[str | os.PathLike]) -> list[str]:
-    """Adapters that cannot apply in this order on this base, as the folders' own records say.
-
-    Stages apply in the order they were trained (stage 1, CPT, SFT): a folder must not come after one that
-    its ``yak_run.json`` says was trained on top of it (the reverse order loads without error but gives the
-    earlier stage's embeddings). A folder that the base's ``yak_merge.json`` lists is merged into it already
-    (applying it again adds its LoRA update twice). Folders moved since are not recognised, so this never
-    refuses a correct list.
-    """
-    resolved = [Path(a).resolve() for a in adapters]
-    problems = []
-    for i, folder in enumerate(adapters):
-        for earlier in _recorded(Path(folder) / RUN_FILE, ("identity", "adapters")):
-            if Path(earlier).resolve() in resolved[i + 1:]:
-                problems.append(f"{folder} was trained on top of {earlier}, so it must come after it "
-                                "(order: stage 1, stage 2 / CPT, SFT)")
-    merged = {Path(p).resolve() for p in merged_adapters(base_model)} if base_model else set()
-    problems += [f"{a} is merged into {base_model} already; leave it out" for a, r in zip(adapters, resolved)
-                 if r in merged]
-    return problems
-
-
-def merged_adapters(model_dir: str | os.PathLike) -> list[str]:
-    """The folders merged into ``model_dir`` as its ``yak_merge.json`` lists them (empty for other models)."""
-    return _recorded(Path(model_dir) / MERGE_FILE, ("adapters",))
-
-
-def _recorded(path: Path, keys: tuple[str, ...]) -> list[str]:
-    """The list of folders at ``keys`` in a JSON record of a Yak output; empty when there is none."""
-    if not path.is_file():  # not a Yak output: nothing recorded
-        return []
-    try:
-        value = read_json(path)
-        for key in keys:
-            value = value[key]
-    except (YakError, KeyError, TypeError):  # unreadable, or written by another version: nothing to check
-        return []
-    return value if isinstance(value, list) else []
-
-
-def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
-    """Number of embedding rows an adapter folder carries (None if it carries no embeddings)."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if adapter_kind(folder) == "embeddings":
-        return int(_read_stage1(folder)["vocab_size"])
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        if PEFT_EMBED_KEY in f.keys():  # noqa: SIM118 (safe_open is not a container)
-            return int(f.get_slice(PEFT_EMBED_KEY).get_shape()[0])
-    return None
-
-
-def has_tokenizer(folder: str | os.PathLike) -> bool:
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
@@ -557,17 +448,6 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
         model.resize_token_embeddings(target, mean_resizing=False)
 
 
-def carries_lm_head(folder: str | os.PathLike) -> bool:
-    """Whether an adapter folder brings a full ``lm_head`` matrix (untied stage-1 output, or modules_to_save)."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if adapter_kind(folder) == "embeddings":
-        return not _read_stage1(folder)["tie_word_embeddings"]
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        return PEFT_LM_HEAD_KEY in f.keys()  # noqa: SIM118 (safe_open is not a container)
-
-
 def load_model_and_tokenizer(
     base_model: str | os.PathLike,
     adapters: Sequence[str | os.PathLike] = (),
@@ -581,22 +461,22 @@ def load_model_and_tokenizer(
         base_model: a Hugging Face model folder (a base model or a merged one).
         adapters: output folders of training stages, applied in order (stage 1's ``embeddings.safetensors``
             and/or peft LoRA adapters, which are merged into the weights).
-        tokenizer_path: tokenizer folder used when no adapter folder carries a tokenizer.
+        tokenizer_path: tokenizer folder; default: the last adapter folder that has one, else the base's.
         dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
         device: ``"auto"`` (CUDA if present, else CPU) or a device name.
 
     Returns:
-        ``(model, tokenizer)``. The tokenizer comes from the last adapter folder that has one, else
-        ``tokenizer_path``, else ``base_model``.
+        ``(model, tokenizer)``; the tokenizer as :func:`yak.formats.tokenizer_dir` picks it.
     """
     adapters = [Path(a) for a in adapters]
+    check_model_folder(base_model, "base model")
     for a in adapters:
         adapter_kind(a)  # validate every folder before loading anything large
     problems = adapter_order_problems(base_model, adapters)
     if problems:
         raise YakError("adapters in the wrong order: " + "; ".join(problems))
-    tok_dir = next((a for a in reversed(adapters) if has_tokenizer(a)), None)
-    tok_dir = tok_dir or (Path(tokenizer_path) if tokenizer_path else Path(base_model))
+    require_adapters_fit(base_model, adapters)
+    tok_dir = tokenizer_dir(base_model, adapters, tokenizer_path)
     tokenizer = load_tokenizer(tok_dir)
     model = load_base_model(base_model, dtype=dtype, device=device)
     resize_for_adapters(model, tokenizer, adapters, str(tok_dir))
