@@ -665,3 +665,12 @@ def require_adapters_fit(base_model: str | os.PathLike, adapters: Sequence[str |
         raise YakError(f"adapter and base do not belong together: {problems[0]}")
     if problems:
         raise YakError("adapter and base do not belong together:\n  - " + "\n  - ".join(problems))
+
+
+def read_tensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files`` (safetensors, or ``.bin`` through :func:`torch_load`), in memory."""
+    tensors = {}
+    for f in files:
+        with open_weights(Path(f)) as h:
+            tensors.update({k: h.get(k) for k in h.keys()})  # noqa: SIM118 - a handle, not a dict
+    return tensors

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.modeling import adapter_kind, adapter_order_problems, load_model_and_tokenizer
+from yak.formats import adapter_base_problems, adapter_kind, adapter_order_problems, check_model_folder
+from yak.modeling import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +46,22 @@ class ModelSpec:
     def problems(self) -> list[str]:
         """What is missing on disk, checked before anything is loaded."""
         out = []
-        if not os.path.isfile(os.path.join(self.base_model, "config.json")):
-            out.append(
-                f"model {self.name}: {self.base_model} is not a Hugging Face model folder (no config.json)"
-            )
+        try:
+            check_model_folder(self.base_model)
+        except YakError as e:
+            out.append(f"model {self.name}: {e}")
         for a in self.adapters:
             try:
                 adapter_kind(a)
             except YakError as e:
                 out.append(f"model {self.name}: {e}")
-        return out + [f"model {self.name}: {p}" for p in adapter_order_problems(self.base_model, self.adapters)]
+        out += [f"model {self.name}: {p}" for p in adapter_order_problems(self.base_model, self.adapters)]
+        if not out and self.adapters:
+            misfits, warnings = adapter_base_problems(self.base_model, self.adapters)
+            out += [f"model {self.name}: {p}" for p in misfits]
+            for w in warnings:
+                logger.warning("model %s: %s", self.name, w)
+        return out
 
 
 def load_model(spec: ModelSpec, dtype: str = "auto", device: str = "auto"):

@@ -55,16 +55,20 @@ class _VllmBackend:
         if model_args.lora_model or model_args.load_in_8bit or model_args.load_in_4bit or model_args.only_cpu:
             raise YakError("--use_vllm takes a merged model folder on GPUs: merge adapters first with "
                            "merge_lora_low_mem.py and drop --lora_model/--load_in_*bit/--only_cpu")
-        from transformers import AutoTokenizer
         from vllm import LLM
+
+        from yak.formats import check_model_folder, tokenizer_dir
+        from yak.tokenizer import load_tokenizer
 
         if model_args.gpus is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = model_args.gpus
-        self.tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_path or model_args.base_model)
+        check_model_folder(model_args.base_model, "--base_model")
+        tok_dir = str(tokenizer_dir(model_args.base_model, [], model_args.tokenizer_path))
+        self.tokenizer = load_tokenizer(tok_dir)
         if getattr(self.tokenizer, "chat_template", None) is None:
             self.tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
         gpus = len(model_args.gpus.split(",")) if model_args.gpus else max(torch.cuda.device_count(), 1)
-        self.llm = LLM(model=model_args.base_model, tokenizer=model_args.tokenizer_path or model_args.base_model,
+        self.llm = LLM(model=model_args.base_model, tokenizer=tok_dir,
                        dtype=model_args.dtype, tensor_parallel_size=gpus, max_model_len=gen_args.max_total_tokens)
         self.max_total_tokens = gen_args.max_total_tokens
 

@@ -60,6 +60,7 @@ def _load_quantized(args: ModelArguments, device: str):
     """bitsandbytes 8/4-bit loading of a merged model (LoRA cannot be merged into quantized weights)."""
     import importlib.util
 
+    from yak.formats import tokenizer_dir
     from yak.modeling import load_base_model
     from yak.tokenizer import load_tokenizer
 
@@ -73,4 +74,4 @@ def _load_quantized(args: ModelArguments, device: str):
         raise YakError("--load_in_8bit/--load_in_4bit need a CUDA GPU")
     model = load_base_model(args.base_model, dtype=args.dtype, device=device,
                             load_in_kbits=8 if args.load_in_8bit else 4)
-    return model.eval(), load_tokenizer(args.tokenizer_path or args.base_model)
+    return model.eval(), load_tokenizer(tokenizer_dir(args.base_model, [], args.tokenizer_path))

@@ -16,8 +16,17 @@ from transformers import TrainingArguments
 
 from yak import YakError
 from yak.cli import parse_args
+from yak.formats import (
+    DTYPES,
+    adapter_base_problems,
+    adapter_kind,
+    adapter_order_problems,
+    check_model_folder,
+    check_tokenizer_files,
+    tokenizer_dir,
+)
 from yak.io import inputs_inside
-from yak.modeling import DTYPES, ModelArguments, adapter_kind, adapter_order_problems, kbits_problem
+from yak.modeling import ModelArguments, kbits_problem
 
 logger = logging.getLogger(__name__)
 
@@ -198,20 +207,32 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
     config = None
     if not model_dir:
         problems.append("--model_name_or_path is required")
-    elif not (Path(model_dir) / "config.json").is_file():
-        problems.append(f"--model_name_or_path {model_dir}: no config.json there")
     else:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        try:  # config, weights and tokenizer files whole, before the data work (the model loads after it)
+            check_model_folder(model_dir, "--model_name_or_path")
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        except YakError as e:
+            problems.append(str(e))
     for name in ("tokenizer_name_or_path", "base_tokenizer_name_or_path"):
         path = getattr(model_args, name)
         if path and not Path(path).is_dir():
             problems.append(f"--{name} {path} is not a folder")
+        elif path:
+            try:
+                check_tokenizer_files(path)
+            except YakError as e:
+                problems.append(f"--{name}: {e}")
     for a in model_args.adapters:
         try:
             adapter_kind(a)
         except YakError as e:
             problems.append(f"--adapters: {e}")
     problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
+    if config is not None and model_args.adapters and not any(p.startswith("--adapters") for p in problems):
+        misfits, warnings = adapter_base_problems(model_dir, model_args.adapters)
+        problems += [f"--adapters: {p}" for p in misfits]
+        for w in warnings:
+            logger.warning("%s", w)
     kbits = kbits_problem(model_args.load_in_kbits)  # the model loads only after the data work
     if kbits:
         problems.append(kbits)
@@ -296,13 +317,8 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
 
 
 def _tokenizer_dir(model_args: ModelArguments) -> str:
-    """The tokenizer: --tokenizer_name_or_path, else the last adapter folder with one, else the model's."""
-    from yak.modeling import has_tokenizer
-
-    if model_args.tokenizer_name_or_path:
-        return model_args.tokenizer_name_or_path
-    with_tokenizer = [a for a in model_args.adapters if has_tokenizer(a)]
-    return with_tokenizer[-1] if with_tokenizer else model_args.model_name_or_path
+    """The run's tokenizer folder (:func:`yak.formats.tokenizer_dir`)."""
+    return str(tokenizer_dir(model_args.model_name_or_path, model_args.adapters, model_args.tokenizer_name_or_path))
 
 
 def _config_dict(*arg_objects) -> dict:

@@ -8,10 +8,10 @@ import logging
 import torch
 
 from yak import YakError
+from yak.formats import carries_lm_head
 from yak.modeling import (
     ModelArguments,
     apply_adapters,
-    carries_lm_head,
     compile_decoder_layers,
     is_tied,
     load_base_model,

@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from yak import YakError
+from yak.formats import base_record, check_pickles, guard_deepspeed, require_adapters_fit
 from yak.modeling import ModelArguments, check_tokenizer_extends
 from yak.tokenizer import load_tokenizer
 from yak.training.arguments import StageArguments, _config_dict, _tokenizer_dir, check_args
@@ -114,6 +115,7 @@ def train_on_datasets(
         loraplus_lr_ratio=stage_args.loraplus_lr_ratio if stage_args.uses_lora else 1.0,
         embedding_learning_rate=stage_args.embedding_learning_rate,
         base_model_name_or_path=model_args.model_name_or_path,
+        base_record=_base_record(model_args, training_args),
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     _save_final(trainer, training_args.output_dir)
@@ -155,6 +157,14 @@ def train_on_datasets(
     return summary
 
 
+def _base_record(model_args: ModelArguments, training_args: TrainingArguments) -> dict | None:
+    """What the outputs record as their base (yak_base.json); computed on the process that saves."""
+    if not training_args.should_save:
+        return None
+    base_tok = model_args.base_tokenizer_name_or_path
+    return base_record(model_args.model_name_or_path, load_tokenizer(base_tok) if base_tok else None)
+
+
 def run_training(
     model_args: ModelArguments,
     stage_args: StageArguments,
@@ -169,6 +179,11 @@ def run_training(
         json.dumps(_config_dict(model_args, stage_args, data_args, training_args), indent=1, default=str),
     )
     resume = prepare_output_dir(model_args, stage_args, data_args, training_args)
+    if resume:  # before anything is loaded: no code from a planted pickle, no checkpoint of another base
+        check_pickles(resume)
+        require_adapters_fit(model_args.model_name_or_path, [resume])
+    if training_args.deepspeed:
+        guard_deepspeed()  # DeepSpeed would unpickle its states in full
     tokenizer = load_tokenizer(_tokenizer_dir(model_args))
     if not model_args.adapters:  # a tokenizer that does not extend the model's fails before the data work
         base_dir = model_args.base_tokenizer_name_or_path or model_args.model_name_or_path

@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments
 
 from yak import YakError
+from yak.formats import BASE_FILE, adapter_weight_files, read_tensors
 from yak.io import atomic_write_json
 from yak.modeling import embedding_keys, load_embeddings, save_embeddings
 from yak.tokenizer import save_tokenizer
@@ -78,6 +79,7 @@ class YakTrainer(Trainer):
         loraplus_lr_ratio: learning rate of LoRA B over A.
         embedding_learning_rate: learning rate of the trained embeddings (None: ``learning_rate``).
         base_model_name_or_path: recorded in the stage-1 output.
+        base_record: the base's identity, written as ``yak_base.json`` into every output and checkpoint.
     """
 
     def __init__(
@@ -86,12 +88,14 @@ class YakTrainer(Trainer):
         loraplus_lr_ratio: float = 16.0,
         embedding_learning_rate: float | None = None,
         base_model_name_or_path: str = "",
+        base_record: dict | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.embedding_learning_rate = embedding_learning_rate
         self.base_model_name_or_path = base_model_name_or_path
+        self.base_record = base_record
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -134,6 +138,8 @@ class YakTrainer(Trainer):
             save_embeddings(self.model, output_dir, self.base_model_name_or_path, state=state)
         if self.processing_class is not None:
             save_tokenizer(self.processing_class, output_dir)
+        if self.base_record is not None:
+            atomic_write_json(Path(output_dir) / BASE_FILE, self.base_record)
 
     def _save_checkpoint(self, model, trial) -> None:
         from transformers.trainer_utils import rotate_checkpoints
@@ -162,11 +168,10 @@ class YakTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore the trained weights from a checkpoint in the project's format (non-DeepSpeed runs)."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         model = model or self.model
         if self._is_lora():
-            state = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
+            state = read_tensors(adapter_weight_files(resume_from_checkpoint))
             result = set_peft_model_state_dict(model, state)
             if result.unexpected_keys:
                 raise YakError(
