@@ -21,15 +21,9 @@ from transformers import AutoConfig, LlamaForCausalLM
 
 from tests.conftest import PT_DATA, ROOT, TINY_MODEL
 from yak import YakError
-from yak.formats import (
-    BASE_FILE,
-    base_record,
-    check_pickles,
-    guard_deepspeed,
-    tokenizer_dir,
-    torch_load,
-)
+from yak.formats import BASE_FILE, base_record, tokenizer_dir
 from yak.modeling import load_model_and_tokenizer
+from yak.safe_load import check_pickles, guard_deepspeed, torch_load
 from yak.training import parse_train_args, run_training
 
 MERGED_TOKENIZER = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"

@@ -18,8 +18,9 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from yak import YakError
-from yak.formats import base_record, check_pickles, guard_deepspeed, require_adapters_fit
+from yak.formats import base_record, require_adapters_fit
 from yak.modeling import ModelArguments, check_tokenizer_extends
+from yak.safe_load import check_pickles, guard_deepspeed
 from yak.tokenizer import load_tokenizer
 from yak.training.arguments import StageArguments, _config_dict, _tokenizer_dir, check_args
 from yak.training.model import build_model
