@@ -16,6 +16,7 @@ import re
 import sys
 import zipfile
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -72,19 +73,20 @@ def _refused(path, why: str) -> YakError:
                     f"if you trust its source, set {TRUST_ENV}=1 (docs/safety.md)")
 
 
-def pickle_globals(data: bytes) -> set[str]:
-    """The ``module.name`` of every global a pickle imports, read statically (nothing is run).
+def pickle_globals(f: IO[bytes]) -> tuple[set[str], int]:
+    """The ``module.name`` of every global the pickles at the start of ``f`` import, read statically (nothing
+    is run), and how many whole pickles were read.
 
+    An old-style ``torch.save`` file is several pickles in a row, then raw tensor bytes (where the scan stops).
     Hand-written over ``pickletools.genops`` because torch's own scanner (``get_globals_in_pkl``) stops at
     protocol 2 and reports a protocol-4 pickle, which a payload may well be, as unreadable.
     """
-    import io
     import pickletools
 
-    found, strings, memo, offset = set(), [], {}, 0
-    while offset < len(data):  # an old-style torch.save file is several pickles in a row, then raw bytes
-        try:
-            for op, arg, pos in pickletools.genops(io.BytesIO(data[offset:])):
+    found, strings, memo, pickles = set(), [], {}, 0
+    with contextlib.suppress(Exception):  # past the pickles (raw tensor bytes), or a pickle cut short
+        while True:
+            for op, arg, _ in pickletools.genops(f):  # reads up to this pickle's STOP, then returns
                 if op.name == "GLOBAL":
                     found.add(arg.replace(" ", "."))
                 elif "UNICODE" in op.name or "STRING" in op.name:
@@ -97,37 +99,43 @@ def pickle_globals(data: bytes) -> set[str]:
                     strings.append(memo.get(arg))
                 elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # module and name: the last two strings
                     found.add(f"{strings[-2]}.{strings[-1]}")
-                elif op.name == "STOP":
-                    offset += pos + 1
-                    memo.clear()
-        except Exception:  # noqa: BLE001 - past the pickles (raw tensor bytes), or a pickle cut short
-            break
-    return found
+            pickles, memo = pickles + 1, {}
+    return found, pickles
+
+
+# the first pickle of an old-style torch.save file (torch.serialization.MAGIC_NUMBER, pickled with protocol 2)
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 
 
 def pickle_problem(path: str | os.PathLike) -> YakError | None:
     """The error ``torch.load(path, weights_only=True)`` would end in, found without running anything; or None.
 
-    The pickle's globals are read statically (:func:`pickle_globals`; ``data.pkl`` of a ``torch.save`` zip)
-    and must be torch's safe ones or :data:`ALLOWED_GLOBALS`; an old-style ``torch.save`` file is then given to
-    the weights-only unpickler, which never runs code.
+    The pickles' globals are read statically (:func:`pickle_globals`; ``data.pkl`` of a ``torch.save`` zip)
+    and must be torch's safe ones or :data:`ALLOWED_GLOBALS`. Anything that is neither a ``torch.save`` zip nor
+    an old-style ``torch.save`` file (a plain pickle, or no pickle at all) is then given to the weights-only
+    unpickler, which never runs code. Nothing large is read: the tensors' bytes are never touched.
     """
     from torch._weights_only_unpickler import _get_allowed_globals
 
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-        else:
-            data = Path(path).read_bytes()
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                z = stack.enter_context(zipfile.ZipFile(path))
+                f = stack.enter_context(z.open(next(n for n in z.namelist() if n.endswith("data.pkl"))))
+                torch_file = True
+            else:
+                f = stack.enter_context(open(path, "rb"))
+                torch_file = f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
+                f.seek(0)
+            found, pickles = pickle_globals(f)
     except (OSError, StopIteration, zipfile.BadZipFile) as e:
         return unreadable(path, e)
-    unsafe = sorted(pickle_globals(data) - set(_get_allowed_globals()) - set(ALLOWED_GLOBALS))
+    unsafe = sorted(found - set(_get_allowed_globals()) - set(ALLOWED_GLOBALS))
     if unsafe:
         return _refused(path, f"it imports {', '.join(unsafe[:4])} when unpickled")
-    if zipfile.is_zipfile(path):
-        return None  # its one pickle was read whole above
-    try:  # an old-style file (or no pickle at all): the weights-only unpickler, which never runs code, decides
+    if torch_file and pickles:
+        return None  # its pickles were read above; torch.load will find a cut tensor itself
+    try:  # the weights-only unpickler, which never runs code, decides
         with torch.serialization.safe_globals(_allowed_objects()):
             torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, RuntimeError, ...
