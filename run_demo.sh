@@ -1,15 +1,16 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # The whole pipeline on the shipped tiny model (stories260K) and the shipped Tibetan/English/Chinese sample, on
 # a CPU, in a few minutes: merged tokenizer -> stage 1 (embeddings) -> stage 2 (LoRA+) -> SFT -> low-memory
 # merge -> GGUF for llama.cpp (when llama-cpp-python is installed) -> evaluation before/after -> one Tibetan
 # query through serve_demo.py. Every artifact goes under $OUT, which appears only when every step succeeded
 # (the run writes to a hidden folder beside it; an interrupted run removes that, a failed one keeps it to read).
 #
-#   bash run_demo.sh                    # writes outputs/demo (refuses to overwrite an existing one)
-#   OUT=/tmp/demo bash run_demo.sh
+#   sh run_demo.sh                      # writes outputs/demo (refuses to overwrite an existing one)
+#   OUT=/tmp/demo sh run_demo.sh
 #
-# The same scripts, with a Llama 2 checkpoint and GPUs, are the real recipe: see README.md.
-set -euo pipefail
+# The same scripts, with a Llama 2 checkpoint and GPUs, are the real recipe: see README.md. Runs under any
+# POSIX sh (dash, bash); PYTHON picks the interpreter (default python3).
+set -eu
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then  # the comment block above is the help
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit 0
@@ -18,6 +19,8 @@ cd "$(dirname "$0")"
 
 OUT=${OUT:-outputs/demo}
 BASE=models/stories260K
+PYTHON=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
+export PYTHON
 EVAL_DATA=${EVAL_DATA:-../shared/data/eval}   # the public evaluation sets, if present (docs/evaluation.md)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the tiny model is fastest on one thread per process
 
@@ -29,7 +32,7 @@ WORK="$(dirname "$OUT")/.$(basename "$OUT").incomplete-$$"  # renamed to $OUT on
 mkdir -p "$WORK"
 SERVER=
 finish() {
-  local status=$?
+  status=$?
   if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; fi
   if [ -d "$WORK" ] && [ "$status" -ge 128 ]; then  # interrupted (Ctrl-C, kill)
     rm -rf "$WORK"
@@ -44,51 +47,43 @@ trap 'exit 143' TERM
 START=$(date +%s)
 step() { printf '\n=== [%s] %s (%ss)\n' "$1" "$2" "$(( $(date +%s) - START ))"; }
 
-step 1/8 "merged tokenizer: stories260K's 512 pieces + 3,000 Tibetan BPE pieces learnt from data/pt/bo"
-python merge_tokenizer.py --corpus data/pt/bo --base_tokenizer "$BASE" --num_pieces 3000 \
+step 1/7 "merged tokenizer: stories260K's 512 pieces + 3,000 Tibetan BPE pieces learnt from data/pt/bo"
+"$PYTHON" merge_tokenizer.py --corpus data/pt/bo --base_tokenizer "$BASE" --num_pieces 3000 \
   --output_dir "$WORK/tokenizer"
 
-step 2/8 "continued pretraining: stage 1 (embeddings only), then stage 2 (LoRA+ and embeddings)"
+step 2/7 "continued pretraining: stage 1 (embeddings only), then stage 2 (LoRA+ and embeddings)"
 BASE=$BASE TOKENIZER="$WORK/tokenizer/merged_tokenizer_hf" OUT="$WORK/pt" CACHE="$WORK/data_cache" \
-  SAVE_STEPS=1000 bash run_pt.sh --logging_steps 2
+  SAVE_STEPS=1000 sh run_pt.sh --logging_steps 2
 
-step 3/8 "instruction tuning (SFT) on data/sft, on top of stage 1 + stage 2"
+step 3/7 "instruction tuning (SFT) on data/sft, on top of stage 1 + stage 2"
 BASE=$BASE ADAPTERS="$WORK/pt/stage1 $WORK/pt/stage2" OUT="$WORK/sft" CACHE="$WORK/data_cache" EPOCHS=1 \
-  SAVE_STEPS=1000 bash run_sft.sh --logging_steps 2
+  SAVE_STEPS=1000 sh run_sft.sh --logging_steps 2
 
-step 4/8 "low-memory merge: base + stage 1 + stage 2 + SFT -> one Hugging Face model"
-python merge_lora_low_mem.py --base_model "$BASE" --lora_model "$WORK/pt/stage1,$WORK/pt/stage2,$WORK/sft" \
-  --output_type huggingface --output_dir "$WORK/merged"
+step 4/7 "low-memory merge (base + stage 1 + stage 2 + SFT -> one Hugging Face model), then GGUF f16 and q4_0 \
+for llama.cpp when it is installed, checking that llama.cpp tokenizes Tibetan exactly as Hugging Face"
+base_model=$BASE lora_model="$WORK/pt/stage1,$WORK/pt/stage2,$WORK/sft" output_dir="$WORK/merged" pth_dir= \
+  output_dtype=auto gguf_dir="$WORK/gguf" sh run_merge_export.sh
 
-step 5/8 "llama.cpp: GGUF f16 and q4_0, checking that llama.cpp tokenizes Tibetan exactly as Hugging Face"
-if python -c "import llama_cpp" 2>/dev/null; then
-  python export_gguf.py --model_dir "$WORK/merged" --output_dir "$WORK/gguf" --quant_types q4_0 \
-    --check_file data/heldout/bo_modern_nanhai_deseg_heldout.txt
-else
-  echo "skipped: llama-cpp-python is not installed (pip install llama-cpp-python; see docs/export.md)"
-fi
-
-step 6/8 "evaluation, before (base) and after (merged)"
-TASKS=(heldout tokenizer)
-if [ -d "$EVAL_DATA" ]; then TASKS+=(tncc tusa ti_mmlu bo_en); fi
-python evaluate.py --models "base=$BASE" "yak=$WORK/merged" --tasks "${TASKS[@]}" --data_root "$EVAL_DATA" \
+step 5/7 "evaluation, before (base) and after (merged)"
+TASKS="heldout tokenizer"
+if [ -d "$EVAL_DATA" ]; then TASKS="$TASKS tncc tusa ti_mmlu bo_en"; fi
+# shellcheck disable=SC2086  # TASKS is a list of words
+"$PYTHON" evaluate.py --models "base=$BASE" "yak=$WORK/merged" --tasks $TASKS --data_root "$EVAL_DATA" \
   --limit 40 --lm_max_bytes 30000 --max_new_tokens 24 --output_dir "$WORK/eval"
 
-step 7/8 "serving: serve_demo.py on a free local port, one Tibetan query to POST /api/chat"
-PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-python serve_demo.py --base_model "$WORK/merged" --port "$PORT" > "$WORK/server.log" 2>&1 &
+step 6/7 "serving: serve_demo.py on a free local port (--port 0), one Tibetan query to POST /api/chat"
+"$PYTHON" serve_demo.py --base_model "$WORK/merged" --port 0 > "$WORK/server.log" 2>&1 &
 SERVER=$!
-python - "$PORT" "$WORK/chat.json" <<'PY'
-import json, sys, time, urllib.request
+"$PYTHON" - "$WORK/server.log" "$WORK/chat.json" <<'PY'
+import json, re, sys, time, urllib.request
 
-port, out = sys.argv[1], sys.argv[2]
-base = f"http://127.0.0.1:{port}"
-for _ in range(240):  # the server loads the model, then answers /health
-    try:
-        urllib.request.urlopen(f"{base}/health", timeout=2)
+log, out = sys.argv[1], sys.argv[2]
+for _ in range(480):  # the server loads the model, then prints the address it serves on
+    found = re.search(r"serving \S+ on (http://\S+/)", open(log, encoding="utf-8").read())
+    if found:
+        base = found[1].rstrip("/")
         break
-    except OSError:
-        time.sleep(0.5)
+    time.sleep(0.25)
 else:
     sys.exit("the server did not come up; see server.log")
 # a real Tibetan sentence: the first one of the held-out modern text
@@ -103,7 +98,7 @@ print(f"query:  {answer['query']}\nanswer: {shown}")
 PY
 kill $SERVER; wait $SERVER 2>/dev/null || true; SERVER=
 
-step 8/8 "summary"
+step 7/7 "summary"
 if [ -e "$OUT" ]; then
   echo "error: $OUT appeared while the demo ran" >&2
   exit 2

@@ -1,6 +1,6 @@
 """Continued pretraining (stage 1: embeddings; stage 2: LoRA+ and embeddings) and SFT of a Llama-2-family model.
 
-Usage: python train.py --model_name_or_path DIR --tokenizer_name_or_path DIR --dataset_dir data/pt \
+Usage: python train.py --base_model DIR --tokenizer_path DIR --dataset_dir data/pt \
     --stage 1 --output_dir out/stage1 ...   (or: python train.py config.yaml). See docs/training.md.
 """
 

@@ -8,7 +8,7 @@ A Llama-2-7B-shaped model with random weights (vocabulary 55,296, bf16, SDPA), g
   step, then of the ``torch.compile``'d one, as a share of the card's bandwidth limit (weight bytes read per
   token / measured copy bandwidth);
 - engine, 16 requests submitted together;
-- server: 16 concurrent HTTP clients on ``/v1/chat/completions`` of the real Flask app (werkzeug, threaded).
+- server: 16 concurrent HTTP clients on ``/v1/chat/completions`` of the real Flask app on waitress, as serve_demo.py runs it.
 
 Needs torch, transformers and flask (+ werkzeug). Run from the repository root: ``python bench/decode_throughput.py``
 (about 8 minutes on an H200); ``--one_stream`` measures only the engine's one stream (about 5 minutes).
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from yak.generation.engine import Engine  # noqa: E402
 from yak.generation.sampling import SamplingParams  # noqa: E402
-from yak.server import ChatService, ServerArguments, create_app  # noqa: E402
+from yak.server import ChatService, ServerArguments, create_app, make_server  # noqa: E402
 from yak.template import LLAMA2_CHAT_TEMPLATE  # noqa: E402
 
 PROMPT, NEW, CLIENTS = 64, 128, 16
@@ -80,9 +80,6 @@ def main() -> None:
         print(f"RESULT baseline generate bs={batch}: {batch * NEW / dt:.1f} tokens/s total", flush=True)
 
     # --- the engine (CUDA graphs of the eager decode step, then of the torch.compile'd one), then the server
-    from werkzeug.serving import make_server
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log line per request
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "models", "stories260K"))
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
     prompts = [torch.randint(100, 50000, (PROMPT,)).tolist() for _ in range(CLIENTS)]
@@ -101,15 +98,17 @@ def main() -> None:
         print(f"RESULT engine[{label}] {CLIENTS} requests together: {CLIENTS * NEW / dt:.1f} tokens/s total",
               flush=True)
 
-        service = ChatService(engine, tokenizer, GREEDY, None, ServerArguments(max_new_tokens_cap=NEW), "random-7b")
-        server = make_server("127.0.0.1", 0, create_app(service), threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+        args = ServerArguments(max_new_tokens_cap=NEW)
+        service = ChatService(engine, tokenizer, GREEDY, None, args, "random-7b")
+        server = make_server(create_app(service), socket.create_server(("127.0.0.1", 0)), args)
+        threading.Thread(target=server.run, daemon=True).start()
+        url = f"http://127.0.0.1:{server.effective_port}/v1/chat/completions"
         for _ in ("warm-up", "timed"):
             counts, dt = concurrent_clients(url)
         print(f"RESULT server[{label}] {CLIENTS} concurrent clients: {sum(counts) / dt:.1f} tokens/s total "
               f"({sum(counts)} tokens in {dt:.2f} s)", flush=True)
-        server.shutdown()
+        server.close()
+        server.task_dispatcher.shutdown()
 
 
 def concurrent_clients(url: str) -> tuple[list[int], float]:

@@ -147,19 +147,18 @@ def naive_trainer(model, stage: int, args, dataset, callbacks):
 
 
 def project_trainer(model, stage: int, args, dataset, callbacks, tokenizer_dir: str, compile_layers: bool):
-    from yak.modeling import ModelArguments
+    from yak.source import ModelSource
     from yak.tokenizer import load_tokenizer
     from yak.training.arguments import StageArguments
     from yak.training.model import build_model
     from yak.training.run import collate_blocks
     from yak.training.trainer import YakTrainer
 
-    model_args = ModelArguments(model_name_or_path="random", tokenizer_name_or_path=tokenizer_dir,
-                                base_tokenizer_name_or_path=tokenizer_dir, torch_dtype="bfloat16",
+    source = ModelSource(base_model="random", tokenizer_path=tokenizer_dir, dtype="bfloat16")
+    stage_args = StageArguments(task="pt", stage=stage, base_tokenizer_name_or_path=tokenizer_dir,
                                 compile_layers=compile_layers)
-    stage_args = StageArguments(task="pt", stage=stage)
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(model_args, stage_args, tokenizer, args, model=model)
+    model = build_model(source, stage_args, tokenizer, args, model=model)
     return YakTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_blocks,
                       callbacks=callbacks, loraplus_lr_ratio=stage_args.loraplus_lr_ratio if stage == 2 else 1.0,
                       embedding_learning_rate=stage_args.embedding_learning_rate, base_model_name_or_path="random")

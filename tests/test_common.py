@@ -1,10 +1,13 @@
 """The shared helpers: atomic outputs, content hashes, argument parsing, the chat template."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +191,90 @@ def test_a_terminated_script_removes_what_it_was_writing(tmp_path):
                             check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["script.py"]
+
+
+# A torchrun job like training's: each rank in a loop of gloo collectives, started through run_main.
+RANKS_SCRIPT = """\
+import os, sys, time
+import torch
+import torch.distributed as dist
+from yak.cli import run_main
+
+@run_main
+def main():
+    dist.init_process_group("gloo")
+    print(f"rank {dist.get_rank()} pid {os.getpid()} ready", flush=True)
+    t = torch.zeros(1)
+    while True:
+        dist.all_reduce(t)
+        time.sleep(0.05)
+
+main()
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie that no one reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def _start_ranks(tmp_path) -> tuple[subprocess.Popen, dict[int, int], Path]:
+    """torchrun with two ranks; returns it, {rank: pid} once both run, and its output file."""
+    script, log = tmp_path / "ranks.py", tmp_path / "torchrun.log"
+    script.write_text(RANKS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(script)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        pids = {int(m[0]): int(m[1]) for m in re.findall(r"rank (\d) pid (\d+) ready", log.read_text())}
+        if len(pids) == 2:
+            return proc, pids, log
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"the ranks did not start: {log.read_text()[-2000:]}")
+
+
+def _wait_gone(pids, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(map(_running, pids)):
+        time.sleep(0.1)
+    return [p for p in pids if _running(p)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_launcher_stops_its_workers(tmp_path):
+    """kill -9 of torchrun left its workers running, orphaned (issue 13, case 12): they die with it."""
+    proc, pids, log = _start_ranks(tmp_path)
+    try:
+        proc.kill()
+        proc.wait(timeout=10)
+        assert _wait_gone(pids.values(), 10) == [], log.read_text()[-2000:]
+    finally:
+        for pid in pids.values():
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_one_rank_stops_the_whole_job_with_a_message(tmp_path):
+    """kill -9 of one rank while the other waits for it in a collective: torchrun stops the other one and
+    exits with an error that names the dead rank and its signal (issue 19)."""
+    proc, pids, log = _start_ranks(tmp_path)
+    try:
+        os.kill(pids[1], signal.SIGKILL)
+        assert proc.wait(timeout=60) != 0
+        assert _wait_gone(pids.values(), 10) == []
+        out = log.read_text()
+        assert re.search(r"Root Cause.*rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9 .*Signal 9 \(SIGKILL\)", out,
+                         re.DOTALL), out[-3000:]
+    finally:
+        proc.kill()
+        for pid in pids.values():
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -20,6 +20,7 @@ from yak.evaluation import EvalArguments, evaluate, metrics
 from yak.evaluation.runner import prepare
 from yak.evaluation.scoring import ModelSpec, Scorer, load_model
 from yak.evaluation.tasks import build_examples, builtin_tasks, load_task, rejoin_tsheg, split_options
+from yak.source import ModelSource
 
 FIXTURES = ROOT / "tests" / "data" / "eval"
 RECORD_TASKS = ["tncc", "tusa", "ti_mmlu", "ti_mmlu_5shot", "bo_en", "bo_zh", "tibetan_qa"]
@@ -132,7 +133,7 @@ def test_shipped_configs_load_and_fewshot_excludes_the_question():
 def test_bits_per_byte_of_a_known_distribution_any_stride_any_batch(tmp_path, tiny_model_dir):
     logits = torch.randn(512, generator=torch.Generator().manual_seed(0)) * 2
     folder = _unigram_model(tmp_path / "unigram", tiny_model_dir, logits)
-    model, tok = load_model(ModelSpec("unigram", str(folder)))
+    model, tok = load_model(ModelSpec("unigram", ModelSource(folder)))
     logp = torch.log_softmax(logits.double(), -1)
     texts = [
         (HELDOUT / name).read_text(encoding="utf-8")[:120]
@@ -261,7 +262,7 @@ def test_base_model_with_a_stage1_adapter(tmp_path, tiny_model_dir):
 def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
     from yak.template import LLAMA2_CHAT_TEMPLATE
 
-    model, tok = load_model(ModelSpec("tiny", str(tiny_model_dir)))
+    model, tok = load_model(ModelSpec("tiny", ModelSource(tiny_model_dir)))
     with pytest.raises(YakError, match="no chat_template"):
         Scorer(model, tok, 64, chat_template=True)
     tok.chat_template = LLAMA2_CHAT_TEMPLATE
@@ -284,11 +285,6 @@ def test_chat_template_wraps_prompts(tmp_path, tiny_model_dir):
 
 
 def test_tokenizer_section(tmp_path, tiny_model_dir):
-    pytest.importorskip("yak.tokenizer", reason="yak.tokenizer (engineer T) not merged yet")
-    from yak import tokenizer as tk
-
-    if not hasattr(tk, "tokenizer_stats"):
-        pytest.skip("yak.tokenizer.tokenizer_stats not merged yet")
     res = evaluate(_args(tmp_path, [tiny_model_dir], ["tokenizer"]))["results"]["stories260K"]["tokenizer"]
     for stem in ("bo_classical_kangyur_vol078_heldout", "bo_modern_nanhai_deseg_heldout"):
         r = {k.split("/")[1]: v for k, v in res.items() if k.startswith(stem + "/")}
@@ -368,14 +364,24 @@ def test_max_length_over_the_model_context_is_refused(tmp_path, tiny_model_dir):
         prepare(_args(tmp_path, [tiny_model_dir], ["heldout"], max_length=2048))
 
 
-def test_num_fewshot_override_checks_the_fewshot_file(tmp_path):
-    """tusa's few-shot file is only read when shots are asked for: --num_fewshot must check it up front."""
-    shutil.copytree(FIXTURES / "tusa", tmp_path / "root" / "tusa")
-    (tmp_path / "root" / "tusa" / "train.jsonl").unlink()
+def test_fewshot_file_is_needed_only_when_examples_are_drawn(tmp_path, tiny_model_dir):
+    """tusa's few-shot file (train.jsonl) is read only when shots are asked for: without it a zero-shot run
+    works (it crashed with FileNotFoundError, issue 13 case 11), and --num_fewshot 2 is refused up front
+    naming the file."""
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "tusa", root / "tusa")
+    (root / "tusa" / "train.jsonl").unlink()
+    for shots in (None, 0):  # the task's own num_fewshot (0), and given
+        res = evaluate(_args(tmp_path, [tiny_model_dir], ["tusa"], data_root=str(root), num_fewshot=shots,
+                             out=f"out{shots}"))
+        assert res["results"]["stories260K"]["tusa"]["n"] > 0
     for shots, message in [(2, "fewshot data file .*train.jsonl does not exist"), (-1, "num_fewshot must be >= 0")]:
         with pytest.raises(YakError, match=message):
-            prepare(_args(tmp_path, [ROOT / "models" / "stories260K"], ["tusa"], data_root=str(tmp_path / "root"),
-                          num_fewshot=shots))
+            prepare(_args(tmp_path, [tiny_model_dir], ["tusa"], data_root=str(root), num_fewshot=shots))
+    cfg = load_task("tusa", str(root))
+    cfg.num_fewshot = 2  # e.g. the file went away after the check
+    with pytest.raises(YakError, match="num_fewshot=2 draws examples from .*train.jsonl, which does not exist"):
+        build_examples(cfg, str(root))
 
 
 def test_unloadable_model_leaves_no_output(tmp_path, tiny_model_dir):

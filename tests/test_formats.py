@@ -24,6 +24,7 @@ from yak import YakError
 from yak.formats import BASE_FILE, base_record, tokenizer_dir
 from yak.modeling import load_model_and_tokenizer
 from yak.safe_load import check_pickles, guard_deepspeed, torch_load
+from yak.source import ModelSource
 from yak.training import parse_train_args, run_training
 
 MERGED_TOKENIZER = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"
@@ -170,10 +171,10 @@ def test_adapter_for_another_base_is_refused_naming_both(runs, deep_base, tmp_pa
     deep = runs / "deep"
     with pytest.raises(YakError, match=rf"{deep} was trained for the base {deep_base} \(8 layers.*but the base "
                                        rf"given is {TINY_MODEL} \(5 layers") as e:
-        load_model_and_tokenizer(TINY_MODEL, [deep])
+        load_model_and_tokenizer(ModelSource(TINY_MODEL, [deep]))
     assert "\n" not in str(e.value)
     with pytest.raises(YakError, match="was trained for the base"):
-        merge(MergeArguments(base_model=str(TINY_MODEL), lora_model=str(deep), output_dir=str(tmp_path / "m")))
+        merge(ModelSource(TINY_MODEL, [deep]), MergeArguments(output_dir=str(tmp_path / "m")))
     with pytest.raises(YakError, match="--adapters: .* was trained for the base"):  # stage 2 on another stage 1
         run_training(*parse_train_args(argv(pt_dir, TINY_MODEL, tmp_path / "t", "--adapters", str(deep))))
     # made elsewhere (no record): the shapes still tell, and a warning says only they were checked
@@ -182,29 +183,28 @@ def test_adapter_for_another_base_is_refused_naming_both(runs, deep_base, tmp_pa
     (bare / BASE_FILE).unlink()
     with pytest.raises(YakError, match=r"bare has weights for \d+ modules that the base .* \(5 layers\) lacks, "
                                        r"e.g. model.layers.5"):
-        load_model_and_tokenizer(TINY_MODEL, [bare])
+        load_model_and_tokenizer(ModelSource(TINY_MODEL, [bare]))
     assert f"bare has no {BASE_FILE}" in caplog.text
     fewer = tmp_path / "fewer"  # the other way round: an adapter of 5 layers on the 8-layer base
     shutil.copytree(runs / "tiny", fewer)
     (fewer / BASE_FILE).unlink()
     with pytest.raises(YakError, match=r"fewer has LoRA weights for 5 layers, the base .* has 8"):
-        load_model_and_tokenizer(deep_base, [fewer])
+        load_model_and_tokenizer(ModelSource(deep_base, [fewer]))
     # same shapes, another tokenizer: only the record can tell
     other_tok = tmp_path / "other_tok"
     shutil.copytree(TINY_MODEL, other_tok)
     for f in MERGED_TOKENIZER.iterdir():
         shutil.copy(f, other_tok / f.name)
     with pytest.raises(YakError, match=r"trained for the base .*tokenizer [0-9a-f]{12}\), but the base given"):
-        load_model_and_tokenizer(other_tok, [runs / "tiny"])
-    model, _ = load_model_and_tokenizer(deep_base, [deep])  # on its own base it loads
+        load_model_and_tokenizer(ModelSource(other_tok, [runs / "tiny"]))
+    model, _ = load_model_and_tokenizer(ModelSource(deep_base, [deep]))  # on its own base it loads
     assert len(model.model.layers) == 8
 
 
 def test_a_merged_model_answers_with_its_base(runs, tmp_path):
     from yak.merge import MergeArguments, merge
 
-    merged = merge(MergeArguments(base_model=str(TINY_MODEL), lora_model=str(runs / "tiny"),
-                                  output_dir=str(tmp_path / "merged")))
+    merged = merge(ModelSource(TINY_MODEL, [runs / "tiny"]), MergeArguments(output_dir=str(tmp_path / "merged")))
     assert json.loads((merged / "yak_merge.json").read_text())["base_record"] == base_record(TINY_MODEL)
     assert base_record(merged) == base_record(TINY_MODEL)
 
@@ -250,12 +250,12 @@ def test_a_file_cut_short_is_one_line_naming_it(folder, name, tmp_path, pt_dir):
     fix = "cut short or corrupt .*copy it again or re-run the step that wrote it"
     if folder == TINY_MODEL:  # a base model: inference, serving and evaluation load it through here
         with pytest.raises(YakError, match=rf"broken/{name} cannot be read .*{fix}") as e:
-            load_model_and_tokenizer(broken)
+            load_model_and_tokenizer(ModelSource(broken))
         assert "\n" not in str(e.value) and "tiktoken" not in str(e.value)
         train = argv(pt_dir, broken, tmp_path / "run")
     else:  # a tokenizer folder
         with pytest.raises(YakError, match=rf"broken/{name} cannot be read .*{fix}"):
-            load_model_and_tokenizer(TINY_MODEL, tokenizer_path=broken)
+            load_model_and_tokenizer(ModelSource(TINY_MODEL, tokenizer_path=broken))
         train = [*argv(pt_dir, TINY_MODEL, tmp_path / "run"), "--tokenizer_name_or_path", str(broken)]
     with pytest.raises(YakError, match=rf"broken/{name} cannot be read"):
         run_training(*parse_train_args(train))
@@ -267,7 +267,7 @@ def test_merge_names_a_cut_tokenizer_model(runs, tmp_path):
 
     broken = cut(runs / "tiny", tmp_path / "adapter", "tokenizer.model")
     with pytest.raises(YakError, match=r"adapter/tokenizer.model cannot be read") as e:
-        merge(MergeArguments(base_model=str(TINY_MODEL), lora_model=str(broken), output_dir=str(tmp_path / "m")))
+        merge(ModelSource(TINY_MODEL, [broken]), MergeArguments(output_dir=str(tmp_path / "m")))
     assert "tiktoken" not in str(e.value)
 
 
@@ -301,17 +301,17 @@ def test_bin_weights_load_as_plain_tensors_only(runs, tmp_path):
     shutil.copytree(runs / "tiny", adapter)
     torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
     (adapter / "adapter_model.safetensors").unlink()
-    loaded, _ = load_model_and_tokenizer(base, [adapter], device="cpu")
-    expected, _ = load_model_and_tokenizer(TINY_MODEL, [runs / "tiny"], device="cpu")
+    loaded, _ = load_model_and_tokenizer(ModelSource(base, [adapter]), device="cpu")
+    expected, _ = load_model_and_tokenizer(ModelSource(TINY_MODEL, [runs / "tiny"]), device="cpu")
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, expected.model.layers[0].self_attn.q_proj.weight)
-    merge(MergeArguments(base_model=str(base), lora_model=str(adapter), output_dir=str(tmp_path / "merged")))
+    merge(ModelSource(base, [adapter]), MergeArguments(output_dir=str(tmp_path / "merged")))
     marker = tmp_path / "MARKER"
     for planted in (adapter / "adapter_model.bin", base / "pytorch_model.bin"):  # the base is checked first
         plant(planted, marker)
         with pytest.raises(YakError, match=f"{planted.name} is refused: it imports posix.system"):
-            load_model_and_tokenizer(base, [adapter], device="cpu")
+            load_model_and_tokenizer(ModelSource(base, [adapter]), device="cpu")
         with pytest.raises(YakError, match=f"{planted.name} is refused"):
-            merge(MergeArguments(base_model=str(base), lora_model=str(adapter), output_dir=str(tmp_path / "m2")))
+            merge(ModelSource(base, [adapter]), MergeArguments(output_dir=str(tmp_path / "m2")))
     assert not marker.exists()
 
 

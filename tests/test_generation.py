@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 
 from tests.conftest import HELDOUT, ROOT
 from yak import YakError
-from yak.generation import GenerationArguments, InferenceArguments, ModelArguments, run_inference
+from yak.generation import GenerationArguments, InferenceArguments, run_inference
 from yak.generation.engine import Engine
 from yak.generation.loading import load_for_inference
 from yak.generation.prompts import chat_messages, encode_chat, encode_raw, stop_token_ids
 from yak.generation.request import EngineFull, TextStreamer
 from yak.generation.sampling import SamplingParams, sample_next
+from yak.source import ModelSource
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 GREEDY = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=1.0)
@@ -143,6 +145,25 @@ def test_streaming_matches_and_cancel_stops(engine, model_and_tokenizer):
     assert long.wait(timeout=30).finish_reason == "cancelled" and len(long.output_ids) < 200
 
 
+def test_cancelling_a_waiting_request_takes_it_out_of_the_queue_at_once(model_and_tokenizer):
+    """A waiting request whose client went away must not hold a place in the queue (--max_queue) until a slot
+    frees: cancel() ends it at once."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, (), max_batch_size=1, max_total_tokens=512)  # no end token: answers run to the length
+    prompt = encode_raw(tokenizer, STARTS[0])
+    streamer = TextIteratorStreamer(tokenizer)
+    running = engine.submit(prompt, SamplingParams(max_new_tokens=400, temperature=0), streamer)
+    next(iter(streamer))
+    waiting = engine.submit(prompt, SamplingParams(max_new_tokens=5, temperature=0))
+    assert engine.load["waiting"] == 1
+    waiting.cancel()
+    assert waiting.done and waiting.finish_reason == "cancelled" and engine.load["waiting"] == 0
+    assert not running.done
+    running.cancel()
+    assert running.wait(timeout=30).finish_reason == "cancelled"
+    engine.close()
+
+
 def test_close_stops_the_worker_and_fails_what_is_left(model_and_tokenizer):
     # Run at exit (atexit): a worker thread still inside the model when the interpreter stops aborts the process.
     model, tokenizer = model_and_tokenizer
@@ -191,7 +212,7 @@ def test_raw_text_holding_special_token_strings_stays_text(model_and_tokenizer):
 
 
 def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
-    model = ModelArguments(base_model=str(tiny_model_dir))
+    model = ModelSource(base_model=str(tiny_model_dir))
     data = tmp_path / "in.txt"
     data.write_text("one\n\nthree\n", encoding="utf-8")
     with pytest.raises(YakError, match="empty lines 2"):
@@ -229,9 +250,8 @@ def test_cli_refuses_missing_backends_and_bad_files(tiny_model_dir, tmp_path):
         build_service(model, empty, ServerArguments(max_queue=0))  # which refused every request (503)
     with pytest.raises(YakError, match="pip install vllm"):
         run_inference(model, GenerationArguments(), InferenceArguments(data_file=str(data), use_vllm=True))
-    quantized = ModelArguments(base_model=str(tiny_model_dir), load_in_8bit=True)
     with pytest.raises(YakError, match="bitsandbytes"):
-        run_inference(quantized, GenerationArguments(), InferenceArguments(data_file=str(data)))
+        run_inference(model, GenerationArguments(load_in_8bit=True), InferenceArguments(data_file=str(data)))
 
 
 @pytest.mark.gpu
@@ -258,8 +278,8 @@ def test_base_plus_lora_adapter_decodes_like_the_peft_model(tiny_model_dir, mode
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     peft_model = get_peft_model(base, config).eval()  # random B: the adapter changes the answers
     peft_model.save_pretrained(tmp_path / "lora")
-    model, tok = load_for_inference(ModelArguments(base_model=str(tiny_model_dir), lora_model=[str(tmp_path / "lora")],
-                                                   tokenizer_path=str(tiny_model_dir), only_cpu=True))
+    model, tok = load_for_inference(ModelSource(base_model=tiny_model_dir, adapters=[tmp_path / "lora"],
+                                                tokenizer_path=tiny_model_dir), GenerationArguments(only_cpu=True))
     prompt = encode_raw(tokenizer, STARTS[0])
     engine = Engine(model, stop_token_ids(model, tok), max_batch_size=2, max_total_tokens=128)
     got = engine.submit(prompt, GREEDY).wait().output_ids
@@ -284,15 +304,15 @@ def test_corrupt_adapter_is_one_clear_error_in_every_script(tiny_model_dir, tmp_
     (cut / "adapter_model.safetensors").write_bytes(weights[:-100])  # e.g. an interrupted copy
     (not_json / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ', encoding="utf-8")
     res = subprocess.run([sys.executable, "serve_demo.py", "--base_model", str(tiny_model_dir), "--only_cpu",
-                          "--port", "1", "--lora_model", str(cut)], cwd=ROOT, capture_output=True, text=True,
+                          "--port", "0", "--lora_model", str(cut)], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"{cut / 'adapter_model.safetensors'} cannot be read" in res.stderr and "copy it again" in res.stderr
     with pytest.raises(YakError, match="adapter_config.json cannot be read .*copy it again"):
-        load_for_inference(ModelArguments(base_model=str(tiny_model_dir), lora_model=[str(not_json)], only_cpu=True))
+        load_for_inference(ModelSource(base_model=tiny_model_dir, adapters=[not_json]), GenerationArguments(only_cpu=True))
     with pytest.raises(YakError, match="adapter_config.json cannot be read .*copy it again"):
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(not_json),
-                             output_dir=str(tmp_path / "merged")))
+        merge(ModelSource(base_model=tiny_model_dir, adapters=[not_json]),
+              MergeArguments(output_dir=str(tmp_path / "merged")))
 
 
 @pytest.mark.parametrize("text", ["tibetan", "mixed"])
@@ -312,16 +332,35 @@ def test_tibetan_streams_syllable_by_syllable(text):
         sent, behind = [], []  # text sent after each token; how far the sent text lags behind the decoded text
         for i, token in enumerate(ids):
             streamer.put(torch.tensor([token]))
-            while not streamer.text_queue.empty():
-                sent.append(streamer.text_queue.get())
+            sent.append(next(streamer))  # ours decodes here, in the reader; transformers' did in put()
             decoded = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
             if decoded.endswith("\u0f0b"):
                 behind.append(len(decoded) - len("".join(sent)))
         streamer.end()
-        sent += [x for x in iter(streamer.text_queue.get, None)]
+        sent += list(streamer)
         return "".join(sent), behind
 
     full, behind = pieces(TextStreamer)
     assert full == tokenizer.decode(ids, skip_special_tokens=True)
     assert behind and max(behind) == 0  # everything up to each tsheg is out as soon as it is decoded
     assert max(pieces(TextIteratorStreamer)[1]) > 20  # transformers' own lags by many syllables
+
+
+def test_streamer_put_only_queues_and_the_reader_decodes():
+    """The engine's thread calls put() for every token of every streamed answer: it only queues the id. The
+    reader decodes everything that came since its last read in one go, and waits at most its timeout."""
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tokenizer" / "merged_tokenizer_hf")
+    line = (HELDOUT / "bo_modern_nanhai_deseg_heldout.txt").read_text("utf-8").splitlines()[0][:200]
+    ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+    streamer = TextStreamer(tokenizer, timeout=0.05, skip_special_tokens=True)
+    with pytest.raises(queue.Empty):
+        next(streamer)
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    assert streamer.token_cache == []  # nothing decoded yet
+    first = next(streamer)
+    assert streamer.token_cache == ids and first  # all of them at once
+    streamer.end()
+    assert first + "".join(streamer) == tokenizer.decode(ids, skip_special_tokens=True)
+    with pytest.raises(StopIteration):
+        next(streamer)

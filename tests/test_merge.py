@@ -20,6 +20,7 @@ from tests.conftest import HELDOUT, ROOT
 from yak import YakError
 from yak.formats import padded_vocab_size as pad_vocab
 from yak.merge import MergeArguments, merge, meta_params
+from yak.source import ModelSource
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -111,8 +112,8 @@ def test_merge_equals_peft_merge_and_unload_resized_tied(tiny_model_dir, resized
     else:  # peft's default: embed_tokens and lm_head trained as two copies (and its extra embedding keys)
         adapter, peft_model, tok = tied_adapter(tiny_model_dir, tmp_path / "adapter", False,
                                                 save_embedding_layers=True)
-    out = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
-                               output_dir=str(tmp_path / "merged"), max_shard_size="100KB"))
+    out = merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(adapter)),
+                MergeArguments(output_dir=str(tmp_path / "merged"), max_shard_size="100KB"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3  # several shards, each written as it went
     config = json.loads((out / "config.json").read_text())
@@ -136,8 +137,7 @@ def test_merge_equals_peft_merge_and_unload_resized_tied(tiny_model_dir, resized
         # the toolkit's own loader of training outputs (yak.modeling) gives the same model
         from yak.modeling import load_model_and_tokenizer
 
-        loaded, loaded_tok = load_model_and_tokenizer(tiny_model_dir, adapters=[adapter], dtype="float32",
-                                                      device="cpu")
+        loaded, loaded_tok = load_model_and_tokenizer(ModelSource(tiny_model_dir, adapters=[adapter], dtype="float32"), device="cpu")
         for got, want in zip(logits(loaded, loaded_tok, lines), expected):
             torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)  # float32 rounding; logits near 20
 
@@ -146,8 +146,8 @@ def test_tied_model_with_only_embed_tokens_trained_keeps_the_original_output_lay
     """peft leaves a tied lm_head on the original matrix when only embed_tokens is in modules_to_save."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     peft_model = make_adapter(model, tmp_path / "adapter", seed=3, modules_to_save=["embed_tokens"])
-    out = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(tmp_path / "adapter"),
-                               output_dir=str(tmp_path / "merged")))
+    out = merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(tmp_path / "adapter")),
+                MergeArguments(output_dir=str(tmp_path / "merged")))
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     assert_same_weights(merged_state(out), peft_model.merge_and_unload())
 
@@ -165,8 +165,8 @@ def test_merge_stage1_alone_tied(tiny_model_dir, tmp_path):
     (stage1 / "yak_adapter.json").write_text(json.dumps(
         {"format": "yak-embeddings", "version": 1, "base_model_name_or_path": str(tiny_model_dir),
          "vocab_size": 3520, "tie_word_embeddings": True}))
-    out = merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(stage1),
-                               output_dir=str(tmp_path / "merged"), output_dtype="bfloat16"))
+    out = merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(stage1), dtype="bfloat16"),
+                MergeArguments(output_dir=str(tmp_path / "merged")))
     config = json.loads((out / "config.json").read_text())
     assert (config["vocab_size"], config["tie_word_embeddings"], config["dtype"]) == (3520, True, "bfloat16")
     state = merged_state(out)
@@ -218,9 +218,9 @@ def test_merge_stage1_then_two_adapters_from_bin_shards(tiny_model_dir, tmp_path
     lines = real_lines(1)
     expected = logits(sft, tok, lines)
     reference = sft.merge_and_unload()
-    out = merge(MergeArguments(base_model=str(tmp_path / "base"),
-                               lora_model=f"{stage1},{tmp_path / 'cpt'},{tmp_path / 'sft'}",
-                               output_dir=str(tmp_path / "merged")))
+    out = merge(ModelSource(base_model=str(tmp_path / "base"),
+                            adapters=f"{stage1},{tmp_path / 'cpt'},{tmp_path / 'sft'}"),  # comma-separated
+                MergeArguments(output_dir=str(tmp_path / "merged")))
     assert_same_weights(merged_state(out), reference, atol=1e-5)
     merged_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     for got, want in zip(logits(merged_model, tok, lines), expected):
@@ -266,10 +266,9 @@ def meta_to_hf(folder: Path) -> dict[str, torch.Tensor]:
 def test_pth_output_converts_back_to_the_huggingface_output(tiny_model_dir, resized_adapter, tmp_path,
                                                             num_shards):
     adapter, _, tok = resized_adapter
-    common = {"base_model": str(tiny_model_dir), "lora_model": str(adapter), "output_dtype": "bfloat16"}
-    hf = merged_state(merge(MergeArguments(output_dir=str(tmp_path / "hf"), **common)))
-    out = merge(MergeArguments(output_dir=str(tmp_path / "pth"), output_type="pth", num_shards=num_shards,
-                               **common))
+    source = ModelSource(base_model=str(tiny_model_dir), adapters=[str(adapter)], dtype="bfloat16")
+    hf = merged_state(merge(source, MergeArguments(output_dir=str(tmp_path / "hf"))))
+    out = merge(source, MergeArguments(output_dir=str(tmp_path / "pth"), output_type="pth", num_shards=num_shards))
     assert sorted(p.name for p in out.glob("*.pth")) == [f"consolidated.{i:02d}.pth"
                                                          for i in range(num_shards or 1)]
     assert not list(out.glob(".*"))  # the streamed intermediates are gone
@@ -304,35 +303,38 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
     out = tmp_path / "out"
     # an adapter made for another base model (names and shapes differ) and a missing adapter_config.json
     with pytest.raises(YakError) as e:
-        merge(MergeArguments(base_model=str(other), lora_model=f"{adapter},{no_config}", output_dir=str(out)))
+        merge(ModelSource(base_model=str(other), adapters=f"{adapter},{no_config}"),
+              MergeArguments(output_dir=str(out)))
     msg = str(e.value)
     assert "does not exist in the base model" in msg and "made for another base" in msg
     assert "neither adapter_config.json" in msg
     # the tokenizer does not match the adapter's embeddings; the output is the input folder
     with pytest.raises(YakError) as e:
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
-                             tokenizer_path=str(other), output_dir=str(adapter), overwrite=True))
+        merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(adapter), tokenizer_path=str(other)),
+              MergeArguments(output_dir=str(adapter), overwrite=True))
     msg = str(e.value)
     assert "no tokenizer.json or tokenizer.model" in msg and "is (or contains) the input" in msg
     with pytest.raises(YakError, match=r"512 tokens .* 3520 rows"):
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter),
-                             tokenizer_path=str(tiny_model_dir), output_dir=str(out)))
+        merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(adapter), tokenizer_path=str(tiny_model_dir)),
+              MergeArguments(output_dir=str(out)))
     with pytest.raises(YakError, match="--num_shards must be at least 1, got -1"):  # was a RuntimeError from chunk
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter), output_dir=str(out),
-                             output_type="pth", num_shards=-1))
+        merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(adapter)),
+              MergeArguments(output_dir=str(out), output_type="pth", num_shards=-1))
     # a truncated adapter file (e.g. an interrupted copy)
     truncated = tmp_path / "truncated"
     shutil.copytree(adapter, truncated)
     (truncated / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes()[:100])
     with pytest.raises(YakError, match="truncated.adapter_model.safetensors cannot be read"):
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(truncated), output_dir=str(out)))
+        merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(truncated)),
+              MergeArguments(output_dir=str(out)))
     # too little disk space (the file system's free space, as the OS reports it, made small)
     import yak.merge
 
     real = shutil.disk_usage
     monkeypatch.setattr(yak.merge.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(YakError, match="GiB free"):
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(adapter), output_dir=str(out)))
+        merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(adapter)),
+              MergeArguments(output_dir=str(out)))
     monkeypatch.undo()
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
 
@@ -350,20 +352,23 @@ def test_adapters_in_the_wrong_order_or_already_merged_are_refused(tiny_model_di
     (sft / "yak_run.json").write_text(json.dumps({"identity": {"task": "sft", "adapters": [str(cpt)]}}))
     out = tmp_path / "out"
     with pytest.raises(YakError, match=r"sft was trained on top of .*cpt, so it must come after it"):
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{sft},{cpt}", output_dir=str(out)))
+        merge(ModelSource(base_model=str(tiny_model_dir), adapters=f"{sft},{cpt}"),
+              MergeArguments(output_dir=str(out)))
     assert not out.exists()
-    with pytest.raises(YakError, match="adapters in the wrong order"):  # inference, serving, evaluation
-        load_model_and_tokenizer(tiny_model_dir, [sft, cpt])
+    with pytest.raises(YakError, match="--adapters: .*sft was trained on top of"):  # inference, serving
+        load_model_and_tokenizer(ModelSource(tiny_model_dir, [sft, cpt]))
     with pytest.raises(YakError, match="model yak: .*sft was trained on top of"):  # before any model loads
         prepare(EvalArguments(models=[f"yak={tiny_model_dir},{sft},{cpt}"], tasks=["heldout"],
                               output_dir=str(out)))
-    merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=f"{cpt}, {sft}", output_dir=str(out)))
+    merge(ModelSource(base_model=str(tiny_model_dir), adapters=f"{cpt}, {sft}"),
+          MergeArguments(output_dir=str(out)))
     assert (out / "model.safetensors").is_file()
     # the merged model records what it holds: applying SFT again on top would add its LoRA update twice
     with pytest.raises(YakError, match=r"sft is merged into .*out already"):
-        load_model_and_tokenizer(out, [sft])
+        load_model_and_tokenizer(ModelSource(out, [sft]))
     with pytest.raises(YakError, match=r"sft is merged into .*out already"):
-        merge(MergeArguments(base_model=str(out), lora_model=str(sft), output_dir=str(tmp_path / "twice")))
+        merge(ModelSource(base_model=str(out), adapters=str(sft)),
+              MergeArguments(output_dir=str(tmp_path / "twice")))
 
 
 def test_adapter_of_another_base_is_one_clear_error_when_loading(tiny_model_dir, resized_adapter, tmp_path):
@@ -373,9 +378,9 @@ def test_adapter_of_another_base_is_one_clear_error_when_loading(tiny_model_dir,
     adapter, _, _ = resized_adapter
     untied_base(tmp_path / "other")
     LlamaForCausalLM.from_pretrained(tmp_path / "other").save_pretrained(tmp_path / "other")  # safetensors only
-    with pytest.raises(YakError, match=r"adapter and base do not belong together:\n  - .*adapter0 has weights for "
-                                       r"42 modules that the base .*other \(2 layers\) lacks.*made for another base"):
-        load_model_and_tokenizer(tmp_path / "other", [adapter])
+    with pytest.raises(YakError, match=r"--adapters: .*adapter0 has weights for 42 modules that the base .*other "
+                                       r"\(2 layers\) lacks.*made for another base"):
+        load_model_and_tokenizer(ModelSource(tmp_path / "other", [adapter]))
 
 
 def test_nan_result_is_refused_and_nothing_is_written(tiny_model_dir, resized_adapter, tmp_path):
@@ -389,7 +394,8 @@ def test_nan_result_is_refused_and_nothing_is_written(tiny_model_dir, resized_ad
     save_file(weights, bad / "adapter_model.safetensors")
     out = tmp_path / "out"
     with pytest.raises(YakError, match="layers.3.mlp.up_proj.weight has NaN or inf"):
-        merge(MergeArguments(base_model=str(tiny_model_dir), lora_model=str(bad), output_dir=str(out)))
+        merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(bad)),
+              MergeArguments(output_dir=str(out)))
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bad"]
 
 

@@ -23,6 +23,7 @@ from yak.modeling import (
     resize_for_adapters,
     save_embeddings,
 )
+from yak.source import ModelSource
 
 MERGED_TOKENIZER = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"  # 512 + 3000 Tibetan pieces
 ENGLISH = "Once upon a time, there was a little girl named Lily. She loved to play outside."
@@ -113,7 +114,7 @@ def test_load_model_and_tokenizer_applies_stage1_then_lora(tiny_model_dir, merge
     }
     assert set(load_file(str(stage1 / "embeddings.safetensors"))) == {EMBED_KEY}
 
-    m1, t1 = load_model_and_tokenizer(tiny_model_dir, [stage1], dtype="float32", device="cpu")
+    m1, t1 = load_model_and_tokenizer(ModelSource(tiny_model_dir, [stage1], dtype="float32"), device="cpu")
     assert len(t1) == len(tok)
     assert torch.equal(m1.get_input_embeddings().weight, model.get_input_embeddings().weight)
 
@@ -139,7 +140,7 @@ def test_load_model_and_tokenizer_applies_stage1_then_lora(tiny_model_dir, merge
     ids = tok(tibetan_lines(1)[0][:100], return_tensors="pt").input_ids
     assert (ids >= 512).any()
 
-    m2, t2 = load_model_and_tokenizer(tiny_model_dir, [stage1, stage2], dtype="float32", device="cpu")
+    m2, t2 = load_model_and_tokenizer(ModelSource(tiny_model_dir, [stage1, stage2], dtype="float32"), device="cpu")
     assert t2.name_or_path == str(stage1)  # stage2 has no tokenizer files here: the last folder that has one
     with torch.no_grad():
         torch.testing.assert_close(m2(ids).logits, reference(ids).logits)
@@ -168,7 +169,7 @@ def test_untied_lora_adapter_carries_both_matrices(untied_model_dir, merged_tok_
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert not torch.equal(saved[PEFT_EMBED_KEY], saved[PEFT_LM_HEAD_KEY])
     reference = peft_model.merge_and_unload()
-    m, t = load_model_and_tokenizer(untied_model_dir, [out], dtype="float32", device="cpu")
+    m, t = load_model_and_tokenizer(ModelSource(untied_model_dir, [out], dtype="float32"), device="cpu")
     assert t.name_or_path == str(out)
     assert torch.equal(m.lm_head.weight, reference.lm_head.weight)
     assert torch.equal(m.model.embed_tokens.weight, reference.model.embed_tokens.weight)
@@ -188,26 +189,26 @@ def test_untied_adapter_without_lm_head_is_refused_not_loaded_with_random_rows(
     peft_model.save_pretrained(str(out), save_embedding_layers=False)
     load_tokenizer(merged_tok_dir).save_pretrained(str(out))
     with pytest.raises(YakError, match="lm_head"):
-        load_model_and_tokenizer(untied_model_dir, [out], dtype="float32", device="cpu")
+        load_model_and_tokenizer(ModelSource(untied_model_dir, [out], dtype="float32"), device="cpu")
 
 
 def test_dtype_option(tiny_model_dir):
     assert next(load_base_model(tiny_model_dir, dtype="bfloat16").parameters()).dtype == torch.bfloat16
     assert next(load_base_model(tiny_model_dir, dtype="auto").parameters()).dtype == torch.float32
-    m, _ = load_model_and_tokenizer(tiny_model_dir, dtype="bfloat16", device="cpu")
+    m, _ = load_model_and_tokenizer(ModelSource(tiny_model_dir, dtype="bfloat16"), device="cpu")
     assert m.dtype == torch.bfloat16 and not m.training
 
 
 def test_bad_inputs_are_explained(tiny_model_dir, merged_tok_dir, tmp_path):
     # a tokenizer bigger than the model, with nothing that brings the new rows
     with pytest.raises(YakError, match=r"has 3512 tokens but the model has only 512 embedding rows"):
-        load_model_and_tokenizer(tiny_model_dir, tokenizer_path=merged_tok_dir, device="cpu")
+        load_model_and_tokenizer(ModelSource(tiny_model_dir, tokenizer_path=merged_tok_dir), device="cpu")
     # an adapter trained for another vocabulary size
     model = load_base_model(tiny_model_dir)
     stage1 = tmp_path / "stage1"
     save_embeddings(model, stage1, str(tiny_model_dir))  # 512 rows
     with pytest.raises(YakError, match=r"resized to 3520 rows .* carries embeddings of 512 rows"):
-        load_model_and_tokenizer(tiny_model_dir, [stage1], tokenizer_path=merged_tok_dir, device="cpu")
+        load_model_and_tokenizer(ModelSource(tiny_model_dir, [stage1], tokenizer_path=merged_tok_dir), device="cpu")
     # .bin weights that are not a tensor file
     bin_only = tmp_path / "bin_only"
     bin_only.mkdir()
@@ -219,12 +220,12 @@ def test_bad_inputs_are_explained(tiny_model_dir, merged_tok_dir, tmp_path):
     with pytest.raises(YakError, match="--attn_implementation spda: .*not supported"):
         load_base_model(tiny_model_dir, attn_implementation="spda")
     with pytest.raises(YakError, match="neither a stage-1 output"):
-        load_model_and_tokenizer(tiny_model_dir, [tmp_path])
+        load_model_and_tokenizer(ModelSource(tiny_model_dir, [tmp_path]))
     # a peft adapter without safetensors
     (tmp_path / "ad").mkdir()
     (tmp_path / "ad" / "adapter_config.json").write_text("{}")
     with pytest.raises(YakError, match="no adapter_model.safetensors"):
-        load_model_and_tokenizer(tiny_model_dir, [tmp_path / "ad"])
+        load_model_and_tokenizer(ModelSource(tiny_model_dir, [tmp_path / "ad"]))
 
 
 def test_adapter_trained_with_another_tokenizer_of_the_same_size_is_refused(

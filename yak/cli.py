@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import typing
 from typing import Callable, Sequence
 
@@ -26,6 +28,11 @@ def setup_logging(level: int = logging.INFO) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def verbose_logs() -> None:
+    """Detailed logs (``--verbose``): the package's debug messages, not those of the libraries under it."""
+    logging.getLogger("yak").setLevel(logging.DEBUG)
 
 
 def parse_args(dataclass_types: Sequence[type], args: Sequence[str] | None = None, description: str = ""):
@@ -84,7 +91,8 @@ def _check_config(parser, config) -> list[str]:
     """What argparse would refuse on the command line, checked on a config file's values, which
     ``parse_dict`` passes to the dataclasses unchecked (a missing required option is a TypeError there, a
     value outside its choices or a string for a number goes through). Numbers written as strings are
-    converted as on the command line: YAML reads ``2e-4`` (no dot) as a string."""
+    converted as on the command line: YAML reads ``2e-4`` (no dot) as a string. An option's other names
+    (aliases such as the original project's ``model_name_or_path``) are keys as on the command line."""
     from argparse import ArgumentTypeError
 
     from transformers.hf_argparser import string_to_bool
@@ -92,6 +100,13 @@ def _check_config(parser, config) -> list[str]:
     if not isinstance(config, dict):
         return [f"expected a mapping of option names to values, found {type(config).__name__}"]
     actions = {a.dest: a for a in parser._actions}
+    problems = []
+    # an option's other names (e.g. the original project's model_name_or_path for base_model) as keys too
+    aliases = {o.lstrip("-"): a.dest for a in parser._actions for o in a.option_strings if o.lstrip("-") != a.dest}
+    for key in [k for k in config if k in aliases]:
+        if aliases[key] in config:
+            problems.append(f"'{key}' and '{aliases[key]}' are one option; give it once")
+        config[aliases[key]] = config.pop(key)
     hints = {k: hint for t in parser.dataclass_types for k, hint in typing.get_type_hints(t).items()}
     strings = {k for k, hint in hints.items() if hint is str}
     # options that the command line cannot set to None (YAML's "key:" with no value is null): the program
@@ -99,7 +114,7 @@ def _check_config(parser, config) -> list[str]:
     defaults = {f.name: f.default for t in parser.dataclass_types for f in dataclasses.fields(t)}
     not_null = {k for k, hint in hints.items() if type(None) not in typing.get_args(hint) and hint is not typing.Any
                 and defaults.get(k) is not None}
-    problems = [f"'{a.dest}' is required" for a in parser._actions if a.required and a.dest not in config]
+    problems += [f"'{a.dest}' is required" for a in parser._actions if a.required and a.dest not in config]
     for key, value in config.items():
         action = actions.get(key)
         if value is None and key in not_null:
@@ -138,6 +153,43 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+WATCHDOG_S = 1.0
+
+
+def stop_with_launcher() -> None:
+    """End this process when its parent, the launcher (torchrun), dies.
+
+    A ``kill -9`` of torchrun (or of its terminal, or the OOM killer) left its workers training on, orphaned,
+    holding their GPUs (issue 13, case 12). On Linux the kernel kills this process when its parent dies
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)``, through ctypes: no library offers it): SIGKILL, because a rank
+    blocked in a collective runs no Python signal handler, and nothing needs cleaning (a checkpoint counts only
+    once complete). Elsewhere a watchdog thread checks the parent every second and exits with a message.
+    """
+    launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != launcher:  # it died just before the call: no signal will come
+                _launcher_died(launcher)
+            return
+    threading.Thread(target=_watch_launcher, args=(launcher,), name="yak-launcher-watchdog", daemon=True).start()
+
+
+def _watch_launcher(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(WATCHDOG_S)
+    _launcher_died(launcher)
+
+
+def _launcher_died(launcher: int) -> None:
+    print(f"error: the launcher of this worker (PID {launcher}) died; rank {os.environ.get('RANK', '?')} stops",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def run_main(fn: Callable[[], object]) -> Callable[[], None]:
     """Decorate a script's ``main``: a :class:`YakError` prints one clear message and exits 2.
 
@@ -145,12 +197,15 @@ def run_main(fn: Callable[[], object]) -> Callable[[], None]:
     writing (``atomic_output_dir`` removes its temporary folder), instead of Python's default of dying on the
     spot and leaving it behind. Not under torchrun (``LOCAL_RANK`` set): a rank waiting in a collective could
     not run the handler and would linger until torchrun's SIGKILL, and training writes no temporary folder
-    (its checkpoints are marked complete only once written).
+    (its checkpoints are marked complete only once written). There, instead, the worker stops when its
+    launcher dies (:func:`stop_with_launcher`).
     """
 
     @functools.wraps(fn)
     def wrapper() -> None:
-        if "LOCAL_RANK" not in os.environ:
+        if "LOCAL_RANK" in os.environ:
+            stop_with_launcher()
+        else:
             signal.signal(signal.SIGTERM, _terminate)
         try:
             fn()

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+# The weight files of a stage-1 output and of a LoRA adapter: safetensors, or PyTorch .bin files (a torch.save of
+# the state dict, train.py --save_safetensors False, as the original project wrote), read as plain tensors only.
+EMBEDDINGS_FILES = (EMBEDDINGS_FILE, "embeddings.bin")
 YAK_ADAPTER_FILE = "yak_adapter.json"
 YAK_ADAPTER_FORMAT = "yak-embeddings"
 YAK_ADAPTER_VERSION = 1
@@ -261,16 +264,21 @@ def read_stage1(folder: str | os.PathLike) -> dict:
     if info.get("format") != YAK_ADAPTER_FORMAT or info.get("version") != YAK_ADAPTER_VERSION:
         raise YakError(f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version {info.get('version')!r} "
                        f"is not {YAK_ADAPTER_FORMAT!r} version {YAK_ADAPTER_VERSION}")
-    if not (folder / EMBEDDINGS_FILE).is_file():
-        raise YakError(f"{folder} has {YAK_ADAPTER_FILE} but no {EMBEDDINGS_FILE}")
+    if weights_in(folder, EMBEDDINGS_FILES) is None:
+        raise YakError(f"{folder} has {YAK_ADAPTER_FILE} but no {' or '.join(EMBEDDINGS_FILES)}")
     return info
+
+
+def weights_in(folder: str | os.PathLike, names: Sequence[str]) -> Path | None:
+    """The first of the weight files ``names`` that ``folder`` holds (None: none)."""
+    return next((Path(folder) / n for n in names if (Path(folder) / n).is_file()), None)
 
 
 def adapter_weight_files(folder: str | os.PathLike) -> list[Path]:
     """The weight files of a stage-1 output or a peft adapter folder (see :func:`adapter_kind`)."""
     folder = Path(folder)
     if (folder / YAK_ADAPTER_FILE).is_file():
-        return [folder / EMBEDDINGS_FILE]
+        return [weights_in(folder, EMBEDDINGS_FILES) or folder / EMBEDDINGS_FILE]
     files = weight_files(folder, ADAPTER_WEIGHTS)
     if files is None:
         raise YakError(f"adapter {folder} has {ADAPTER_CONFIG_FILE} but no {' or '.join(ADAPTER_WEIGHTS)}")
@@ -449,7 +457,7 @@ def _shape_problems(base_model: Path, base: dict[str, tuple[int, ...]], folder: 
     config = read_config(base_model)
     hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
     if adapter_kind(folder) == "embeddings":
-        width = WeightIndex([folder / EMBEDDINGS_FILE]).shapes.get(EMBED_KEY, (0, hidden))[1]
+        width = WeightIndex(adapter_weight_files(folder)).shapes.get(EMBED_KEY, (0, hidden))[1]
         if width == hidden:
             return []
         return [f"{folder} holds embeddings of width {width}, the base {base_model} has hidden size {hidden}"]
@@ -499,10 +507,12 @@ def require_adapters_fit(base_model: str | os.PathLike, adapters: Sequence[str |
         raise YakError("adapter and base do not belong together:\n  - " + "\n  - ".join(problems))
 
 
-def read_tensors(files: Sequence[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of ``files`` (safetensors, or ``.bin`` through :func:`torch_load`), in memory."""
-    tensors = {}
-    for f in files:
-        with open_weights(Path(f)) as h:
-            tensors.update({k: h.get(k) for k in h.keys()})  # noqa: SIM118 - a handle, not a dict
-    return tensors
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a weight file (safetensors, or ``.bin`` through :func:`yak.safe_load.torch_load`)."""
+    path = Path(path)
+    check_weight_file(path)
+    try:
+        with open_weights(path) as h:
+            return {k: h.get(k) for k in h.keys()}  # noqa: SIM118 - a handle, not a dict
+    except (OSError, RuntimeError, ValueError) as e:  # safetensors' and torch's errors on a bad file
+        raise unreadable(path, e) from e

@@ -2,8 +2,9 @@
 
 The conversion is llama.cpp's own ``convert_hf_to_gguf.py`` (with its sibling ``conversion/`` package and
 ``gguf-py``), taken from a llama.cpp checkout (``--llama_cpp_dir``) or, by default, from the llama.cpp sources
-that the llama-cpp-python source package on PyPI carries (downloaded once with pip into a cache folder, the
-same version as an installed llama-cpp-python, so that converter and runtime agree). Quantization uses
+that the llama-cpp-python source package carries, of the pinned version (``requirements-gguf.txt``) or the
+installed one, so that converter and runtime agree. The export never downloads anything: the user fetches that
+package once with pip (:func:`fetch_command`) into a cache folder, where its converter is extracted. Quantization uses
 llama.cpp's ``llama-quantize`` binary when one is found, else llama-cpp-python's ``llama_model_quantize``.
 """
 
@@ -17,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -31,14 +31,18 @@ logger = logging.getLogger(__name__)
 CONVERTER = "convert_hf_to_gguf.py"
 # What the converter needs from a llama.cpp source tree (FACTS: the script alone fails without them).
 CONVERTER_PARTS = (CONVERTER, "conversion", "gguf-py")
-# Kept from the downloaded sources too: llama.cpp's converter of Meta's .pth layout.
+# Kept from the source package too: llama.cpp's converter of Meta's .pth layout.
 CACHED_PARTS = (*CONVERTER_PARTS, "examples/convert_legacy_llama.py")
+# llama.cpp's version, pinned in requirements-gguf.txt (tests check that both agree): converted and quantized
+# with it, stories260K matched the Hugging Face model (docs/export.md).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+REQUIREMENTS_FILE = "requirements-gguf.txt"
 CONVERT_TYPES = ("f16", "bf16", "f32", "q8_0")
 QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
 
 
 def default_cache_dir() -> Path:
-    """Where downloaded llama.cpp sources are kept: ``$YAK_CACHE_DIR`` or ``~/.cache/yak``."""
+    """Where the fetched llama.cpp sources are kept: ``$YAK_CACHE_DIR`` or ``~/.cache/yak``."""
     return Path(os.environ.get("YAK_CACHE_DIR") or Path.home() / ".cache" / "yak")
 
 
@@ -53,8 +57,9 @@ class GGUFArguments:
                 "...); empty for none."})
     llama_cpp_dir: str | None = field(default=None, metadata={
         "help": "A llama.cpp checkout (with convert_hf_to_gguf.py, conversion/, gguf-py/; build/bin/llama-quantize "
-                "is used if built). Default: the llama.cpp sources of the llama-cpp-python source package, "
-                "downloaded once with pip into $YAK_CACHE_DIR (~/.cache/yak)."})
+                "is used if built). Default: the llama.cpp sources of the pinned llama-cpp-python source package in "
+                "$YAK_CACHE_DIR (~/.cache/yak), fetched once by you with pip (docs/export.md); nothing is "
+                "downloaded."})
     check_file: str | None = field(default=None, metadata={
         "help": "Text file (one sample a line): check that llama.cpp tokenizes each line as the Hugging Face "
                 "tokenizer does (needs llama-cpp-python)."})
@@ -65,17 +70,44 @@ def _has_parts(folder: Path, parts: tuple[str, ...] = CONVERTER_PARTS) -> bool:
     return all((folder / part).exists() for part in parts)
 
 
-def llama_cpp_sources(llama_cpp_dir: str | os.PathLike | None = None, cache_dir: Path | None = None,
-                      download: bool = True) -> Path:
-    """A llama.cpp source folder holding the GGUF converter.
+def sources_version() -> str:
+    """The llama-cpp-python version whose llama.cpp sources convert: the installed one (converter and runtime
+    in step), else the pinned one."""
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return LLAMA_CPP_PYTHON_VERSION
+
+
+def fetch_command(cache_dir: Path | None = None) -> str:
+    """The one pip command that fetches the pinned llama.cpp sources (run by the user: the export never downloads)."""
+    return (f"pip download --no-deps --no-binary :all: -d {cache_dir or default_cache_dir()} "
+            f"llama-cpp-python=={sources_version()}")
+
+
+def gguf_howto() -> str:
+    """How to add GGUF export to this machine, in one line."""
+    return (f"to add GGUF: pip install -r {REQUIREMENTS_FILE} (llama.cpp, pinned), then fetch its converter once: "
+            f"{fetch_command()} (docs/export.md)")
+
+
+def _sources_folder(cache_dir: Path | None) -> tuple[Path, Path]:
+    """The extracted converter folder and the source package it is extracted from, in the cache."""
+    cache, version = cache_dir or default_cache_dir(), sources_version()
+    return cache / f"llama.cpp-from-llama-cpp-python-{version}", cache / f"llama_cpp_python-{version}.tar.gz"
+
+
+def llama_cpp_sources(llama_cpp_dir: str | os.PathLike | None = None, cache_dir: Path | None = None) -> Path:
+    """A llama.cpp source folder holding the GGUF converter; nothing is downloaded.
 
     Args:
         llama_cpp_dir: a llama.cpp checkout given by the user; used as is.
-        cache_dir: where downloaded sources live (default :func:`default_cache_dir`).
-        download: fetch the llama-cpp-python source package with pip when the cache lacks it.
+        cache_dir: where the pinned llama-cpp-python source package lies (see :func:`fetch_command`) and its
+            converter is extracted to (default :func:`default_cache_dir`).
 
     Raises:
-        YakError: when the given checkout lacks the converter or the sources cannot be fetched.
+        YakError: when the given checkout lacks the converter, or the cache holds neither the extracted
+            converter nor the source package.
     """
     if llama_cpp_dir is not None:
         folder = Path(llama_cpp_dir)
@@ -84,37 +116,49 @@ def llama_cpp_sources(llama_cpp_dir: str | os.PathLike | None = None, cache_dir:
                            f"{', '.join(CONVERTER_PARTS)}; missing "
                            f"{[p for p in CONVERTER_PARTS if not (folder / p).exists()]}")
         return folder
-    try:
-        version = metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
-        version = None
-    folder = (cache_dir or default_cache_dir()) / f"llama.cpp-from-llama-cpp-python-{version or 'latest'}"
+    folder, archive = _sources_folder(cache_dir)
     if _has_parts(folder, CACHED_PARTS):
         return folder
-    if not download:
-        raise YakError(f"no llama.cpp converter in {folder}; pass --llama_cpp_dir or allow the download")
-    _download_sources(version, folder)
+    if not archive.is_file():
+        raise YakError(f"no llama.cpp converter: neither {folder} nor {archive} exists. Fetch the pinned sources "
+                       f"once with: {fetch_command(cache_dir)}; or pass --llama_cpp_dir with a llama.cpp checkout")
+    _extract_sources(archive, folder)
     return folder
 
 
-def _download_sources(version: str | None, folder: Path) -> None:
-    """Fetch llama-cpp-python's source package with pip and keep only the converter's parts of it."""
-    spec = f"llama-cpp-python=={version}" if version else "llama-cpp-python"
-    logger.info("downloading the llama.cpp sources of %s (about 76 MB, once) into %s", spec, folder)
-    with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                               "-d", tmp, spec], capture_output=True, check=False, text=True)
-        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode or not archives:
-            raise YakError(f"could not download {spec} with pip ({done.stderr.strip()[-500:]}); pass "
-                           "--llama_cpp_dir with a llama.cpp checkout instead")
-        with atomic_output_dir(folder, overwrite=True) as out, tarfile.open(archives[0]) as tar:
+def _extract_sources(archive: Path, folder: Path) -> None:
+    """Keep only the converter's parts of llama-cpp-python's source package (about 2 of its 76 MB)."""
+    logger.info("extracting llama.cpp's converter from %s into %s", archive, folder)
+    try:
+        with atomic_output_dir(folder, overwrite=True) as out, tarfile.open(archive) as tar:
             prefix = tar.getmembers()[0].name.split("/")[0] + "/vendor/llama.cpp"
             wanted = [m for m in tar.getmembers() if any(
                 m.name == f"{prefix}/{p}" or m.name.startswith(f"{prefix}/{p}/") for p in CACHED_PARTS)]
             for m in wanted:
                 m.name = m.name[len(prefix) + 1:]
             tar.extractall(out, members=wanted, filter="data")  # "data": no links or paths out of the folder
+    except (OSError, tarfile.TarError) as e:
+        raise YakError(f"{archive} cannot be read ({e}); delete it and fetch it again: {fetch_command()}") from None
+    if not _has_parts(folder, CACHED_PARTS):
+        raise YakError(f"{archive} holds no llama.cpp converter ({', '.join(CACHED_PARTS)}); it is not a "
+                       f"llama-cpp-python source package: delete it and run {fetch_command()}")
+
+
+def gguf_problems(args: GGUFArguments) -> list[str]:
+    """What the export of ``args`` needs from llama.cpp and does not find here (empty: it can run). Nothing is
+    downloaded or extracted."""
+    problems = []
+    if args.llama_cpp_dir is not None:
+        if not _has_parts(Path(args.llama_cpp_dir)):
+            problems.append(f"--llama_cpp_dir {args.llama_cpp_dir}: expected a llama.cpp checkout with "
+                            f"{', '.join(CONVERTER_PARTS)}")
+    else:
+        folder, archive = _sources_folder(None)
+        if not _has_parts(folder, CACHED_PARTS) and not archive.is_file():
+            problems.append(f"llama.cpp's converter is not in {default_cache_dir()}: fetch the pinned sources once "
+                            f"with {fetch_command()}, or pass --llama_cpp_dir")
+    qtypes = [q.strip().lower() for q in args.quant_types.split(",") if q.strip()]
+    return _runtime_problems(qtypes, args.check_file, args.llama_cpp_dir) + problems
 
 
 def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16",
@@ -161,13 +205,13 @@ def _runtime_problems(qtypes: list[str], check_file: str | None, llama_cpp_dir: 
     llama_cpp = _llama_cpp() if check_file or (qtypes and not binary) else None
     problems = []
     if check_file and llama_cpp is None:
-        problems.append("--check_file needs llama-cpp-python (pip install llama-cpp-python; docs/export.md), or "
-                        "leave out --check_file")
+        problems.append(f"--check_file needs llama-cpp-python (pip install -r {REQUIREMENTS_FILE}; "
+                        "docs/export.md), or leave out --check_file")
     if qtypes and not binary:
         if llama_cpp is None:
-            problems.append(f"--quant_types {','.join(qtypes)} needs llama.cpp's llama-quantize (build llama.cpp and "
-                            "pass --llama_cpp_dir) or llama-cpp-python (pip install llama-cpp-python); or pass "
-                            "--quant_types ''")
+            problems.append(f"--quant_types {','.join(qtypes)} needs llama.cpp's llama-quantize (build llama.cpp "
+                            f"and pass --llama_cpp_dir) or llama-cpp-python (pip install -r {REQUIREMENTS_FILE}); "
+                            "or pass --quant_types ''")
         elif unknown := [q for q in qtypes if not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q.upper()}")]:
             problems.append(f"--quant_types: unknown {', '.join(unknown)}; llama.cpp knows e.g. "
                             f"{', '.join(QUANT_TYPES)}")
@@ -192,7 +236,7 @@ def quantize(src: Path, dst: Path, qtype: str, llama_cpp_dir: str | os.PathLike 
     llama_cpp = _llama_cpp()
     if llama_cpp is None:
         raise YakError("quantizing needs llama.cpp's llama-quantize (build llama.cpp and pass --llama_cpp_dir) "
-                       "or llama-cpp-python (pip install llama-cpp-python)")
+                       f"or llama-cpp-python (pip install -r {REQUIREMENTS_FILE})")
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
     if ftype is None:
         raise YakError(f"unknown quantization type {qtype!r}; llama.cpp knows e.g. {', '.join(QUANT_TYPES)}")
@@ -250,10 +294,7 @@ def export_gguf(args: GGUFArguments) -> list[Path]:
                         "choose a new folder")
     if args.outtype in qtypes:  # the same file name: llama.cpp would write the file it reads
         problems.append(f"--quant_types {args.outtype} is the --outtype file itself; leave it out")
-    if args.llama_cpp_dir and not _has_parts(Path(args.llama_cpp_dir)):
-        problems.append(f"--llama_cpp_dir {args.llama_cpp_dir}: expected a llama.cpp checkout with "
-                        f"{', '.join(CONVERTER_PARTS)}")
-    problems += _runtime_problems(qtypes, args.check_file, args.llama_cpp_dir)
+    problems += gguf_problems(args)
     if problems:
         raise YakError("cannot export:\n  - " + "\n  - ".join(problems))
     name = model_dir.resolve().name

@@ -38,7 +38,7 @@ from yak.formats import (
     BASE_WEIGHTS,
     DTYPES,
     EMBED_KEY,
-    EMBEDDINGS_FILE,
+    EMBEDDINGS_FILES,
     LM_HEAD_KEY,
     MERGE_FILE,
     PEFT_PREFIX,
@@ -49,17 +49,17 @@ from yak.formats import (
     WeightHandle,
     WeightIndex,
     adapter_base_problems,
-    adapter_order_problems,
     base_record,
     check_model_folder,
     merged_adapters,
     open_weights,
     padded_vocab_size,
     read_stage1,
-    tokenizer_dir,
     weight_files,
+    weights_in,
 )
 from yak.io import atomic_output_dir, atomic_write_json, inputs_inside, read_json
+from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -84,26 +84,23 @@ META_TOP_NAMES = {EMBED_KEY: ("tok_embeddings.weight", 1), "model.norm.weight": 
 
 @dataclass
 class MergeArguments:
-    base_model: str = field(metadata={"help": "Base model folder in Hugging Face layout (safetensors or .bin "
-                                              "shards, with or without an index)."})
-    lora_model: str = field(metadata={"help": "Comma-separated folders applied in order: a stage-1 output "
-                                              "(yak_adapter.json + embeddings.safetensors) and/or peft LoRA "
-                                              "adapters (e.g. stage1_dir,cpt_adapter,sft_adapter)."})
+    """Where and how the merged model is written (what is merged: :class:`yak.source.ModelSource`, whose
+    --base_model may hold safetensors or .bin shards, and whose --adapters are stage-1 outputs and/or peft LoRA
+    adapters, e.g. stage1_dir,cpt_adapter,sft_adapter; --dtype is the output's, auto: the base model's)."""
+
     output_dir: str = field(metadata={"help": "Folder to write; created atomically (nothing is left behind "
                                               "on failure)."})
     output_type: str = field(default="huggingface", metadata={
         "help": "huggingface (safetensors shards) or pth (Meta's consolidated.NN.pth + params.json)."})
-    output_dtype: str = field(default="auto", metadata={
-        "help": "float16, bfloat16, float32, or auto (the base model's dtype)."})
     max_shard_size: str = field(default="5GB", metadata={
         "help": "Largest Hugging Face output shard, e.g. 2GB or 500MB."})
     num_shards: int | None = field(default=None, metadata={
         "help": "pth only: number of consolidated.NN.pth files (model-parallel parts). Default: as Meta "
                 "splits its models (hidden size 4096 -> 1, 5120 -> 2, 6656 -> 4, 8192 -> 8; else 1)."})
-    tokenizer_path: str | None = field(default=None, metadata={
-        "help": "Tokenizer folder to copy into the output. Default: the last --lora_model folder that has "
-                "tokenizer files, else the base model's."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir."})
+    verbose: bool = field(default=False, metadata={
+        "help": "Detailed logs (the original script's flag): each tensor as it is merged, with its shape, dtype and "
+                "the source file it is read from."})
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -166,9 +163,8 @@ def _read_json(path: Path, problems: list[str]) -> dict | None:
 
 
 def _load_step(path: Path, problems: list[str]) -> _Step | None:
-    """Read one --lora_model folder (stage-1 output or peft LoRA adapter); report what is wrong with it."""
-    if not path.is_dir():
-        problems.append(f"--lora_model {path}: not a folder")
+    """Read one --adapters folder (stage-1 output or peft LoRA adapter); report what is wrong with it."""
+    if not path.is_dir():  # reported by ModelSource.problems
         return None
     if (path / YAK_ADAPTER_FILE).is_file():
         try:
@@ -176,7 +172,7 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
         except YakError as e:
             problems.append(str(e))
             return None
-        emb = path / EMBEDDINGS_FILE
+        emb = weights_in(path, EMBEDDINGS_FILES)
         w = _read_checkpoint([emb], problems)
         if w is None:
             return None
@@ -188,7 +184,7 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
                      ties_lm_head=bool(meta.get("tie_word_embeddings", False)))
     if not (path / "adapter_config.json").is_file():
         have = sorted(p.name for p in path.iterdir())[:12]
-        problems.append(f"--lora_model {path}: neither adapter_config.json (peft LoRA adapter) nor "
+        problems.append(f"--adapters {path}: neither adapter_config.json (peft LoRA adapter) nor "
                         f"yak_adapter.json (stage-1 output); found {have}")
         return None
     cfg = _read_json(path / "adapter_config.json", problems)
@@ -259,29 +255,28 @@ def _parse_size(text: str) -> int:
     return int(float(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2]])
 
 
-def plan_merge(args: MergeArguments) -> _Plan:
+def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
     """Read every input's names and shapes (no tensor data), check them, and plan every output tensor.
 
     Raises:
         YakError: listing every problem found (missing files, an adapter made for another base, a tokenizer
             whose size disagrees with the embeddings, an output folder that is an input, too little disk).
     """
-    problems: list[str] = []
-    base_dir = Path(args.base_model)
+    problems = source.problems(formats=False)  # the files are read below, .bin too
+    base_dir = Path(source.base_model or "")
     if args.output_type not in ("huggingface", "pth"):
         problems.append(f"--output_type {args.output_type!r}: choose huggingface or pth")
-    if args.output_dtype not in ("auto", *DTYPES):
-        problems.append(f"--output_dtype {args.output_dtype!r}: choose auto, {', '.join(DTYPES)}")
+    has_base = bool(source.base_model) and base_dir.is_dir()  # else a problem already
     try:
-        config, files = check_model_folder(base_dir, "--base_model"), weight_files(base_dir, BASE_WEIGHTS)
+        config = check_model_folder(base_dir, "--base_model") if has_base else None
+        files = weight_files(base_dir, BASE_WEIGHTS) if has_base else None
     except YakError as e:
         problems.append(str(e))
         config = files = None
-    lora_dirs = [Path(p.strip()) for p in args.lora_model.split(",") if p.strip()]  # "stage1, stage2" too
+    lora_dirs = [Path(p) for p in source.adapters]
     if not lora_dirs:
-        problems.append("--lora_model: give at least one adapter or stage-1 folder")
+        problems.append("--adapters: give at least one adapter or stage-1 folder")
     steps = [s for s in (_load_step(p, problems) for p in lora_dirs) if s is not None]
-    problems += [f"--lora_model: {p}" for p in adapter_order_problems(base_dir, lora_dirs)]
     if config is not None and len(steps) == len(lora_dirs):
         misfits, warnings = adapter_base_problems(base_dir, lora_dirs)
         for w in warnings:
@@ -305,7 +300,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
         raise YakError(f"--base_model {base_dir}: no {EMBED_KEY}; not a Llama causal LM checkpoint")
     shapes = {k: base.shapes[k] for k in names}
     ops: dict[str, list[_Op]] = {k: [] for k in names}
-    source = {k: k for k in names}
+    starts = {k: k for k in names}  # output name -> base tensor it starts from
     lm_follows = tied
     for step in steps:
         touched = list(step.replacements) + [k for k in step.loras if k not in step.replacements]
@@ -315,7 +310,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
             # lm_head stops following the embedding here (peft trains a separate copy, or leaves the
             # original in place); it inherits the embedding's history so far.
             lm_follows = False
-            ops[LM_HEAD_KEY], shapes[LM_HEAD_KEY], source[LM_HEAD_KEY] = list(ops[EMBED_KEY]), shapes[EMBED_KEY], EMBED_KEY
+            ops[LM_HEAD_KEY], shapes[LM_HEAD_KEY], starts[LM_HEAD_KEY] = list(ops[EMBED_KEY]), shapes[EMBED_KEY], EMBED_KEY
             names.insert(names.index(EMBED_KEY) + 1, LM_HEAD_KEY)
         elif step.kind == "stage1" and not tied and step.ties_lm_head:
             problems.append(f"{step.path / 'yak_adapter.json'}: tie_word_embeddings is true but the base "
@@ -350,7 +345,7 @@ def plan_merge(args: MergeArguments) -> _Plan:
         problems.append(f"lm_head keeps {shapes[LM_HEAD_KEY][0]} rows while the embedding has {vocab}: the "
                         "adapters must carry lm_head too (modules_to_save) or keep it tied")
 
-    tok_dir = tokenizer_dir(base_dir, [s.path for s in steps], args.tokenizer_path)
+    tok_dir = Path(source.tokenizer_dir())
     n_tok = _tokenizer_length(tok_dir, problems)
     base_vocab = config.get("vocab_size", base.shapes[EMBED_KEY][0])
     if n_tok is not None:
@@ -363,11 +358,11 @@ def plan_merge(args: MergeArguments) -> _Plan:
                             f"merged embeddings have {vocab} rows; the adapters were trained with another "
                             "tokenizer: pass it with --tokenizer_path")
 
-    if args.output_dtype == "auto":
+    if source.dtype == "auto":
         dtype = DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or ""),
                            base.dtypes[EMBED_KEY] if base.dtypes[EMBED_KEY] in SAFETENSORS_DTYPES else torch.float32)
     else:
-        dtype = DTYPES.get(args.output_dtype, torch.float16)
+        dtype = DTYPES.get(source.dtype, torch.float16)
     out = Path(args.output_dir).resolve()
     for p in inputs_inside(out, [base_dir, *lora_dirs, tok_dir]):
         problems.append(f"--output_dir {args.output_dir} is (or contains) the input folder {p}; "
@@ -376,9 +371,9 @@ def plan_merge(args: MergeArguments) -> _Plan:
         problems.append(f"--output_dir {out} already exists; choose another folder or pass --overwrite")
     if args.output_type == "pth":
         _check_pth(config, shapes, args, problems)
-    group = {k: base.file_of[source[k]] for k in names}
+    group = {k: base.file_of[starts[k]] for k in names}
     order = sorted(names, key=lambda k: files.index(group[k]))  # stable: keeps each file's order
-    plan = _Plan(base, steps, {k: ops[k] for k in order}, source, shapes, order, group, vocab,
+    plan = _Plan(base, steps, {k: ops[k] for k in order}, starts, shapes, order, group, vocab,
                  lm_follows, config, dtype, tok_dir, base_dir,
                  _parse_size(args.max_shard_size) if args.output_type == "huggingface" else 0)
     needed = _output_bytes(plan) * (2 if args.output_type == "pth" else 1) + (16 << 20)
@@ -445,7 +440,7 @@ class _Inputs:
         if out.is_floating_point() and not torch.isfinite(out).all():
             raise YakError(f"merged tensor {name} has NaN or inf values in {self.plan.dtype} (from "
                            f"{[str(op.step.path) for op in ops] or 'the base model'}); nothing was written. "
-                           "Check the adapters, or try --output_dtype bfloat16/float32")
+                           "Check the adapters, or try --dtype bfloat16/float32")
         return out
 
 
@@ -460,6 +455,8 @@ def _iter_merged(plan: _Plan) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             with open_weights(f) as base:
                 for name in names:
+                    logger.debug("%s %s %s from %s", name, tuple(plan.shapes[name]),
+                                 str(plan.dtype).removeprefix("torch."), f.name)
                     yield name, inputs.compute(name, base)
                     bar.update()
         bar.close()
@@ -672,18 +669,20 @@ def _mmap_safetensors(path: Path) -> Iterator[dict[str, torch.Tensor]]:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def merge(args: MergeArguments) -> Path:
-    """Merge ``args.lora_model`` (in order) into ``args.base_model`` and write ``args.output_dir``.
+def merge(source: ModelSource, args: MergeArguments) -> Path:
+    """Merge ``source.adapters`` (in order) into ``source.base_model`` and write ``args.output_dir``.
 
     Args:
+        source: the base model, the adapters applied in order, the tokenizer copied into the output, and the
+            output dtype (see :class:`ModelSource`).
         args: the merge options (see :class:`MergeArguments`).
 
     Returns:
         The output folder.
     """
     start = time.time()
-    plan = plan_merge(args)
-    logger.info("merging %s into %s -> %s (%s, %s)", [str(s.path) for s in plan.steps], args.base_model,
+    plan = plan_merge(source, args)
+    logger.info("merging %s into %s -> %s (%s, %s)", [str(s.path) for s in plan.steps], source.base_model,
                 args.output_dir, args.output_type, plan.dtype)
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         if args.output_type == "pth":
@@ -699,7 +698,7 @@ def merge(args: MergeArguments) -> Path:
             *merged_adapters(plan.base_dir), *(str(s.path.resolve()) for s in plan.steps)],
             "base_record": base_record(plan.base_dir)})
     rows = [
-        ("inputs applied", " -> ".join([Path(args.base_model).name] + [s.path.name for s in plan.steps])),
+        ("inputs applied", " -> ".join([plan.base_dir.name] + [s.path.name for s in plan.steps])),
         ("tensors", str(len(plan.order))),
         ("parameters", f"{sum(math.prod(plan.shapes[k]) for k in plan.order):,}"),
         ("vocab_size", str(plan.vocab_size)),

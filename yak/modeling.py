@@ -13,8 +13,8 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,83 +23,29 @@ from yak.formats import (
     DTYPES,
     EMBED_KEY,
     EMBEDDINGS_FILE,
+    EMBEDDINGS_FILES,
     LM_HEAD_KEY,
     VOCAB_MULTIPLE,
     YAK_ADAPTER_FILE,
     YAK_ADAPTER_FORMAT,
     YAK_ADAPTER_VERSION,
     adapter_kind,
-    adapter_order_problems,
     adapter_vocab_rows,
     carries_lm_head,
     check_model_folder,
     has_tokenizer,
     padded_vocab_size,
     read_stage1,
-    require_adapters_fit,
-    tokenizer_dir,
+    read_weights,
+    weights_in,
 )
 from yak.io import atomic_write_json
 from yak.tokenizer import load_tokenizer
 
+if TYPE_CHECKING:
+    from yak.source import ModelSource
+
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass
-class ModelArguments:
-    """Which model and tokenizer to load, and how."""
-
-    model_name_or_path: str = field(
-        default=None, metadata={"help": "Base model folder (Hugging Face layout, safetensors weights)."}
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer folder (the merged tokenizer); default: that of the last --adapters folder "
-                          "with one, else the model's own."},
-    )
-    base_tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "The base model's original tokenizer, used to initialise each new embedding row as the "
-            "mean of the vectors of the pieces it splits the new token into; default: the model folder's."
-        },
-    )
-    adapters: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "Output folders of earlier stages applied in order before training, e.g. stage 1's output "
-            "for stage 2, or stage 1's and stage 2's outputs for SFT."
-        },
-    )
-    torch_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the loaded weights: auto (as saved in the checkpoint), bfloat16, float16 or "
-            "float32. Mixed-precision training (--bf16/--fp16) must agree with it; it is checked.",
-            "choices": ["auto", *DTYPES],
-        },
-    )
-    load_in_kbits: int = field(
-        default=16,
-        metadata={
-            "help": "Load the frozen base weights in 4 or 8 bits (needs bitsandbytes and a GPU); 16 = off.",
-            "choices": [4, 8, 16],
-        },
-    )
-    attn_implementation: str = field(
-        default="sdpa",
-        metadata={"help": "Attention implementation passed to transformers (sdpa, eager, ...)."},
-    )
-    compile_layers: bool = field(
-        default=False,
-        metadata={
-            "help": "Compile each decoder layer with torch.compile (regional compilation: one compile, "
-            "reused by every layer). On GPUs, with --gradient_checkpointing off, it made LoRA CPT of a "
-            "7B-shaped model about 1.9x faster than the naive setup (bench/RESULTS.md); costs about a "
-            "minute of compilation at start."
-        },
-    )
 
 
 @contextlib.contextmanager
@@ -329,6 +275,7 @@ def save_embeddings(
     output_dir: str | os.PathLike,
     base_model_name_or_path: str,
     state: dict[str, torch.Tensor] | None = None,
+    safetensors: bool = True,
 ) -> None:
     """Write the stage-1 output format: ``embeddings.safetensors`` + ``yak_adapter.json`` (docs/formats.md).
 
@@ -337,13 +284,17 @@ def save_embeddings(
         output_dir: the folder to write into (created; the caller makes the folder atomic).
         base_model_name_or_path: recorded for the consumers.
         state: the tensors, if already gathered (ZeRO-3: every rank must join the gathering, only one saves).
+        safetensors: False writes ``embeddings.bin`` (``torch.save`` of the state dict) instead.
     """
     from safetensors.torch import save_file
 
     state = embedding_state(model) if state is None else state
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(output_dir / EMBEDDINGS_FILE), metadata={"format": "pt"})
+    if safetensors:
+        save_file(state, str(output_dir / EMBEDDINGS_FILE), metadata={"format": "pt"})
+    else:
+        torch.save(state, output_dir / EMBEDDINGS_FILES[1])
     atomic_write_json(
         output_dir / YAK_ADAPTER_FILE,
         {
@@ -359,11 +310,9 @@ def save_embeddings(
 @torch.no_grad()
 def load_embeddings(model, folder: str | os.PathLike) -> None:
     """Copy stage-1 embeddings into ``model`` (already resized to the same number of rows)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     info = read_stage1(folder)
-    state = load_file(str(folder / EMBEDDINGS_FILE))
+    state = read_weights(weights_in(folder, EMBEDDINGS_FILES))
     rows = embedding_rows(model)
     problems = []
     if info["tie_word_embeddings"] != is_tied(model):
@@ -381,7 +330,7 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
         targets[LM_HEAD_KEY] = model.get_output_embeddings().weight
     missing = sorted(set(targets) - set(state))
     if missing:
-        raise YakError(f"{folder / EMBEDDINGS_FILE} lacks {', '.join(missing)}")
+        raise YakError(f"{weights_in(folder, EMBEDDINGS_FILES)} lacks {', '.join(missing)}")
     with gathered(list(targets.values()), modify=True):
         for key, w in targets.items():
             w.copy_(state[key].to(w.dtype))
@@ -448,38 +397,28 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
         model.resize_token_embeddings(target, mean_resizing=False)
 
 
-def load_model_and_tokenizer(
-    base_model: str | os.PathLike,
-    adapters: Sequence[str | os.PathLike] = (),
-    tokenizer_path: str | os.PathLike | None = None,
-    dtype: str | torch.dtype = "auto",
-    device: str | None = "auto",
-):
+def load_model_and_tokenizer(source: ModelSource, device: str | None = "auto", attn_implementation: str | None = None):
     """Load a model for use (inference, serving, evaluation, merging): base + adapters, in eval mode.
 
     Args:
-        base_model: a Hugging Face model folder (a base model or a merged one).
-        adapters: output folders of training stages, applied in order (stage 1's ``embeddings.safetensors``
-            and/or peft LoRA adapters, which are merged into the weights).
-        tokenizer_path: tokenizer folder; default: the last adapter folder that has one, else the base's.
-        dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        source: the base model folder (a base model or a merged one), the output folders of training stages
+            applied in order (stage 1's ``embeddings.safetensors`` and/or peft LoRA adapters, which are merged
+            into the weights), the tokenizer and the dtype; see :class:`yak.source.ModelSource`.
         device: ``"auto"`` (CUDA if present, else CPU) or a device name.
+        attn_implementation: passed to transformers (None: its default, ``sdpa``).
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer as :func:`yak.formats.tokenizer_dir` picks it.
+        ``(model, tokenizer)``, the tokenizer from :meth:`ModelSource.tokenizer_dir`.
     """
-    adapters = [Path(a) for a in adapters]
-    check_model_folder(base_model, "base model")
-    for a in adapters:
-        adapter_kind(a)  # validate every folder before loading anything large
-    problems = adapter_order_problems(base_model, adapters)
+    problems = source.problems()  # every folder checked before anything large is loaded
     if problems:
-        raise YakError("adapters in the wrong order: " + "; ".join(problems))
-    require_adapters_fit(base_model, adapters)
-    tok_dir = tokenizer_dir(base_model, adapters, tokenizer_path)
+        raise YakError("; ".join(problems))
+    adapters = [Path(a) for a in source.adapters]
+    tok_dir = source.tokenizer_dir()
     tokenizer = load_tokenizer(tok_dir)
-    model = load_base_model(base_model, dtype=dtype, device=device)
-    resize_for_adapters(model, tokenizer, adapters, str(tok_dir))
+    model = load_base_model(source.base_model, dtype=source.dtype, device=device,
+                            attn_implementation=attn_implementation)
+    resize_for_adapters(model, tokenizer, adapters, tok_dir)
     model = apply_adapters(model, adapters)
     model.eval()
     return model, tokenizer

@@ -9,6 +9,7 @@ Errors look like OpenAI's (``{"error": {"message", "type", "code"}}``) so OpenAI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from yak import YakError
-from yak.generation.arguments import GenerationArguments, ModelArguments
+from yak.generation.arguments import GenerationArguments
 from yak.generation.engine import Engine
 from yak.generation.loading import load_for_inference
 from yak.generation.prompts import chat_messages, encode_chat
 from yak.generation.request import EngineFull, TextStreamer
 from yak.generation.sampling import SamplingParams
+from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ CONFIG_ENV = "YAK_SERVE_CONFIG"
 # generation is then cancelled.
 HEARTBEAT_S = 0.5
 HEARTBEAT = ": keep-alive\n\n"
+# While a non-streaming answer is generated, whether its client is still connected is asked this often (under
+# waitress); a client that went away cancels its request, which frees its batch slot.
+DISCONNECT_POLL_S = 0.25
 
 
 @dataclass
@@ -43,7 +48,12 @@ class ServerArguments:
     """Where to listen and what a request may ask for."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind; 0.0.0.0 exposes the server."})
-    port: int = field(default=8718, metadata={"help": "TCP port."})
+    port: int = field(default=8718, metadata={"help": "TCP port; 0 takes a free one (the address is printed)."})
+    cors_origin: str | None = field(
+        default=None,
+        metadata={"help": "Allow browser pages from this origin (e.g. http://localhost:3000) or from any ('*') to "
+                  "call the API (CORS, through flask-cors). Default: none, same-origin only."},
+    )
     max_body_bytes: int = field(default=256 * 1024, metadata={"help": "Largest request body accepted (bytes)."})
     max_query_chars: int = field(
         default=8000, metadata={"help": "Longest query, history message or system prompt (characters)."}
@@ -51,6 +61,13 @@ class ServerArguments:
     max_history_turns: int = field(default=16, metadata={"help": "Earlier [user, assistant] turns at most."})
     max_new_tokens_cap: int = field(default=1024, metadata={"help": "Largest max_new_tokens a request may ask."})
     max_queue: int = field(default=256, metadata={"help": "Requests waiting at most; beyond, 503."})
+    threads: int = field(
+        default=32, metadata={"help": "Requests served at once (waitress threads; at least --max_batch_size). "
+                                      "Open connections wait without a thread; more requests wait in line."})
+    connection_limit: int = field(
+        default=256, metadata={"help": "Open connections at most; beyond, new ones wait until some close."})
+    idle_timeout: int = field(
+        default=60, metadata={"help": "Seconds an idle connection (no request in progress) stays open."})
     model_name: str | None = field(
         default=None, metadata={"help": "Model id shown by the OpenAI endpoints (default: the model folder name)."}
     )
@@ -172,7 +189,14 @@ class ChatService:
         return params
 
     def parse_chat(self, body: Any) -> tuple[str, list[dict], SamplingParams]:
-        """Validate an ``/api/chat`` body; return ``(query, messages, params)``."""
+        """Validate an ``/api/chat`` body; return ``(query, messages, params)``.
+
+        Unknown fields are ignored (logged at debug level), as the original project's Flask app did; the known
+        ones are checked strictly.
+        """
+        if isinstance(body, dict) and (unknown := [k for k in body if k not in _CHAT_FIELDS]):
+            logger.debug("/api/chat: ignoring unknown fields %s", ", ".join(unknown))
+            body = {k: v for k, v in body.items() if k in _CHAT_FIELDS}
         problems = _check_fields(body, _CHAT_FIELDS)
         if problems:
             raise BadRequest("; ".join(problems))
@@ -266,7 +290,17 @@ class ChatService:
             raise BadRequest(str(e), status=503) from None
         return request, prompt_ids, streamer
 
-    def answer(self, request) -> str:
+    def answer(self, request, client_gone: Callable[[], bool] | None = None) -> str:
+        """Wait for ``request`` and return its text; ``client_gone`` (waitress's ``waitress.client_disconnected``)
+        is asked every :data:`DISCONNECT_POLL_S`: once the client has gone, the request is cancelled and
+        :class:`BadRequest` (499) raised."""
+        while client_gone is not None and not request.done:
+            if client_gone():
+                request.cancel()
+                logger.info("client went away: its request was cancelled")
+                raise BadRequest("the client closed the connection", status=499)
+            with contextlib.suppress(TimeoutError):
+                request.wait(DISCONNECT_POLL_S)
         request.wait()
         return self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
 
@@ -296,7 +330,7 @@ def _sse(obj: Any) -> str:
 
 def _text_events(streamer, event: Callable[[str], str]) -> Iterator[str]:
     """``event(piece)`` for each piece of text as it comes, and :data:`HEARTBEAT` when none came for a while
-    (the streamer gives an empty piece for each token whose text it holds back, and nothing while queued)."""
+    (the streamer gives an empty piece for new tokens whose text it holds back, and nothing while queued)."""
     last = time.monotonic()
     while True:
         try:
@@ -330,7 +364,14 @@ def create_app(service: ChatService):
 
     app = Flask("yak")
     app.config["MAX_CONTENT_LENGTH"] = service.args.max_body_bytes
+    if service.args.cors_origin:
+        from flask_cors import CORS
+
+        CORS(app, origins=service.args.cors_origin)
     app.json.ensure_ascii = False  # Tibetan stays readable in answers
+
+    too_large = (f"Request Entity Too Large: the request body is over {service.args.max_body_bytes} bytes (the "
+                 "server's --max_body_bytes)")
 
     def error(message: str, status: int):
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -342,7 +383,7 @@ def create_app(service: ChatService):
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):  # 404, 405, 413 ... as JSON too
-        return error(f"{e.name}: {e.description}", e.code or 500)
+        return error(too_large if e.code == 413 else f"{e.name}: {e.description}", e.code or 500)
 
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
@@ -351,11 +392,14 @@ def create_app(service: ChatService):
 
     def body() -> Any:
         raw = request.get_data(cache=False)
-        # A chunked body has no Content-Length for werkzeug to refuse: it stops reading at the limit instead.
+        # A chunked body has no Content-Length for werkzeug to refuse: it stops reading at the limit instead
+        # (waitress gives the length of the body it received).
         if request.content_length is None and len(raw) >= service.args.max_body_bytes:
-            raise BadRequest(f"the request body is over {service.args.max_body_bytes} bytes (the server's "
-                             "--max_body_bytes)", status=413)
+            raise BadRequest(too_large, status=413)
         return _parse_json(raw)
+
+    def client_gone() -> Callable[[], bool] | None:
+        return request.environ.get("waitress.client_disconnected")  # None under other WSGI servers
 
     @app.get("/health")
     def health():
@@ -368,7 +412,7 @@ def create_app(service: ChatService):
         stream = bool(data.get("stream"))
         req, _, streamer = service.submit(messages, params, stream)
         if not stream:
-            return {"query": query, "output": service.answer(req)}
+            return {"query": query, "output": service.answer(req, client_gone())}
 
         def events():
             yield from _text_events(streamer, lambda piece: _sse({"delta": piece}))
@@ -397,7 +441,7 @@ def create_app(service: ChatService):
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
 
         if not data.get("stream"):
-            text = service.answer(req)
+            text = service.answer(req, client_gone())
             return {**head, "object": "chat.completion", "usage": usage(), "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": text},
                 "finish_reason": req.finish_reason}]}
@@ -460,13 +504,19 @@ def _add_page_routes(app, service: ChatService, body: Callable[[], Any]) -> None
 # ---------------------------------------------------------------------------------------------- entry points
 
 
-def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
+def build_service(source: ModelSource, gen_args: GenerationArguments,
                   server_args: ServerArguments) -> ChatService:
     """Check the options, load the model once, start the engine, and return the service."""
+    from yak.defaults import with_default_model
+
     defaults = gen_args.sampling()
     problems = gen_args.problems()
+    if server_args.cors_origin is not None and not _is_origin(server_args.cors_origin):
+        problems.append(f"--cors_origin {server_args.cors_origin!r}: give one origin, scheme://host[:port] (e.g. "
+                        "http://localhost:3000), or '*' for any")
     # at 0 every request would be refused (413, 400 or 503)
-    for name in ("max_new_tokens_cap", "max_body_bytes", "max_query_chars", "max_queue"):
+    for name in ("max_new_tokens_cap", "max_body_bytes", "max_query_chars", "max_queue", "threads",
+                 "connection_limit", "idle_timeout"):
         if getattr(server_args, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(server_args, name)}")
     if server_args.max_history_turns < 0:
@@ -479,15 +529,31 @@ def build_service(model_args: ModelArguments, gen_args: GenerationArguments,
                         f"--max_total_tokens {gen_args.max_total_tokens}")
     if problems:
         raise YakError("; ".join(problems))
-    model, tokenizer = load_for_inference(model_args)
+    source = with_default_model(source)
+    model, tokenizer = load_for_inference(source, gen_args)
     engine = gen_args.build_engine(model, tokenizer, max_queue=server_args.max_queue)
     try:
         gen_args.check_room(engine.max_total_tokens)
     except YakError:
         engine.close()
         raise
-    name = server_args.model_name or os.path.basename(os.path.normpath(model_args.base_model))
+    name = server_args.model_name or os.path.basename(os.path.normpath(source.base_model))
     return ChatService(engine, tokenizer, defaults, gen_args.system_prompt, server_args, name)
+
+
+def _is_origin(value: str) -> bool:
+    """``*``, or an origin as browsers send it: scheme://host[:port], nothing after."""
+    from urllib.parse import urlsplit
+
+    if value == "*":
+        return True
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not (
+        parts.path or parts.query or parts.fragment or parts.username)
 
 
 def app_from_config(path: str | None = None):
@@ -501,8 +567,8 @@ def app_from_config(path: str | None = None):
     path = path or os.environ.get(CONFIG_ENV)
     if not path:
         raise YakError(f"give the config file as app_from_config('serve.yaml') or in ${CONFIG_ENV}")
-    model_args, gen_args, server_args = parse_args([ModelArguments, GenerationArguments, ServerArguments], [path])
-    return create_app(build_service(model_args, gen_args, server_args))
+    source, gen_args, server_args = parse_args([ModelSource, GenerationArguments, ServerArguments], [path])
+    return create_app(build_service(source, gen_args, server_args))
 
 
 def page_url(host: str, port: int) -> str:
@@ -511,28 +577,62 @@ def page_url(host: str, port: int) -> str:
     return f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}/"
 
 
-def serve(model_args: ModelArguments, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
-    """Load the model and serve until interrupted, with werkzeug's threaded server (one thread per request)."""
-    from werkzeug.serving import make_server, select_address_family
+def make_server(app, sock: socket.socket, args: ServerArguments, connections: dict | None = None):
+    """The waitress server of ``app`` on the bound socket ``sock`` (which it then owns), with the limits of ``args``.
 
-    if not 0 < server_args.port < 65536:
-        raise YakError(f"--port must be in 1..65535, got {server_args.port}")
+    werkzeug's development server started a thread per connection without a cap and never closed an idle one.
+    Here one event loop holds the open connections (at most ``--connection_limit``, closed after
+    ``--idle_timeout`` s without a request) and ``--threads`` threads serve requests. Streamed writes leave at
+    once (``send_bytes=1``; waitress gathers 18 kB otherwise); a connection is read while its request runs
+    (``channel_request_lookahead``), so a client that goes away is seen, streaming or not. ``connections`` is
+    the event loop's socket map: ``waitress.wasyncore.loop(map=connections)`` runs it (``server.run()`` too,
+    but returns normally on SIGTERM and Ctrl-C).
+    """
+    from waitress.server import create_server
+
+    return create_server(
+        app, map={} if connections is None else connections, sockets=[sock], threads=args.threads,
+        connection_limit=args.connection_limit, channel_timeout=args.idle_timeout,
+        cleanup_interval=max(1, min(30, args.idle_timeout // 2)), send_bytes=1, channel_request_lookahead=1,
+        # waitress reads a whole body before the app sees it: bounded here, refused by the app as JSON up to
+        # twice the limit (beyond, waitress's own plain-text 413)
+        max_request_body_size=2 * args.max_body_bytes, asyncore_use_poll=True, ident="yak")
+
+
+def serve(source: ModelSource, gen_args: GenerationArguments, server_args: ServerArguments) -> None:
+    """Load the model and serve until interrupted, on waitress (:func:`make_server`)."""
+    from waitress import wasyncore
+
+    if not 0 <= server_args.port < 65536:
+        raise YakError(f"--port must be in 0..65535 (0: a free port), got {server_args.port}")
     # Bind first: a busy port fails at once, not after minutes of model loading.
     try:
-        family = select_address_family(server_args.host, server_args.port)
+        family = socket.AF_INET6 if ":" in server_args.host else socket.AF_INET
         sock = socket.create_server((server_args.host, server_args.port), family=family)
     except OSError as e:
         raise YakError(f"cannot listen on {server_args.host}:{server_args.port} ({e.strerror}); choose another "
                        "--port (or --host), or stop the program that uses it") from None
-    with sock:  # werkzeug takes a duplicate of the bound socket
-        server = make_server(server_args.host, server_args.port, None, threaded=True, fd=sock.fileno())
-    service = build_service(model_args, gen_args, server_args)
-    server.app = create_app(service)
+    try:
+        service = build_service(source, gen_args, server_args)
+    except BaseException:
+        sock.close()
+        raise
+    connections: dict = {}
+    server = make_server(create_app(service), sock, server_args, connections)
+    if server_args.threads < gen_args.max_batch_size:
+        logger.warning("--threads %d is below --max_batch_size %d: batches never fill", server_args.threads,
+                       gen_args.max_batch_size)
     if server_args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: the server is reachable from other machines and has no authentication",
                        server_args.host)
-    logger.info("serving %s on http://%s:%d (POST /api/chat, /v1/chat/completions; GET /health)",
-                service.model_name, server_args.host, server.port)
+    logger.info("serving %s on %s (POST /api/chat, /v1/chat/completions; GET /health)",
+                service.model_name, page_url(server_args.host, server.effective_port))
     if not server_args.no_web_ui:
-        logger.info("chat page: open %s in a browser", page_url(server_args.host, server.port))
-    server.serve_forever()
+        logger.info("chat page: open %s in a browser", page_url(server_args.host, server.effective_port))
+    # waitress's server.run() returns normally on SIGTERM (run_main's SystemExit) and Ctrl-C; its loop, run
+    # here, lets them end the script with their exit status.
+    try:
+        wasyncore.loop(timeout=1.0, map=connections, use_poll=True)
+    finally:
+        service.engine.close()  # running requests end (streams too), so the threads finish
+        server.task_dispatcher.shutdown(timeout=2)

@@ -22,6 +22,7 @@ from yak.evaluation.tasks import (
     load_task,
 )
 from yak.io import atomic_output_dir, inputs_inside, read_json
+from yak.modeling import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class EvalArguments:
     seed: int = field(default=1234, metadata={"help": "Seed of the few-shot draws."})
     dtype: str = field(
         default="auto",
-        metadata={"help": "Model dtype: auto (the checkpoint's own), float32, bfloat16 or float16."},
+        metadata={"help": "dtype of every model's weights: auto (the checkpoint's own), float32, bfloat16 or "
+                  "float16 (as --dtype of the other scripts).", "choices": ["auto", *DTYPES]},
     )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
     chat_template: bool = field(
@@ -110,8 +112,6 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
         problems.append(f"output folder {args.output_dir} already exists: choose another or pass --overwrite")
     if args.max_length is not None and args.max_length < 2:
         problems.append(f"--max_length must be >= 2, found {args.max_length}")
-    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        problems.append(f"--dtype must be auto, float32, bfloat16 or float16, found {args.dtype!r}")
     if not args.tasks:
         problems.append(
             f"no task given: pass --tasks with some of {', '.join(builtin_tasks())} or YAML paths"
@@ -119,20 +119,20 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
     specs = []
     for text in args.models:
         try:
-            spec = ModelSpec.parse(text)
+            spec = ModelSpec.parse(text, dtype=args.dtype)
         except YakError as e:
             problems.append(str(e))
             continue
         found = spec.problems()
         problems += found
         specs.append(spec)
-        config = os.path.join(spec.base_model, "config.json")
+        config = os.path.join(spec.source.base_model, "config.json")
         limit = read_json(config).get("max_position_embeddings") if not found else None  # checked by problems()
         if args.max_length and limit and args.max_length > limit:  # RoPE runs past it silently, untrained
             problems.append(f"--max_length {args.max_length} is over model {spec.name}'s context of {limit} "
                             "positions (max_position_embeddings); lower it or leave it out")
         # --overwrite would replace the folder by the report
-        for path in inputs_inside(args.output_dir, [spec.base_model, *spec.adapters]):
+        for path in inputs_inside(args.output_dir, [spec.source.base_model, *spec.source.adapters]):
             problems.append(f"output folder {args.output_dir} is (or contains) the model folder {path}")
     if len({s.name for s in specs}) != len(specs):
         problems.append(f"model names must differ, found {[s.name for s in specs]}; name them NAME=DIR")
@@ -164,12 +164,12 @@ def evaluate(args: EvalArguments) -> dict:
         if t.kind not in ("language_modelling", "tokenizer")
     }
     logger.info("evaluating %s on %s", [s.name for s in specs], [t.name for t in tasks])
-    results = {"models": [asdict(s) for s in specs], "tasks": {}, "results": {}, "arguments": asdict(args)}
+    results = {"models": [{"name": s.name, **asdict(s.source)} for s in specs], "tasks": {}, "results": {}, "arguments": asdict(args)}
     predictions: dict[str, dict[str, list[dict]]] = {}
     for t in tasks:
         results["tasks"][t.name] = {"kind": t.kind, "description": t.description, "config": t.path}
     for spec in specs:
-        model, tokenizer = load_model(spec, args.dtype, args.device)
+        model, tokenizer = load_model(spec, args.device)
         max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 2048), 4096)
         scorer = Scorer(model, tokenizer, max_length, args.batch_size, args.chat_template)
         results["results"][spec.name] = {}

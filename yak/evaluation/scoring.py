@@ -10,75 +10,56 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.formats import adapter_base_problems, adapter_kind, adapter_order_problems, check_model_folder
 from yak.modeling import load_model_and_tokenizer
+from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelSpec:
-    """A model to evaluate: a Hugging Face (or merged) folder, optionally with adapters applied in order."""
+    """A model to evaluate: its name in the report, and its :class:`ModelSource`."""
 
     name: str
-    base_model: str
-    adapters: list[str] = field(default_factory=list)
-    tokenizer_path: str | None = None
+    source: ModelSource
 
     @classmethod
-    def parse(cls, text: str) -> ModelSpec:
+    def parse(cls, text: str, dtype: str = "auto") -> ModelSpec:
         """Parse ``[NAME=]BASE[,ADAPTER1[,ADAPTER2]]`` (adapters apply in order: stage 1, CPT, SFT)."""
         name, _, paths = text.partition("=") if "=" in text else ("", "", text)
-        parts = [p for p in paths.split(",") if p]
-        if not parts:
-            raise YakError(f"model {text!r}: expected [NAME=]BASE[,ADAPTER...]")
-        name = name or os.path.basename(os.path.normpath(parts[-1]))
+        try:
+            source = ModelSource.parse(paths, dtype=dtype)
+        except YakError as e:
+            raise YakError(f"model {e} ([NAME=]BASE[,ADAPTER...])") from e
+        name = name or os.path.basename(os.path.normpath(([source.base_model] + source.adapters)[-1]))
         if not re.fullmatch(r"[\w.+-]+", name):  # it names a folder of predictions/
             raise YakError(f"model name {name!r}: use letters, digits, '.', '_', '+', '-' (NAME=DIR)")
-        return cls(name=name, base_model=parts[0], adapters=parts[1:])
+        return cls(name=name, source=source)
 
     def problems(self) -> list[str]:
         """What is missing on disk, checked before anything is loaded."""
-        out = []
-        try:
-            check_model_folder(self.base_model)
-        except YakError as e:
-            out.append(f"model {self.name}: {e}")
-        for a in self.adapters:
-            try:
-                adapter_kind(a)
-            except YakError as e:
-                out.append(f"model {self.name}: {e}")
-        out += [f"model {self.name}: {p}" for p in adapter_order_problems(self.base_model, self.adapters)]
-        if not out and self.adapters:
-            misfits, warnings = adapter_base_problems(self.base_model, self.adapters)
-            out += [f"model {self.name}: {p}" for p in misfits]
-            for w in warnings:
-                logger.warning("model %s: %s", self.name, w)
-        return out
+        return self.source.problems(where=f"model {self.name}")
 
 
-def load_model(spec: ModelSpec, dtype: str = "auto", device: str = "auto"):
+def load_model(spec: ModelSpec, device: str = "auto"):
     """Load ``spec`` for evaluation (eval mode, no gradients); a load failure becomes a YakError naming it.
 
     Returns:
         ``(model, tokenizer)``.
     """
     try:
-        model, tokenizer = load_model_and_tokenizer(
-            spec.base_model, spec.adapters, spec.tokenizer_path, dtype=dtype, device=device
-        )
+        model, tokenizer = load_model_and_tokenizer(spec.source, device=device)
     except YakError as e:
         raise YakError(f"model {spec.name}: {e}") from e
     except Exception as e:  # any library error: name the model and the cause, not a long traceback
         raise YakError(
-            f"model {spec.name} ({spec.base_model}) could not be loaded: {type(e).__name__}: {e}"
+            f"model {spec.name} ({spec.source.base_model}) could not be loaded: {type(e).__name__}: {e}"
         ) from e
     model.eval()
     return model, tokenizer

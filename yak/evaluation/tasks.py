@@ -390,10 +390,6 @@ def build_examples(
     """
     test_path = _resolve(cfg.test, data_root)
     test = [_normalize(cfg, r) for r in read_jsonl(test_path)]
-    pool_path = _resolve(cfg.fewshot, data_root) if cfg.fewshot else test_path
-    same_pool = os.path.abspath(pool_path) == os.path.abspath(test_path)
-    pool = test if same_pool else [_normalize(cfg, r) for r in read_jsonl(pool_path)]
-    formatted_pool = [_format(cfg, r) for r in pool]
     items = [(i, _format(cfg, r)) for i, r in enumerate(test)]
     skipped = sum(ex is None for _, ex in items)
     if skipped:
@@ -404,12 +400,20 @@ def build_examples(
     if limit and limit < len(items):  # a seeded sample in file order: files sorted by label stay balanced
         keep = set(random.Random(f"{seed}-{cfg.name}-limit").sample(range(len(items)), limit))
         items = [it for k, it in enumerate(items) if k in keep]
-    usable = [j for j, ex in enumerate(formatted_pool) if ex is not None]
-    if cfg.num_fewshot > len(usable) - int(same_pool):
-        raise YakError(
-            f"task {cfg.name}: num_fewshot={cfg.num_fewshot} but the few-shot pool {pool_path} has "
-            f"{len(usable)} usable records"
-        )
+    if cfg.num_fewshot:  # the pool is read only when examples are drawn from it: without shots it may be missing
+        pool_path = _resolve(cfg.fewshot, data_root) if cfg.fewshot else test_path
+        same_pool = os.path.abspath(pool_path) == os.path.abspath(test_path)
+        if not os.path.isfile(pool_path):
+            raise YakError(f"task {cfg.name}: num_fewshot={cfg.num_fewshot} draws examples from {pool_path}, which "
+                           "does not exist; put the task's few-shot file there or use --num_fewshot 0")
+        pool = test if same_pool else [_normalize(cfg, r) for r in read_jsonl(pool_path)]
+        formatted_pool = [_format(cfg, r) for r in pool]
+        usable = [j for j, ex in enumerate(formatted_pool) if ex is not None]
+        if cfg.num_fewshot > len(usable) - int(same_pool):
+            raise YakError(
+                f"task {cfg.name}: num_fewshot={cfg.num_fewshot} but the few-shot pool {pool_path} has "
+                f"{len(usable)} usable records"
+            )
     examples = []
     for i, ex in items:
         if cfg.num_fewshot:

@@ -1,5 +1,5 @@
-"""The options of the generation scripts: which model (the original project's flag names), the default
-sampling settings and the engine's capacity, and what ``inference_hf.py`` does."""
+"""The options of the generation scripts besides the model (:class:`yak.source.ModelSource`): the devices, the
+default sampling settings and the engine's capacity, and what ``inference_hf.py`` does."""
 
 from __future__ import annotations
 
@@ -12,34 +12,21 @@ from yak.generation.sampling import SamplingParams
 
 
 @dataclass
-class ModelArguments:
-    """Which model to load and where (the original project's flag names)."""
+class GenerationArguments:
+    """The devices, the default sampling settings and the engine's capacity (requests may override the sampling
+    settings)."""
 
-    base_model: str = field(metadata={"help": "Hugging Face model folder: a merged model, or the base model."})
-    lora_model: list[str] = field(
-        default_factory=list,
-        metadata={"help": "Training output folders (stage 1 embeddings and/or LoRA adapters) applied in order on "
-                  "top of --base_model; leave out for a merged model."},
-    )
-    tokenizer_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder when neither the adapters nor the model folder has one."}
-    )
-    dtype: str = field(
-        default="auto",
-        metadata={"help": "Weights dtype: auto (the checkpoint's), bfloat16, float16 or float32."},
-    )
     gpus: str | None = field(
         default=None, metadata={"help": "GPU ids to use, e.g. '0,1' (sets CUDA_VISIBLE_DEVICES). Default: all."}
     )
     only_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is present."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Quantize weights to 8 bit (needs bitsandbytes)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Quantize weights to 4 bit (needs bitsandbytes)."})
-
-
-@dataclass
-class GenerationArguments:
-    """Default sampling settings and the engine's capacity (requests may override the sampling settings)."""
-
+    use_flash_attention_2: bool = field(
+        default=False,
+        metadata={"help": "Attention through flash-attn 2 (the original project's flag) when it is installed and a "
+                  "CUDA GPU is used; otherwise PyTorch's sdpa, and the log says so."},
+    )
     max_new_tokens: int = field(default=400, metadata={"help": "Generated tokens at most per answer."})
     temperature: float = field(default=0.2, metadata={"help": "Sampling temperature; 0 = greedy decoding."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling threshold (1 = off)."})

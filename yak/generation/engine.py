@@ -159,6 +159,7 @@ class Engine:
         if problems:
             raise ValueError("; ".join(problems))
         request = Request(prompt_ids, params, streamer)
+        request._on_cancel = self._unqueue
         with self._cv:
             if self._closing:
                 raise EngineFull("the engine is shutting down")
@@ -192,6 +193,15 @@ class Engine:
             self._closing = True
             self._cv.notify()
         self._thread.join(timeout)
+
+    def _unqueue(self, request: Request) -> None:
+        """``Request.cancel``: a waiting request leaves the queue at once (a running one ends at its next token)."""
+        with self._cv:
+            try:
+                self._queue.remove(request)
+            except ValueError:  # running, or done
+                return
+        request._finish("cancelled")
 
     @property
     def load(self) -> dict:

@@ -8,11 +8,12 @@ import os
 import torch
 
 from yak import YakError
-from yak.generation.arguments import GenerationArguments, InferenceArguments, ModelArguments
+from yak.generation.arguments import GenerationArguments, InferenceArguments
 from yak.generation.loading import load_for_inference
 from yak.generation.prompts import chat_messages, encode_chat, encode_raw
 from yak.generation.request import TextStreamer
 from yak.generation.sampling import SamplingParams
+from yak.source import ModelSource
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ CLEAR, QUIT = "/clear", "/quit"
 class _EngineBackend:
     """Generation through :class:`Engine` (streams in interactive mode)."""
 
-    def __init__(self, model_args: ModelArguments, gen_args: GenerationArguments):
-        model, self.tokenizer = load_for_inference(model_args)
+    def __init__(self, source: ModelSource, gen_args: GenerationArguments):
+        model, self.tokenizer = load_for_inference(source, gen_args)
         self.engine = gen_args.build_engine(model, self.tokenizer)
         self.max_total_tokens = self.engine.max_total_tokens
 
@@ -46,30 +47,30 @@ class _EngineBackend:
 class _VllmBackend:
     """Generation through vLLM; prompts are tokenized by our tokenizer and passed as ids, so both agree."""
 
-    def __init__(self, model_args: ModelArguments, gen_args: GenerationArguments):
+    def __init__(self, source: ModelSource, gen_args: GenerationArguments):
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
             raise YakError("--use_vllm needs vLLM, which is not installed: pip install vllm (Linux with a CUDA "
                            "GPU); or leave out --use_vllm to generate with transformers")
-        if model_args.lora_model or model_args.load_in_8bit or model_args.load_in_4bit or model_args.only_cpu:
+        if source.adapters or gen_args.load_in_8bit or gen_args.load_in_4bit or gen_args.only_cpu:
             raise YakError("--use_vllm takes a merged model folder on GPUs: merge adapters first with "
-                           "merge_lora_low_mem.py and drop --lora_model/--load_in_*bit/--only_cpu")
+                           "merge_lora_low_mem.py and drop --adapters/--load_in_*bit/--only_cpu")
         from vllm import LLM
 
-        from yak.formats import check_model_folder, tokenizer_dir
         from yak.tokenizer import load_tokenizer
 
-        if model_args.gpus is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = model_args.gpus
-        check_model_folder(model_args.base_model, "--base_model")
-        tok_dir = str(tokenizer_dir(model_args.base_model, [], model_args.tokenizer_path))
-        self.tokenizer = load_tokenizer(tok_dir)
+        if gen_args.gpus is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gen_args.gpus
+        problems = source.problems()  # the base's files whole before vLLM meets them
+        if problems:
+            raise YakError("; ".join(problems))
+        self.tokenizer = load_tokenizer(source.tokenizer_dir())
         if getattr(self.tokenizer, "chat_template", None) is None:
             self.tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
-        gpus = len(model_args.gpus.split(",")) if model_args.gpus else max(torch.cuda.device_count(), 1)
-        self.llm = LLM(model=model_args.base_model, tokenizer=tok_dir,
-                       dtype=model_args.dtype, tensor_parallel_size=gpus, max_model_len=gen_args.max_total_tokens)
+        gpus = len(gen_args.gpus.split(",")) if gen_args.gpus else max(torch.cuda.device_count(), 1)
+        self.llm = LLM(model=source.base_model, tokenizer=source.tokenizer_dir(), dtype=source.dtype,
+                       tensor_parallel_size=gpus, max_model_len=gen_args.max_total_tokens)
         self.max_total_tokens = gen_args.max_total_tokens
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress) -> tuple[list[str], int]:
@@ -87,8 +88,10 @@ class _VllmBackend:
         return text
 
 
-def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf_args: InferenceArguments) -> None:
+def run_inference(source: ModelSource, gen_args: GenerationArguments, inf_args: InferenceArguments) -> None:
     """``inference_hf.py``: interactive chat or file predictions, with the engine or vLLM."""
+    from yak.defaults import with_default_model
+
     problems = gen_args.problems()
     if inf_args.interactive == (inf_args.data_file is not None):
         problems.append("give exactly one of --interactive and --data_file")
@@ -104,8 +107,9 @@ def run_inference(model_args: ModelArguments, gen_args: GenerationArguments, inf
     if problems:
         raise YakError("; ".join(problems))
     lines = _read_inputs(inf_args.data_file) if inf_args.data_file else []
-    logger.info("options: %s %s %s", model_args, gen_args, inf_args)
-    backend = (_VllmBackend if inf_args.use_vllm else _EngineBackend)(model_args, gen_args)
+    source = with_default_model(source)
+    logger.info("options: %s %s %s", source, gen_args, inf_args)
+    backend = (_VllmBackend if inf_args.use_vllm else _EngineBackend)(source, gen_args)
     gen_args.check_room(backend.max_total_tokens)
     if inf_args.interactive:
         _interactive(backend, gen_args, inf_args.with_prompt)

@@ -16,17 +16,10 @@ from transformers import TrainingArguments
 
 from yak import YakError
 from yak.cli import parse_args
-from yak.formats import (
-    DTYPES,
-    adapter_base_problems,
-    adapter_kind,
-    adapter_order_problems,
-    check_model_folder,
-    check_tokenizer_files,
-    tokenizer_dir,
-)
+from yak.formats import DTYPES, check_tokenizer_files
 from yak.io import inputs_inside
-from yak.modeling import ModelArguments, kbits_problem
+from yak.modeling import kbits_problem
+from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +34,8 @@ DESCRIPTION = (
 
 @dataclass
 class StageArguments:
-    """What is trained, with which learning rates, for how long."""
+    """What is trained, with which learning rates, for how long, and how the base model is loaded for it
+    (which model: :class:`yak.source.ModelSource`)."""
 
     task: str = field(
         default="pt",
@@ -106,8 +100,43 @@ class StageArguments:
             "start again; without it such a folder is an error."
         },
     )
+    save_safetensors: bool = field(
+        default=True,
+        metadata={
+            "help": "False: write the trained weights (outputs and checkpoints) as PyTorch .bin files, a "
+            "torch.save of the state dict, as the original project did; every reader loads them with "
+            "weights_only=True (no code runs). True: safetensors."
+        },
+    )
     plot_loss: bool = field(
         default=True, metadata={"help": "Write loss.png (training/validation loss) at the end."}
+    )
+    base_tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The base model's original tokenizer, used to initialise each new embedding row as the "
+            "mean of the vectors of the pieces it splits the new token into; default: the --base_model folder's."
+        },
+    )
+    load_in_kbits: int = field(
+        default=16,
+        metadata={
+            "help": "Load the frozen base weights in 4 or 8 bits (needs bitsandbytes and a GPU); 16 = off.",
+            "choices": [4, 8, 16],
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention implementation passed to transformers (sdpa, eager, ...)."},
+    )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile each decoder layer with torch.compile (regional compilation: one compile, "
+            "reused by every layer). On GPUs, with --gradient_checkpointing off, it made LoRA CPT of a "
+            "7B-shaped model about 1.9x faster than the naive setup (bench/RESULTS.md); costs about a "
+            "minute of compilation at start."
+        },
     )
 
     def trainable_modules(self) -> list[str]:
@@ -152,7 +181,7 @@ def _peek_task(argv: Sequence[str]) -> str:
 
 
 def parse_train_args(argv: Sequence[str] | None = None):
-    """Parse ``(ModelArguments, StageArguments, data arguments, TrainingArguments)``.
+    """Parse ``(ModelSource, StageArguments, data arguments, TrainingArguments)``.
 
     The data arguments are ``yak.data.DataArguments`` for ``--task pt`` and ``yak.sft.SFTDataArguments``
     for ``--task sft``.
@@ -161,7 +190,7 @@ def parse_train_args(argv: Sequence[str] | None = None):
     task = _peek_task(argv)
     if task not in ("pt", "sft"):
         raise YakError(f"--task must be pt or sft, got {task!r}")
-    classes = [ModelArguments, StageArguments, _data_arguments_class(task), TrainingArguments]
+    classes = [ModelSource, StageArguments, _data_arguments_class(task), TrainingArguments]
     return parse_args(classes, argv, description=DESCRIPTION)
 
 
@@ -193,51 +222,35 @@ def _report_to_problems(report_to: list[str]) -> list[str]:
     return problems
 
 
-def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args, training_args):
+def check_args(source: ModelSource, stage_args: StageArguments, data_args, training_args):
     """Check every option up front; raise one :class:`YakError` listing all problems.
 
     Returns:
-        ``training_args``, with mixed precision switched on to match ``--torch_dtype`` (one dtype option:
+        ``training_args``, with mixed precision switched on to match ``--dtype`` (one dtype option:
         bfloat16 weights train under bf16 autocast, float16 under fp16).
     """
     from transformers import AutoConfig
 
-    problems = []
-    model_dir = model_args.model_name_or_path
+    problems = source.problems()
+    model_dir = source.base_model
     config = None
-    if not model_dir:
-        problems.append("--model_name_or_path is required")
-    else:
-        try:  # config, weights and tokenizer files whole, before the data work (the model loads after it)
-            check_model_folder(model_dir, "--model_name_or_path")
-            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-        except YakError as e:
-            problems.append(str(e))
-    for name in ("tokenizer_name_or_path", "base_tokenizer_name_or_path"):
-        path = getattr(model_args, name)
-        if path and not Path(path).is_dir():
-            problems.append(f"--{name} {path} is not a folder")
-        elif path:
-            try:
-                check_tokenizer_files(path)
-            except YakError as e:
-                problems.append(f"--{name}: {e}")
-    for a in model_args.adapters:
+    if model_dir and (Path(model_dir) / "config.json").is_file():
         try:
-            adapter_kind(a)
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        except (OSError, ValueError):  # a broken config.json: reported by source.problems()
+            config = None
+    base_tok = stage_args.base_tokenizer_name_or_path
+    if base_tok and not Path(base_tok).is_dir():
+        problems.append(f"--base_tokenizer_name_or_path {base_tok} is not a folder")
+    elif base_tok:
+        try:
+            check_tokenizer_files(base_tok)
         except YakError as e:
-            problems.append(f"--adapters: {e}")
-    problems += [f"--adapters: {p}" for p in adapter_order_problems(model_dir, model_args.adapters)]
-    if config is not None and model_args.adapters and not any(p.startswith("--adapters") for p in problems):
-        misfits, warnings = adapter_base_problems(model_dir, model_args.adapters)
-        problems += [f"--adapters: {p}" for p in misfits]
-        for w in warnings:
-            logger.warning("%s", w)
-    kbits = kbits_problem(model_args.load_in_kbits)  # the model loads only after the data work
+            problems.append(f"--base_tokenizer_name_or_path: {e}")
+    kbits = kbits_problem(stage_args.load_in_kbits)  # the model loads only after the data work
     if kbits:
         problems.append(kbits)
-    inputs = [model_dir, model_args.tokenizer_name_or_path, model_args.base_tokenizer_name_or_path,
-              data_args.dataset_dir, *model_args.adapters]
+    inputs = [model_dir, source.tokenizer_path, base_tok, data_args.dataset_dir, *source.adapters]
     # prepare_output_dir may delete output_dir (--overwrite_output_dir), and writes into it
     for path in inputs_inside(training_args.output_dir, inputs):
         problems.append(
@@ -289,36 +302,23 @@ def check_args(model_args: ModelArguments, stage_args: StageArguments, data_args
             "max_position_embeddings in its config.json)"
         )
     if config is not None:
-        dtype = (
-            _checkpoint_dtype(model_dir)
-            if model_args.torch_dtype == "auto"
-            else DTYPES[model_args.torch_dtype]
-        )
+        dtype = _checkpoint_dtype(model_dir) if source.dtype == "auto" else DTYPES[source.dtype]
         if dtype == torch.bfloat16 and training_args.fp16:
-            problems.append("--fp16 with bfloat16 weights: use --bf16 (or --torch_dtype float32)")
+            problems.append("--fp16 with bfloat16 weights: use --bf16 (or --dtype float32)")
         elif dtype == torch.float16 and training_args.bf16:
-            problems.append("--bf16 with float16 weights (the original's defect): use --torch_dtype bfloat16")
+            problems.append("--bf16 with float16 weights (the original's defect): use --dtype bfloat16")
         elif dtype == torch.float16 and (training_args.use_cpu or not torch.cuda.is_available()):
             # fp16 mixed precision needs CUDA; on the CPU the fp32 trained rows met fp16 activations (a traceback)
-            problems.append("--torch_dtype float16 trains on GPUs only: on the CPU use bfloat16 or float32")
+            problems.append("--dtype float16 trains on GPUs only: on the CPU use bfloat16 or float32")
         elif dtype == torch.bfloat16 and not training_args.bf16:
-            logger.info(
-                "--torch_dtype %s: bfloat16 weights, so bf16 mixed precision is on", model_args.torch_dtype
-            )
+            logger.info("--dtype %s: bfloat16 weights, so bf16 mixed precision is on", source.dtype)
             training_args = dataclasses.replace(training_args, bf16=True)
         elif dtype == torch.float16 and not training_args.fp16:
-            logger.info(
-                "--torch_dtype %s: float16 weights, so fp16 mixed precision is on", model_args.torch_dtype
-            )
+            logger.info("--dtype %s: float16 weights, so fp16 mixed precision is on", source.dtype)
             training_args = dataclasses.replace(training_args, fp16=True)
     if problems:
         raise YakError("invalid training options:\n  - " + "\n  - ".join(problems))
     return training_args
-
-
-def _tokenizer_dir(model_args: ModelArguments) -> str:
-    """The run's tokenizer folder (:func:`yak.formats.tokenizer_dir`)."""
-    return str(tokenizer_dir(model_args.model_name_or_path, model_args.adapters, model_args.tokenizer_name_or_path))
 
 
 def _config_dict(*arg_objects) -> dict:

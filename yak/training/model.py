@@ -10,7 +10,6 @@ import torch
 from yak import YakError
 from yak.formats import carries_lm_head
 from yak.modeling import (
-    ModelArguments,
     apply_adapters,
     compile_decoder_layers,
     is_tied,
@@ -20,21 +19,22 @@ from yak.modeling import (
     resize_and_init_embeddings,
     resize_for_adapters,
 )
+from yak.source import ModelSource
 from yak.tokenizer import load_tokenizer
-from yak.training.arguments import StageArguments, _tokenizer_dir
+from yak.training.arguments import StageArguments
 
 logger = logging.getLogger(__name__)
 
 
-def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenizer, training_args, model=None):
+def build_model(source: ModelSource, stage_args: StageArguments, tokenizer, training_args, model=None):
     """Load the base, bring the vocabulary to the tokenizer, apply earlier stages, prepare this stage.
 
     Without ``--adapters``, new rows are initialised from the base tokenizer's pieces; with them, the
     earlier stage's trained rows are used. Trainable weights are kept in fp32 (the optimizer's master
-    copy) while frozen weights stay in ``--torch_dtype``; under DeepSpeed, DeepSpeed does that itself.
+    copy) while frozen weights stay in ``--dtype``; under DeepSpeed, DeepSpeed does that itself.
 
     Args:
-        model: an already built base model to prepare instead of loading ``--model_name_or_path``
+        model: an already built base model to prepare instead of loading ``--base_model``
             (``bench/train_throughput.py`` builds one with random weights).
     """
     if model is None:
@@ -45,26 +45,26 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
             # accelerate sets it up on GPUs but not on the CPU (a no-op when it is already up)
             deepspeed.init_distributed()
         model = load_base_model(
-            model_args.model_name_or_path,
-            dtype=model_args.torch_dtype,
-            load_in_kbits=model_args.load_in_kbits,
-            attn_implementation=model_args.attn_implementation,
+            source.base_model,
+            dtype=source.dtype,
+            load_in_kbits=stage_args.load_in_kbits,
+            attn_implementation=stage_args.attn_implementation,
         )
     base_rows = model.config.vocab_size
-    if model_args.adapters:
-        resize_for_adapters(model, tokenizer, model_args.adapters, _tokenizer_dir(model_args))
-        model = apply_adapters(model, model_args.adapters)
+    if source.adapters:
+        resize_for_adapters(model, tokenizer, source.adapters, source.tokenizer_dir())
+        model = apply_adapters(model, source.adapters)
     else:
-        base_tok = load_tokenizer(model_args.base_tokenizer_name_or_path or model_args.model_name_or_path)
+        base_tok = load_tokenizer(stage_args.base_tokenizer_name_or_path or source.base_model)
         resize_and_init_embeddings(model, tokenizer, base_tok)
     model.config.use_cache = False
     if stage_args.uses_lora and model.config.vocab_size != base_rows:
         # the adapter would not carry the new tokens' rows: the output could never be loaded or merged
         saved = stage_args.saved_modules()
         lost = []
-        if "embed_tokens" not in saved and not model_args.adapters:  # with adapters, one brings the rows
+        if "embed_tokens" not in saved and not source.adapters:  # with adapters, one brings the rows
             lost.append("embed_tokens")
-        if not is_tied(model) and "lm_head" not in saved and not any(carries_lm_head(a) for a in model_args.adapters):
+        if not is_tied(model) and "lm_head" not in saved and not any(carries_lm_head(a) for a in source.adapters):
             lost.append("lm_head")
         if lost:
             raise YakError(
@@ -93,7 +93,7 @@ def build_model(model_args: ModelArguments, stage_args: StageArguments, tokenize
             keep_hidden_dtype(model, compute_dtype)
     if training_args.gradient_checkpointing and not model.get_input_embeddings().weight.requires_grad:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    if model_args.compile_layers:
+    if stage_args.compile_layers:
         compile_decoder_layers(model)
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())

@@ -19,10 +19,11 @@ from transformers import TrainerCallback, TrainingArguments
 
 from yak import YakError
 from yak.formats import base_record, require_adapters_fit
-from yak.modeling import ModelArguments, check_tokenizer_extends
+from yak.modeling import check_tokenizer_extends
 from yak.safe_load import check_pickles, guard_deepspeed
+from yak.source import ModelSource
 from yak.tokenizer import load_tokenizer
-from yak.training.arguments import StageArguments, _config_dict, _tokenizer_dir, check_args
+from yak.training.arguments import StageArguments, _config_dict, check_args
 from yak.training.model import build_model
 from yak.training.report import _summary_table, plot_losses
 from yak.training.run_folder import _leave_process_group, prepare_output_dir
@@ -71,7 +72,7 @@ def _save_final(trainer: YakTrainer, output_dir: str) -> None:
 
 
 def train_on_datasets(
-    model_args: ModelArguments,
+    source: ModelSource,
     stage_args: StageArguments,
     training_args: TrainingArguments,
     tokenizer,
@@ -84,7 +85,7 @@ def train_on_datasets(
     """Load and prepare the model, fix the schedule, train, save the output; return the summary.
 
     Args:
-        model_args, stage_args, training_args: the checked options.
+        source, stage_args, training_args: the checked options.
         tokenizer: the (merged) tokenizer; saved with every checkpoint.
         datasets: ``DatasetDict`` with ``train`` and optionally ``validation``.
         data_collator: makes batches of the datasets' rows.
@@ -102,7 +103,7 @@ def train_on_datasets(
             "split is empty: raise --validation_split_percentage above 0, or pass --eval_strategy no"
         )
     set_seed(training_args.seed)  # LoRA's A matrices are initialised at random: same seed, same run
-    model = build_model(model_args, stage_args, tokenizer, training_args)
+    model = build_model(source, stage_args, tokenizer, training_args)
     tokens_per_sample = tokens_per_sample or len(train_ds[0]["input_ids"])
     training_args, schedule = resolve_schedule(training_args, stage_args, len(train_ds), tokens_per_sample)
     trainer = YakTrainer(
@@ -115,8 +116,9 @@ def train_on_datasets(
         callbacks=list(callbacks),
         loraplus_lr_ratio=stage_args.loraplus_lr_ratio if stage_args.uses_lora else 1.0,
         embedding_learning_rate=stage_args.embedding_learning_rate,
-        base_model_name_or_path=model_args.model_name_or_path,
-        base_record=_base_record(model_args, training_args),
+        base_model_name_or_path=source.base_model,
+        base_record=_base_record(source, stage_args, training_args),
+        save_safetensors=stage_args.save_safetensors,
     )
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     _save_final(trainer, training_args.output_dir)
@@ -158,40 +160,40 @@ def train_on_datasets(
     return summary
 
 
-def _base_record(model_args: ModelArguments, training_args: TrainingArguments) -> dict | None:
+def _base_record(source: ModelSource, stage_args: StageArguments, training_args: TrainingArguments) -> dict | None:
     """What the outputs record as their base (yak_base.json); computed on the process that saves."""
     if not training_args.should_save:
         return None
-    base_tok = model_args.base_tokenizer_name_or_path
-    return base_record(model_args.model_name_or_path, load_tokenizer(base_tok) if base_tok else None)
+    base_tok = stage_args.base_tokenizer_name_or_path
+    return base_record(source.base_model, load_tokenizer(base_tok) if base_tok else None)
 
 
 def run_training(
-    model_args: ModelArguments,
+    source: ModelSource,
     stage_args: StageArguments,
     data_args,
     training_args: TrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
     """The whole run: check, claim output_dir, tokenizer, datasets, model, train, save. Returns the summary."""
-    training_args = check_args(model_args, stage_args, data_args, training_args)
+    training_args = check_args(source, stage_args, data_args, training_args)
     logger.info(
         "configuration:\n%s",
-        json.dumps(_config_dict(model_args, stage_args, data_args, training_args), indent=1, default=str),
+        json.dumps(_config_dict(source, stage_args, data_args, training_args), indent=1, default=str),
     )
-    resume = prepare_output_dir(model_args, stage_args, data_args, training_args)
+    resume = prepare_output_dir(source, stage_args, data_args, training_args)
     if resume:  # before anything is loaded: no code from a planted pickle, no checkpoint of another base
         check_pickles(resume)
-        require_adapters_fit(model_args.model_name_or_path, [resume])
+        require_adapters_fit(source.base_model, [resume])
     if training_args.deepspeed:
         guard_deepspeed()  # DeepSpeed would unpickle its states in full
-    tokenizer = load_tokenizer(_tokenizer_dir(model_args))
-    if not model_args.adapters:  # a tokenizer that does not extend the model's fails before the data work
-        base_dir = model_args.base_tokenizer_name_or_path or model_args.model_name_or_path
-        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), _tokenizer_dir(model_args), base_dir)
+    tokenizer = load_tokenizer(source.tokenizer_dir())
+    if not source.adapters:  # a tokenizer that does not extend the model's fails before the data work
+        base_dir = stage_args.base_tokenizer_name_or_path or source.base_model
+        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), source.tokenizer_dir(), base_dir)
     datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
     summary = train_on_datasets(
-        model_args,
+        source,
         stage_args,
         training_args,
         tokenizer,

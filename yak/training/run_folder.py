@@ -19,6 +19,7 @@ import torch
 from yak import YakError
 from yak.formats import RUN_FILE, adapter_kind
 from yak.io import atomic_write_json
+from yak.source import ModelSource
 from yak.training.arguments import _config_dict
 from yak.training.schedule import samples_per_step
 
@@ -35,7 +36,7 @@ COMPLETE_MARKER = "yak_checkpoint.json"  # written last: a checkpoint without it
 # they may change between restarts (e.g. on other hardware).
 RUN_IDENTITY = (
     # what is trained, on top of what
-    "task", "stage", "model_name_or_path", "tokenizer_name_or_path", "adapters",
+    "task", "stage", "base_model", "tokenizer_path", "adapters",
     "lora_rank", "lora_alpha", "lora_dropout", "trainable", "modules_to_save",
     # the data and its order (the samples of a step are the same on any number of processes whose
     # batch size x gradient accumulation x processes is the same)
@@ -47,7 +48,7 @@ RUN_IDENTITY = (
     "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
 )  # fmt: skip
 # the RUN_IDENTITY settings that name folders or files (a run file of an older version has them as typed)
-PATH_SETTINGS = ("model_name_or_path", "tokenizer_name_or_path", "adapters", "dataset_dir")
+PATH_SETTINGS = ("base_model", "tokenizer_path", "adapters", "dataset_dir")
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -63,10 +64,10 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 
 
-def _identity(model_args, stage_args, data_args, training_args) -> dict:
+def _identity(source, stage_args, data_args, training_args) -> dict:
     """The :data:`RUN_IDENTITY` settings of this run; None for those that do not apply to it."""
     settings = {
-        **dataclasses.asdict(model_args),
+        **dataclasses.asdict(source),
         **dataclasses.asdict(stage_args),
         **dataclasses.asdict(data_args),
         **training_args.to_dict(),  # enums as their values, as JSON keeps them
@@ -104,11 +105,12 @@ def _same_place(value):
     return value
 
 
-def _has_final_output(output_dir: Path) -> bool:
+def has_final_output(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds a finished run: its final descriptor is written last (``_save_final``)."""
     return any((output_dir / name).is_file() for name in ("yak_adapter.json", "adapter_config.json"))
 
 
-def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str | None:
+def prepare_output_dir(source, stage_args, data_args, training_args) -> str | None:
     """Claim ``output_dir`` for this run and return the checkpoint to resume from (or None).
 
     A folder holding another run (other settings), a finished run, or files that are not a Yak run is an
@@ -118,7 +120,7 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
     Every rank takes the same decisions and passes the same barriers; only rank 0 changes the folder.
     """
     out = Path(training_args.output_dir)
-    identity = _identity(model_args, stage_args, data_args, training_args)
+    identity = _identity(source, stage_args, data_args, training_args)
     run_file = out / RUN_FILE
     _barrier(training_args)  # every rank looks at the folder before rank 0 changes it
     delete = False
@@ -130,12 +132,14 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
                 f"output_dir {out} holds files that are not from a Yak run; choose an empty or new folder"
             )
         previous = json.loads(run_file.read_text(encoding="utf-8")).get("identity", {})
+        # a run file of an older version names the model options by the original flags
+        previous = {ModelSource.renamed().get(k, k): v for k, v in previous.items()}
         diff = _identity_differences(previous, identity)
         reason = (
             "holds another run, with other settings:\n  - " + "\n  - ".join(diff)
             if diff
             else "holds a finished run"
-            if _has_final_output(out)
+            if has_final_output(out)
             else None
         )
         if reason and not stage_args.overwrite_output_dir:
@@ -187,7 +191,7 @@ def prepare_output_dir(model_args, stage_args, data_args, training_args) -> str 
                 shutil.rmtree(c)
         atomic_write_json(
             run_file,
-            {"identity": identity, "config": _config_dict(model_args, stage_args, data_args, training_args)},
+            {"identity": identity, "config": _config_dict(source, stage_args, data_args, training_args)},
         )
     if resume:
         logger.info("resuming from %s", resume)

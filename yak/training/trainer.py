@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments
 
 from yak import YakError
-from yak.formats import BASE_FILE, adapter_weight_files, read_tensors
+from yak.formats import ADAPTER_WEIGHTS, BASE_FILE, read_weights, weights_in
 from yak.io import atomic_write_json
 from yak.modeling import embedding_keys, load_embeddings, save_embeddings
 from yak.tokenizer import save_tokenizer
@@ -80,6 +80,7 @@ class YakTrainer(Trainer):
         embedding_learning_rate: learning rate of the trained embeddings (None: ``learning_rate``).
         base_model_name_or_path: recorded in the stage-1 output.
         base_record: the base's identity, written as ``yak_base.json`` into every output and checkpoint.
+        save_safetensors: False writes PyTorch ``.bin`` weights (``--save_safetensors False``).
     """
 
     def __init__(
@@ -89,9 +90,11 @@ class YakTrainer(Trainer):
         embedding_learning_rate: float | None = None,
         base_model_name_or_path: str = "",
         base_record: dict | None = None,
+        save_safetensors: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.save_safetensors = save_safetensors
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.embedding_learning_rate = embedding_learning_rate
         self.base_model_name_or_path = base_model_name_or_path
@@ -129,13 +132,18 @@ class YakTrainer(Trainer):
             # save_embedding_layers=False: the trained embeddings are already in modules_to_save;
             # peft would otherwise add copies of the base embeddings because the vocabulary was resized
             self.model.save_pretrained(
-                output_dir, state_dict=state_dict, save_embedding_layers=False, safe_serialization=True
+                output_dir,
+                state_dict=state_dict,
+                save_embedding_layers=False,
+                safe_serialization=self.save_safetensors,
             )
         else:
             state = None
             if state_dict:
                 state = {k: state_dict[k].detach().cpu().contiguous() for k in embedding_keys(self.model)}
-            save_embeddings(self.model, output_dir, self.base_model_name_or_path, state=state)
+            save_embeddings(
+                self.model, output_dir, self.base_model_name_or_path, state=state, safetensors=self.save_safetensors
+            )
         if self.processing_class is not None:
             save_tokenizer(self.processing_class, output_dir)
         if self.base_record is not None:
@@ -171,7 +179,7 @@ class YakTrainer(Trainer):
 
         model = model or self.model
         if self._is_lora():
-            state = read_tensors(adapter_weight_files(resume_from_checkpoint))
+            state = read_weights(weights_in(resume_from_checkpoint, ADAPTER_WEIGHTS))
             result = set_peft_model_state_dict(model, state)
             if result.unexpected_keys:
                 raise YakError(
