@@ -30,7 +30,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 YAK = """
 from yak.merge import MergeArguments, merge
-merge(MergeArguments(base_model={base!r}, lora_model={adapter!r}, output_dir={out!r}, max_shard_size="1GB"))
+from yak.source import ModelSource
+merge(ModelSource({base!r}, [{adapter!r}]), MergeArguments(output_dir={out!r}, max_shard_size="1GB"))
 """
 NAIVE = """
 import torch

@@ -85,6 +85,29 @@ def test_resize_initialises_new_rows_as_mean_of_base_pieces(
         assert torch.equal(weight[:512], old)
 
 
+def test_resize_random_init_draws_new_rows_and_keeps_the_rest(tiny_model_dir, merged_tok_dir):
+    base_tok, tok = load_tokenizer(tiny_model_dir), load_tokenizer(merged_tok_dir)
+    mean_model = load_base_model(tiny_model_dir, dtype="float32")
+    resize_and_init_embeddings(mean_model, tok, base_tok)
+    drawn = []
+    for _ in range(2):
+        model = load_base_model(tiny_model_dir, dtype="float32")
+        old = model.get_input_embeddings().weight.detach().clone()
+        torch.manual_seed(7)
+        resize_and_init_embeddings(model, tok, base_tok, init="random")
+        w = model.get_input_embeddings().weight.detach()
+        assert torch.equal(w[:512], old)  # the base rows are untouched
+        assert torch.equal(w[len(tok) :], mean_model.get_input_embeddings().weight[len(tok) :])  # padding: mean
+        drawn.append(w[512 : len(tok)].clone())
+    assert torch.equal(drawn[0], drawn[1])  # the global seed makes it repeatable
+    new = drawn[0]  # (3000, 64): N(0, initializer_range), unlike the mean rows
+    std = load_base_model(tiny_model_dir).config.initializer_range
+    assert abs(new.std().item() - std) < 0.05 * std and abs(new.mean().item()) < 0.05 * std
+    assert not torch.allclose(new, mean_model.get_input_embeddings().weight[512 : len(tok)])
+    with pytest.raises(YakError, match="must be one of mean, random"):
+        resize_and_init_embeddings(model, tok, base_tok, init="zeros")
+
+
 def test_resize_refuses_a_tokenizer_that_is_not_an_extension(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     model = load_base_model(tiny_model_dir)

@@ -379,6 +379,8 @@ def test_bad_options_are_explained_before_anything_runs(pt_dir, tmp_path):
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--block_size", "1")))
     with pytest.raises(YakError, match="float16 trains on GPUs only"):  # was a dtype traceback at step 1
         run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--torch_dtype", "float16")))
+    with pytest.raises(YakError, match="--new_rows_init random initialises new rows of a base model"):
+        run_training(*parse_train_args(argv(pt_dir, tmp_path / "x", "--new_rows_init", "random", "--adapters", str(out))))
     assert "--block_size 1024 is longer than the model's context (512 positions" in message
     assert "--bf16 with float16 weights" in message and "--loraplus_lr_ratio must be >= 1" in message
     assert "either --max_train_tokens or --max_steps" in message

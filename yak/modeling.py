@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+NEW_ROWS_INIT = ("mean", "random")  # how resize_and_init_embeddings fills new rows
+
 
 @contextlib.contextmanager
 def gathered(params: Sequence[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
@@ -192,22 +194,28 @@ def _base_piece_ids(piece: str, base_tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
+def resize_and_init_embeddings(model, tokenizer, base_tokenizer, init: str = "mean") -> int:
     """Resize the vocabulary to ``len(tokenizer)`` padded to a multiple of 64 and initialise new rows.
 
     Each new token's row (in ``embed_tokens`` and, when untied, ``lm_head``) is the mean of the base model's
-    rows of the pieces that ``base_tokenizer`` splits that token into; padding rows beyond the tokenizer get
-    the mean of all base rows. Rows of existing tokens are untouched, so on text without new tokens the
-    hidden states and the logits of the old vocabulary are unchanged. Works under ZeRO-3.
+    rows of the pieces that ``base_tokenizer`` splits that token into (``init="mean"``), or drawn from
+    N(0, ``initializer_range``) as a freshly built model's rows are (``init="random"``: what the original
+    project's plain resize gave, kept for the ablation of bench/ablation.py). Padding rows beyond the
+    tokenizer get the mean of all base rows either way. Rows of existing tokens are untouched, so on text
+    without new tokens the hidden states and the logits of the old vocabulary are unchanged. Works under
+    ZeRO-3.
 
     Args:
         model: a causal LM (tied or untied embeddings).
         tokenizer: the merged tokenizer (the base pieces first, at their ids).
         base_tokenizer: the tokenizer the model was trained with.
+        init: ``"mean"`` or ``"random"`` (drawn from torch's global generator: seed it for a repeatable run).
 
     Returns:
         The new number of rows (unchanged if the model already has enough).
     """
+    if init not in NEW_ROWS_INIT:
+        raise YakError(f"new rows' initialisation must be one of {', '.join(NEW_ROWS_INIT)}, found {init!r}")
     check_tokenizer_extends(tokenizer, base_tokenizer)
     old_rows = embedding_rows(model)
     if old_rows < len(base_tokenizer):
@@ -230,20 +238,24 @@ def resize_and_init_embeddings(model, tokenizer, base_tokenizer) -> int:
     weights = [model.get_input_embeddings().weight]
     if not is_tied(model):
         weights.append(model.get_output_embeddings().weight)
+    std = getattr(model.config, "initializer_range", 0.02)
     with gathered(weights, modify=True):
         for w in weights:
             base_rows = w[:n_base].float()  # (V0, H); mean in fp32, then cast back
-            for i, ids in enumerate(sources):
-                w[n_base + i] = (base_rows[ids].mean(0) if ids else base_rows.mean(0)).to(w.dtype)
+            if init == "random":
+                w[n_base : len(tokenizer)] = torch.randn(len(sources), w.shape[1]).mul_(std).to(w)
+            else:
+                for i, ids in enumerate(sources):
+                    w[n_base + i] = (base_rows[ids].mean(0) if ids else base_rows.mean(0)).to(w.dtype)
             w[len(tokenizer) :] = base_rows.mean(0).to(w.dtype)
     logger.info(
-        "vocabulary: %d -> %d rows (%d tokens + %d padding); %d new rows initialised as the mean of "
-        "their base pieces",
+        "vocabulary: %d -> %d rows (%d tokens + %d padding); %d new rows initialised %s",
         old_rows,
         new_rows,
         len(tokenizer),
         new_rows - len(tokenizer),
         len(tokenizer) - n_base,
+        f"at random, N(0, {std:g})" if init == "random" else "as the mean of their base pieces",
     )
     return new_rows
 

@@ -210,6 +210,7 @@ def run_merge_export(v: Variables, extra: Sequence[str]) -> None:
     from yak.cli import verbose_logs
     from yak.gguf import GGUFArguments, export_gguf, gguf_howto, gguf_problems
     from yak.merge import MergeArguments, merge
+    from yak.source import ModelSource
 
     if extra:
         raise YakError(f"{WRAPPERS['merge-export']} takes no options ({' '.join(extra)}); set its variables instead "
@@ -226,12 +227,11 @@ def run_merge_export(v: Variables, extra: Sequence[str]) -> None:
                        + f"\n{gguf_howto()}; or run with GGUF=auto or GGUF=0")
     if v.flag("verbose"):
         verbose_logs()
-    lora_model = v("lora_model") or default_adapters()
-    merge(MergeArguments(base_model=v("base_model"), lora_model=lora_model, output_type="huggingface",
-                         output_dtype=v("output_dtype"), max_shard_size="5GB", output_dir=v("output_dir")))
+    source = ModelSource(base_model=v("base_model"), adapters=v("lora_model") or default_adapters(),
+                         dtype=v("output_dtype"))
+    merge(source, MergeArguments(output_type="huggingface", max_shard_size="5GB", output_dir=v("output_dir")))
     if v("pth_dir"):  # Meta's consolidated.NN.pth layout as well
-        merge(MergeArguments(base_model=v("base_model"), lora_model=lora_model, output_type="pth",
-                             output_dtype=v("output_dtype"), output_dir=v("pth_dir")))
+        merge(source, MergeArguments(output_type="pth", output_dir=v("pth_dir")))
     if mode == "0":
         print("GGUF=0: no GGUF export")
     elif missing:

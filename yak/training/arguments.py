@@ -18,7 +18,7 @@ from yak import YakError
 from yak.cli import parse_args
 from yak.formats import DTYPES, check_tokenizer_files
 from yak.io import inputs_inside
-from yak.modeling import kbits_problem
+from yak.modeling import NEW_ROWS_INIT, kbits_problem
 from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,15 @@ class StageArguments:
         metadata={
             "help": "The base model's original tokenizer, used to initialise each new embedding row as the "
             "mean of the vectors of the pieces it splits the new token into; default: the --base_model folder's."
+        },
+    )
+    new_rows_init: str = field(
+        default="mean",
+        metadata={
+            "help": "Initialisation of the new tokens' embedding rows: mean (of the vectors of the pieces the "
+            "base tokenizer splits each new token into) or random (normal with the model's "
+            "initializer_range, what the original project got; for ablations).",
+            "choices": list(NEW_ROWS_INIT),
         },
     )
     load_in_kbits: int = field(
@@ -247,6 +256,11 @@ def check_args(source: ModelSource, stage_args: StageArguments, data_args, train
             check_tokenizer_files(base_tok)
         except YakError as e:
             problems.append(f"--base_tokenizer_name_or_path: {e}")
+    if source.adapters and stage_args.new_rows_init != "mean":
+        problems.append(
+            f"--new_rows_init {stage_args.new_rows_init} initialises new rows of a base model; with --adapters "
+            "the rows come from the earlier stage: leave it out"
+        )
     kbits = kbits_problem(stage_args.load_in_kbits)  # the model loads only after the data work
     if kbits:
         problems.append(kbits)

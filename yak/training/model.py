@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 def build_model(source: ModelSource, stage_args: StageArguments, tokenizer, training_args, model=None):
     """Load the base, bring the vocabulary to the tokenizer, apply earlier stages, prepare this stage.
 
-    Without ``--adapters``, new rows are initialised from the base tokenizer's pieces; with them, the
+    Without ``--adapters``, new rows are initialised from the base tokenizer's pieces (or at random,
+    ``--new_rows_init random``); with them, the
     earlier stage's trained rows are used. Trainable weights are kept in fp32 (the optimizer's master
     copy) while frozen weights stay in ``--dtype``; under DeepSpeed, DeepSpeed does that itself.
 
@@ -56,7 +57,7 @@ def build_model(source: ModelSource, stage_args: StageArguments, tokenizer, trai
         model = apply_adapters(model, source.adapters)
     else:
         base_tok = load_tokenizer(stage_args.base_tokenizer_name_or_path or source.base_model)
-        resize_and_init_embeddings(model, tokenizer, base_tok)
+        resize_and_init_embeddings(model, tokenizer, base_tok, init=stage_args.new_rows_init)
     model.config.use_cache = False
     if stage_args.uses_lora and model.config.vocab_size != base_rows:
         # the adapter would not carry the new tokens' rows: the output could never be loaded or merged

@@ -36,7 +36,7 @@ COMPLETE_MARKER = "yak_checkpoint.json"  # written last: a checkpoint without it
 # they may change between restarts (e.g. on other hardware).
 RUN_IDENTITY = (
     # what is trained, on top of what
-    "task", "stage", "base_model", "tokenizer_path", "adapters",
+    "task", "stage", "base_model", "tokenizer_path", "new_rows_init", "adapters",
     "lora_rank", "lora_alpha", "lora_dropout", "trainable", "modules_to_save",
     # the data and its order (the samples of a step are the same on any number of processes whose
     # batch size x gradient accumulation x processes is the same)
