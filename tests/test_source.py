@@ -87,6 +87,6 @@ def test_problems_are_listed_with_the_option_or_the_model_name(stages, tmp_path)
     ]
     spec = ModelSpec.parse(f"yak={tmp_path},{s1}")
     assert spec.source == ModelSource(str(tmp_path), [str(s1)])
-    assert spec.problems() == [f"model yak: {tmp_path} is not a Hugging Face model folder (no config.json)"]
+    assert spec.problems() == [f"model yak: model folder {tmp_path} has no config.json; pass a Hugging Face model folder"]
     with pytest.raises(YakError, match="expected BASE"):
         ModelSpec.parse("yak=")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from yak import YakError
+from yak.formats import tokenizer_fingerprint
 from yak.io import atomic_write_json, content_hash
 from yak.outdir import cache_entry
 
@@ -350,14 +350,6 @@ def _encoder(backend_json: str):
     backend = Tokenizer.from_str(backend_json)
     backend.encode_special_tokens = True
     return backend
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """SHA-256 of the tokenizer's full serialization (vocabulary, merges, normalizer, special tokens) and its
-    EOS id: any change in how text becomes ids changes it; the folder's name does not."""
-    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    h.update(f"eos={tokenizer.eos_token_id}".encode())
-    return h.hexdigest()
 
 
 def _tokenize_chunks(batch: dict, backend_json: str, eos_id: int, add_eos: bool, block_size: int) -> dict:

@@ -30,7 +30,7 @@ def default_model(root: Path = ROOT) -> tuple[Path, str]:
     Args:
         root: the repository the shipped scripts run in.
     """
-    from yak.modeling import MERGE_FILE
+    from yak.formats import MERGE_FILE
 
     merged = [root / p for p in MERGED_OUTPUTS if (root / p / MERGE_FILE).is_file()]
     if merged:

@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from yak import YakError
+from yak.formats import check_model_folder, has_tokenizer
 from yak.outdir import cache_entry, inputs_inside, output_dir_problems, replace_dir
 
 logger = logging.getLogger(__name__)
@@ -253,9 +254,10 @@ def tokenizer_mismatches(gguf_file: Path, tokenizer_dir: Path, lines: list[str])
         ``(line, llama.cpp ids, Hugging Face ids)`` for every line that differs; empty when all agree.
     """
     import llama_cpp
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from yak.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
     out = []
     with contextlib.closing(llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)) as llm:
         for line in lines:
@@ -275,9 +277,11 @@ def export_gguf(args: GGUFArguments) -> list[Path]:
     model_dir = Path(args.model_dir)
     qtypes = [q.strip().lower() for q in args.quant_types.split(",") if q.strip()]
     problems = []
-    if not (model_dir / "config.json").is_file():
-        problems.append(f"--model_dir {model_dir}: no config.json; give a merged Hugging Face model folder")
-    if not any((model_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+    try:  # config, weights and tokenizer files whole; .bin pickles plain tensors
+        check_model_folder(model_dir, "--model_dir")
+    except YakError as e:
+        problems.append(f"{e}; give a merged Hugging Face model folder")
+    if not has_tokenizer(model_dir):
         problems.append(f"--model_dir {model_dir}: no tokenizer files; merge with the tokenizer copied")
     if args.outtype not in CONVERT_TYPES:
         problems.append(f"--outtype {args.outtype!r}: choose one of {', '.join(CONVERT_TYPES)}")

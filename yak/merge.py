@@ -30,35 +30,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from yak import YakError
-from yak.io import atomic_write_json, read_json, unreadable
-from yak.modeling import ADAPTER_WEIGHTS, DTYPES, EMBEDDINGS_FILES, MERGE_FILE, merged_adapters, weights_in
+from yak.formats import (
+    ADAPTER_WEIGHTS,
+    BASE_WEIGHTS,
+    DTYPES,
+    EMBED_KEY,
+    EMBEDDINGS_FILES,
+    LM_HEAD_KEY,
+    MERGE_FILE,
+    PEFT_PREFIX,
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_TORCH,
+    TOKENIZER_FILES,
+    YAK_ADAPTER_FILE,
+    WeightHandle,
+    WeightIndex,
+    adapter_base_problems,
+    base_record,
+    check_model_folder,
+    merged_adapters,
+    open_weights,
+    padded_vocab_size,
+    read_stage1,
+    weight_files,
+    weights_in,
+)
+from yak.io import atomic_write_json, read_json
 from yak.outdir import inputs_inside, output_dir_problems, replace_dir
 from yak.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
-PEFT_PREFIX = "base_model.model."
-STAGE1_FORMAT = "yak-embeddings"
-VOCAB_MULTIPLE = 64
-# Files that make up a tokenizer folder; copied verbatim so that llama.cpp's converter sees exactly what
-# transformers sees (tokenizer.model for the SentencePiece vocabulary, tokenizer.json for the fast one).
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
-# safetensors' dtype names (its format spec); only what Llama checkpoints hold.
-SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
-SAFETENSORS_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 # Meta splits its checkpoints for model parallelism by size: 7B -> 1 file, 13B -> 2, 33/34B -> 4, 65/70B -> 8.
 META_SHARDS_BY_HIDDEN = {4096: 1, 5120: 2, 6656: 4, 8192: 8}
 # Hugging Face name (after "model.layers.N.") -> Meta name (after "layers.N.") and the dimension Meta splits
@@ -74,8 +79,8 @@ META_LAYER_NAMES = {
     "input_layernorm.weight": ("attention_norm.weight", None),
     "post_attention_layernorm.weight": ("ffn_norm.weight", None),
 }
-META_TOP_NAMES = {EMBED: ("tok_embeddings.weight", 1), "model.norm.weight": ("norm.weight", None),
-                  LM_HEAD: ("output.weight", 0)}
+META_TOP_NAMES = {EMBED_KEY: ("tok_embeddings.weight", 1), "model.norm.weight": ("norm.weight", None),
+                  LM_HEAD_KEY: ("output.weight", 0)}
 
 
 @dataclass
@@ -102,83 +107,13 @@ class MergeArguments:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-class _Checkpoint:
-    """Names, shapes and lazy, memory-mapped access to the tensors of one or more weight files."""
-
-    def __init__(self, files: list[Path]):
-        self.files = files
-        self.file_of: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
-        for f in files:
-            with _open_weights(f) as h:
-                for k in h.keys():
-                    self.file_of[k] = f
-                    self.shapes[k], self.dtypes[k] = h.shape_dtype(k)
-
-
-def _read_checkpoint(files: list[Path], problems: list[str]) -> _Checkpoint | None:
+def _read_checkpoint(files: list[Path], problems: list[str]) -> WeightIndex | None:
     """The names and shapes of ``files``, or None with the problem noted (a truncated or corrupt file)."""
     try:
-        return _Checkpoint(files)
-    except Exception as e:  # noqa: BLE001 - safetensors and torch raise various types for a broken file
-        problems.append(str(unreadable(", ".join(map(str, files)), e)))
+        return WeightIndex(files)
+    except YakError as e:
+        problems.append(str(e))
         return None
-
-
-class _Handle:
-    """One open weight file: safetensors through ``safe_open`` or a .bin through ``torch.load(mmap=True)``."""
-
-    def __init__(self, path: Path, st=None, sd: dict | None = None):
-        self._path, self._st, self._sd = path, st, sd
-
-    def keys(self) -> list[str]:
-        return list(self._st.keys()) if self._st is not None else list(self._sd)
-
-    def shape_dtype(self, k: str) -> tuple[tuple[int, ...], torch.dtype]:
-        if self._st is not None:
-            s = self._st.get_slice(k)
-            return tuple(s.get_shape()), SAFETENSORS_TORCH.get(s.get_dtype(), torch.float32)
-        t = self._sd[k]
-        return tuple(t.shape), t.dtype
-
-    def get(self, k: str) -> torch.Tensor:
-        if self._sd is not None:
-            return self._sd[k]
-        # A fresh mapping per tensor: pages of a mapping count in the resident memory until it is closed,
-        # so one mapping held for the whole file grows to the file's size (measured on bench/merge_memory.py,
-        # 0.74 GiB shards: peak 1.74 GiB with one mapping per file, 0.87 GiB with one per tensor).
-        with safe_open(str(self._path), framework="pt", device="cpu") as st:
-            return st.get_tensor(k)
-
-
-@contextmanager
-def _open_weights(path: Path) -> Iterator[_Handle]:
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as st:
-            yield _Handle(path, st=st)
-        return
-    try:  # zip-format .bin files map lazily; legacy pickles must be read whole
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    yield _Handle(path, sd=sd)
-    del sd
-
-
-def _weight_files(folder: Path, stems: tuple[str, ...]) -> list[Path] | None:
-    """The weight files of ``folder``: the first of ``stems`` (e.g. ``model.safetensors``) found alone or
-    through its ``.index.json``."""
-    for stem in stems:
-        index = folder / f"{stem}.index.json"
-        if index.is_file():
-            return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        if (folder / stem).is_file():
-            return [folder / stem]
-    return None
-
-
-BASE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -190,7 +125,7 @@ class _Step:
 
     path: Path
     kind: str  # "stage1" or "lora"
-    weights: _Checkpoint
+    weights: WeightIndex
     replacements: dict[str, str] = field(default_factory=dict)  # base name -> key in weights
     loras: dict[str, tuple[str, str, float, bool]] = field(default_factory=dict)  # name -> (A, B, scale, emb)
     ties_lm_head: bool = False  # when given the embedding only, lm_head keeps following it
@@ -204,7 +139,7 @@ class _Op:
 
 @dataclass
 class _Plan:
-    base: _Checkpoint
+    base: WeightIndex
     steps: list[_Step]
     ops: dict[str, list[_Op]]  # output name -> ops, in order
     source: dict[str, str]  # output name -> base tensor it starts from
@@ -232,24 +167,19 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
     """Read one --adapters folder (stage-1 output or peft LoRA adapter); report what is wrong with it."""
     if not path.is_dir():  # reported by ModelSource.problems
         return None
-    if (path / "yak_adapter.json").is_file():
-        meta = _read_json(path / "yak_adapter.json", problems)
+    if (path / YAK_ADAPTER_FILE).is_file():
+        try:
+            meta = read_stage1(path)
+        except YakError as e:
+            problems.append(str(e))
+            return None
         emb = weights_in(path, EMBEDDINGS_FILES)
-        if meta is None:
-            return None
-        if meta.get("format") != STAGE1_FORMAT or meta.get("version") != 1:
-            problems.append(f"{path / 'yak_adapter.json'}: format {meta.get('format')!r} version "
-                            f"{meta.get('version')!r}; expected {STAGE1_FORMAT!r} version 1")
-            return None
-        if emb is None:
-            problems.append(f"{path}: stage-1 output without {' or '.join(EMBEDDINGS_FILES)}")
-            return None
         w = _read_checkpoint([emb], problems)
         if w is None:
             return None
-        extra = set(w.shapes) - {EMBED, LM_HEAD}
-        if extra or EMBED not in w.shapes:
-            problems.append(f"{emb}: expected {EMBED} (and {LM_HEAD} when untied), found {sorted(w.shapes)}")
+        extra = set(w.shapes) - {EMBED_KEY, LM_HEAD_KEY}
+        if extra or EMBED_KEY not in w.shapes:
+            problems.append(f"{emb}: expected {EMBED_KEY} (and {LM_HEAD_KEY} when untied), found {sorted(w.shapes)}")
             return None
         return _Step(path, "stage1", w, replacements={k: k for k in w.shapes},
                      ties_lm_head=bool(meta.get("tie_word_embeddings", False)))
@@ -259,7 +189,7 @@ def _load_step(path: Path, problems: list[str]) -> _Step | None:
                         f"yak_adapter.json (stage-1 output); found {have}")
         return None
     cfg = _read_json(path / "adapter_config.json", problems)
-    files = _weight_files(path, ADAPTER_WEIGHTS)
+    files = weight_files(path, ADAPTER_WEIGHTS)
     if cfg is None:
         return None
     if files is None:
@@ -319,20 +249,11 @@ def _delta_shape(step: _Step, name: str) -> tuple[int, ...]:
     return out[::-1] if emb else out  # peft's embedding LoRA stores the transposed factors
 
 
-def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    """The vocabulary size training resizes to: the tokenizer's length padded up to ``multiple``."""
-    return -(-n // multiple) * multiple
-
-
 def _parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
     if not m:
         raise YakError(f"--max_shard_size {text!r}: expected a size such as 2GB or 500MB")
     return int(float(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2]])
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in ("tokenizer.model", "tokenizer.json"))
 
 
 def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
@@ -347,18 +268,22 @@ def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
     if args.output_type not in ("huggingface", "pth"):
         problems.append(f"--output_type {args.output_type!r}: choose huggingface or pth")
     has_base = bool(source.base_model) and base_dir.is_dir()  # else a problem already
-    config = _read_json(base_dir / "config.json", problems) if has_base else None
-    files = _weight_files(base_dir, BASE_WEIGHTS) if has_base else None
-    if has_base and files is None:
-        problems.append(f"--base_model {base_dir}: no model.safetensors, pytorch_model.bin or their "
-                        f"index; found {sorted(p.name for p in base_dir.iterdir())[:12]}")
-    elif has_base and (missing := [str(f) for f in files if not f.is_file()]):
-        problems.append(f"--base_model: the index names shards that are missing: {missing}")
-        files = None
+    try:
+        config = check_model_folder(base_dir, "--base_model") if has_base else None
+        files = weight_files(base_dir, BASE_WEIGHTS) if has_base else None
+    except YakError as e:
+        problems.append(str(e))
+        config = files = None
     lora_dirs = [Path(p) for p in source.adapters]
     if not lora_dirs:
         problems.append("--adapters: give at least one adapter or stage-1 folder")
     steps = [s for s in (_load_step(p, problems) for p in lora_dirs) if s is not None]
+    if config is not None and len(steps) == len(lora_dirs):
+        misfits, warnings = adapter_base_problems(base_dir, lora_dirs)
+        for w in warnings:
+            logger.warning("%s", w)
+        if misfits:  # the per-tensor checks below would only repeat them
+            raise YakError("cannot merge:\n  - " + "\n  - ".join(problems + misfits))
     if config is not None and config.get("model_type") not in ("llama", None):
         problems.append(f"{base_dir / 'config.json'}: model_type {config.get('model_type')!r}; only Llama "
                         "models are supported")
@@ -371,9 +296,9 @@ def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
     tied = bool(config.get("tie_word_embeddings", False))
     names = [k for k in base.shapes if not k.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
     if tied:
-        names = [k for k in names if k != LM_HEAD]
-    if EMBED not in base.shapes:
-        raise YakError(f"--base_model {base_dir}: no {EMBED}; not a Llama causal LM checkpoint")
+        names = [k for k in names if k != LM_HEAD_KEY]
+    if EMBED_KEY not in base.shapes:
+        raise YakError(f"--base_model {base_dir}: no {EMBED_KEY}; not a Llama causal LM checkpoint")
     shapes = {k: base.shapes[k] for k in names}
     ops: dict[str, list[_Op]] = {k: [] for k in names}
     starts = {k: k for k in names}  # output name -> base tensor it starts from
@@ -381,13 +306,13 @@ def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
     for step in steps:
         touched = list(step.replacements) + [k for k in step.loras if k not in step.replacements]
         if lm_follows and step.ties_lm_head:  # peft's ensure_weight_tying: one matrix serves both layers,
-            touched = [k for k in touched if k != LM_HEAD]  # stored twice; the embedding's copy is used
-        elif lm_follows and (LM_HEAD in touched or EMBED in touched):
+            touched = [k for k in touched if k != LM_HEAD_KEY]  # stored twice; the embedding's copy is used
+        elif lm_follows and (LM_HEAD_KEY in touched or EMBED_KEY in touched):
             # lm_head stops following the embedding here (peft trains a separate copy, or leaves the
             # original in place); it inherits the embedding's history so far.
             lm_follows = False
-            ops[LM_HEAD], shapes[LM_HEAD], starts[LM_HEAD] = list(ops[EMBED]), shapes[EMBED], EMBED
-            names.insert(names.index(EMBED) + 1, LM_HEAD)
+            ops[LM_HEAD_KEY], shapes[LM_HEAD_KEY], starts[LM_HEAD_KEY] = list(ops[EMBED_KEY]), shapes[EMBED_KEY], EMBED_KEY
+            names.insert(names.index(EMBED_KEY) + 1, LM_HEAD_KEY)
         elif step.kind == "stage1" and not tied and step.ties_lm_head:
             problems.append(f"{step.path / 'yak_adapter.json'}: tie_word_embeddings is true but the base "
                             f"model's embeddings are untied; this stage-1 output was made for another base")
@@ -399,7 +324,7 @@ def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
                 continue
             if name in step.replacements:
                 new = step.weights.shapes[step.replacements[name]]
-                resizable = name in (EMBED, LM_HEAD) and len(new) == 2 and new[1] == shapes[name][1]
+                resizable = name in (EMBED_KEY, LM_HEAD_KEY) and len(new) == 2 and new[1] == shapes[name][1]
                 if new != shapes[name] and not resizable:
                     problems.append(f"{step.path}: {name} has shape {list(new)}, the base model's "
                                     f"{list(shapes[name])}; the adapter was made for another base model")
@@ -410,33 +335,33 @@ def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
                 d = _delta_shape(step, name)
                 if d != shapes[name]:
                     hint = ("the vocabulary was resized but no stage-1 output or modules_to_save supplies "
-                            "the resized embedding" if name in (EMBED, LM_HEAD)
+                            "the resized embedding" if name in (EMBED_KEY, LM_HEAD_KEY)
                             else "the adapter was made for another base model")
                     problems.append(f"{step.path}: LoRA update of {name} has shape {list(d)}, the weight "
                                     f"{list(shapes[name])}; {hint}")
                     continue
                 ops[name].append(_Op(step, "lora"))
-    vocab = shapes[EMBED][0]
-    if not lm_follows and shapes[LM_HEAD][0] != vocab:
-        problems.append(f"lm_head keeps {shapes[LM_HEAD][0]} rows while the embedding has {vocab}: the "
+    vocab = shapes[EMBED_KEY][0]
+    if not lm_follows and shapes[LM_HEAD_KEY][0] != vocab:
+        problems.append(f"lm_head keeps {shapes[LM_HEAD_KEY][0]} rows while the embedding has {vocab}: the "
                         "adapters must carry lm_head too (modules_to_save) or keep it tied")
 
     tok_dir = Path(source.tokenizer_dir())
     n_tok = _tokenizer_length(tok_dir, problems)
-    base_vocab = config.get("vocab_size", base.shapes[EMBED][0])
+    base_vocab = config.get("vocab_size", base.shapes[EMBED_KEY][0])
     if n_tok is not None:
         if n_tok > vocab:
             problems.append(f"tokenizer {tok_dir} has {n_tok} tokens but the merged embeddings have {vocab} "
                             "rows: tokens without embeddings. Give the adapter's own tokenizer "
                             "(--tokenizer_path) or the adapter that carries the resized embeddings")
-        elif vocab != base_vocab and vocab != pad_vocab(n_tok):
-            problems.append(f"tokenizer {tok_dir} has {n_tok} tokens (padded to {pad_vocab(n_tok)}) but the "
+        elif vocab != base_vocab and vocab != padded_vocab_size(n_tok):
+            problems.append(f"tokenizer {tok_dir} has {n_tok} tokens (padded to {padded_vocab_size(n_tok)}) but the "
                             f"merged embeddings have {vocab} rows; the adapters were trained with another "
                             "tokenizer: pass it with --tokenizer_path")
 
     if source.dtype == "auto":
         dtype = DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or ""),
-                           base.dtypes[EMBED] if base.dtypes[EMBED] in SAFETENSORS_DTYPES else torch.float32)
+                           base.dtypes[EMBED_KEY] if base.dtypes[EMBED_KEY] in SAFETENSORS_DTYPES else torch.float32)
     else:
         dtype = DTYPES.get(source.dtype, torch.float16)
     out = Path(args.output_dir).resolve()
@@ -463,16 +388,12 @@ def plan_merge(source: ModelSource, args: MergeArguments) -> _Plan:
 
 
 def _tokenizer_length(folder: Path, problems: list[str]) -> int | None:
-    from transformers import AutoTokenizer
+    from yak.tokenizer import load_tokenizer
 
-    if not _has_tokenizer(folder):
-        problems.append(f"tokenizer folder {folder} has neither tokenizer.model nor tokenizer.json; "
-                        "pass --tokenizer_path")
-        return None
     try:
-        return len(AutoTokenizer.from_pretrained(folder))
-    except Exception as e:  # noqa: BLE001 - any loading failure is reported to the user
-        problems.append(f"tokenizer {folder}: cannot load ({e})")
+        return len(load_tokenizer(folder))
+    except YakError as e:
+        problems.append(f"{e}; or pass --tokenizer_path")
         return None
 
 
@@ -489,13 +410,13 @@ class _Inputs:
 
     def __init__(self, plan: _Plan, stack: ExitStack):
         self.plan = plan
-        self.steps: dict[Path, dict[Path, _Handle]] = {
-            s.path: {f: stack.enter_context(_open_weights(f)) for f in s.weights.files} for s in plan.steps}
+        self.steps: dict[Path, dict[Path, WeightHandle]] = {
+            s.path: {f: stack.enter_context(open_weights(f)) for f in s.weights.files} for s in plan.steps}
 
     def adapter_tensor(self, step: _Step, key: str) -> torch.Tensor:
         return self.steps[step.path][step.weights.file_of[key]].get(key)
 
-    def compute(self, name: str, base: _Handle) -> torch.Tensor:
+    def compute(self, name: str, base: WeightHandle) -> torch.Tensor:
         """The merged tensor ``name`` in the output dtype (float32 arithmetic)."""
         ops = self.plan.ops[name]
         last = max((i for i, op in enumerate(ops) if op.kind == "replace"), default=None)
@@ -532,7 +453,7 @@ def _iter_merged(plan: _Plan) -> Iterator[tuple[str, torch.Tensor]]:
             names = [k for k in plan.order if plan.group[k] == f]
             if not names:
                 continue
-            with _open_weights(f) as base:
+            with open_weights(f) as base:
                 for name in names:
                     logger.debug("%s %s %s from %s", name, tuple(plan.shapes[name]),
                                  str(plan.dtype).removeprefix("torch."), f.name)
@@ -631,7 +552,7 @@ def _check_pth(config: dict, shapes: dict, args: MergeArguments, problems: list[
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     mp = args.num_shards or META_SHARDS_BY_HIDDEN.get(hidden, 1)
-    vocab = shapes[EMBED][0]
+    vocab = shapes[EMBED_KEY][0]
     for what, n in [("hidden_size", hidden), ("num_key_value_heads", kv), ("intermediate_size",
                     config["intermediate_size"]), ("vocab_size", vocab)]:
         if n % mp:
@@ -692,11 +613,11 @@ def _write_pth(plan: _Plan, out: Path, num_shards: int | None) -> list[str]:
     kv = cfg.get("num_key_value_heads") or heads
     names = list(plan.order)
     if plan.tied:  # Meta has no tying: output.weight is written, right after the embedding it copies
-        names.insert(names.index(EMBED) + 1, LM_HEAD)
+        names.insert(names.index(EMBED_KEY) + 1, LM_HEAD_KEY)
     specs: list[list] = [[] for _ in range(mp)]
     for name in names:
         meta, dim = meta_name(name)
-        shape = list(plan.shapes[EMBED if name == LM_HEAD and plan.tied else name])
+        shape = list(plan.shapes[EMBED_KEY if name == LM_HEAD_KEY and plan.tied else name])
         if dim is not None:
             shape[dim] //= mp
         for s in specs:
@@ -706,7 +627,7 @@ def _write_pth(plan: _Plan, out: Path, num_shards: int | None) -> list[str]:
     parts = [out / f".consolidated.{i:02d}.safetensors" for i in range(mp)]
     writers = [StreamingSafetensorsWriter(p, s) for p, s in zip(parts, specs)]
     for name, tensor in _iter_merged(plan):
-        for hf_name in [name, LM_HEAD] if plan.tied and name == EMBED else [name]:
+        for hf_name in [name, LM_HEAD_KEY] if plan.tied and name == EMBED_KEY else [name]:
             meta, dim = meta_name(hf_name)
             if hf_name.endswith("q_proj.weight"):
                 tensor = unpermute(tensor, heads)
@@ -772,8 +693,10 @@ def merge(source: ModelSource, args: MergeArguments) -> Path:
             if (plan.tokenizer_dir / name).is_file():
                 shutil.copy2(plan.tokenizer_dir / name, tmp / name)
         # what is merged in (also what the base had), so that nobody applies it a second time on top
+        # and the base it all applies to, for the adapter <-> base check of what is later applied on top
         atomic_write_json(tmp / MERGE_FILE, {"base_model": str(plan.base_dir.resolve()), "adapters": [
-            *merged_adapters(plan.base_dir), *(str(s.path.resolve()) for s in plan.steps)]})
+            *merged_adapters(plan.base_dir), *(str(s.path.resolve()) for s in plan.steps)],
+            "base_record": base_record(plan.base_dir)})
     rows = [
         ("inputs applied", " -> ".join([plan.base_dir.name] + [s.path.name for s in plan.steps])),
         ("tensors", str(len(plan.order))),

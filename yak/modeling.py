@@ -19,7 +19,27 @@ from typing import TYPE_CHECKING
 import torch
 
 from yak import YakError
-from yak.io import atomic_write_json, read_json, unreadable
+from yak.formats import (
+    DTYPES,
+    EMBED_KEY,
+    EMBEDDINGS_FILE,
+    EMBEDDINGS_FILES,
+    LM_HEAD_KEY,
+    VOCAB_MULTIPLE,
+    YAK_ADAPTER_FILE,
+    YAK_ADAPTER_FORMAT,
+    YAK_ADAPTER_VERSION,
+    adapter_kind,
+    adapter_vocab_rows,
+    carries_lm_head,
+    check_model_folder,
+    has_tokenizer,
+    padded_vocab_size,
+    read_stage1,
+    read_weights,
+    weights_in,
+)
+from yak.io import atomic_write_json
 from yak.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -27,26 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VOCAB_MULTIPLE = 64  # rows padded to a multiple of 64: tensor-core friendly, the usual choice (LLaMA-Factory)
-EMBEDDINGS_FILE = "embeddings.safetensors"
-# The weight files of a stage-1 output and of a LoRA adapter: safetensors, or PyTorch .bin files (a torch.save of
-# the state dict, train.py --save_safetensors False, as the original project wrote), read with weights_only=True.
-EMBEDDINGS_FILES = (EMBEDDINGS_FILE, "embeddings.bin")
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-YAK_ADAPTER_FILE = "yak_adapter.json"
-RUN_FILE = "yak_run.json"  # a training output's settings, with the --adapters it was trained on top of
-MERGE_FILE = "yak_merge.json"  # in a merged model: the folders merged into it (merge_lora_low_mem.py)
-YAK_ADAPTER_FORMAT = "yak-embeddings"
-YAK_ADAPTER_VERSION = 1
-EMBED_KEY = "model.embed_tokens.weight"
-LM_HEAD_KEY = "lm_head.weight"
-# Key names of the full embedding matrices inside a peft adapter (modules_to_save), without the
-# ".modules_to_save.<adapter>" part, which peft strips when saving.
-PEFT_EMBED_KEY = "base_model.model." + EMBED_KEY
-PEFT_LM_HEAD_KEY = "base_model.model." + LM_HEAD_KEY
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
-NEW_ROWS_INIT = ("mean", "random")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NEW_ROWS_INIT = ("mean", "random")  # how resize_and_init_embeddings fills new rows
 
 
 @contextlib.contextmanager
@@ -74,11 +75,6 @@ def embedding_rows(model) -> int:
     return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
-def padded_vocab_size(n: int) -> int:
-    """``n`` rounded up to a multiple of :data:`VOCAB_MULTIPLE`."""
-    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
 def resolve_dtype(name: str | torch.dtype) -> str | torch.dtype:
     """``"auto"`` stays ``"auto"`` (the checkpoint's own dtype); a name becomes a ``torch.dtype``."""
     if isinstance(name, torch.dtype) or name == "auto":
@@ -95,7 +91,11 @@ def load_base_model(
     load_in_kbits: int = 16,
     attn_implementation: str | None = None,
 ):
-    """Load a causal LM from a Hugging Face folder, safetensors weights only.
+    """Load a causal LM from a Hugging Face folder: safetensors, or ``.bin`` weights holding plain tensors.
+
+    The folder is checked first (:func:`yak.formats.check_model_folder`): a broken ``config.json``, a weight
+    file cut short or a pickle that is not plain tensors is a one-line error naming the file. transformers
+    reads ``.bin`` files with ``weights_only=True``.
 
     Args:
         path: the model folder.
@@ -105,19 +105,11 @@ def load_base_model(
         load_in_kbits: 4 or 8 to quantize the weights with bitsandbytes; 16 for none.
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ...).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise YakError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
-    if not any(path.glob("*.safetensors")):
-        found = sorted(p.name for p in path.iterdir())
-        raise YakError(
-            f"model folder {path} has no *.safetensors weights (found: {', '.join(found)}); only safetensors "
-            "are loaded, because pickled .bin files can execute code. Convert them once with "
-            "transformers (from_pretrained + save_pretrained) in a trusted environment."
-        )
-    kwargs = {"dtype": resolve_dtype(dtype), "use_safetensors": True, "trust_remote_code": False}
+    check_model_folder(path)
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     problem = kbits_problem(load_in_kbits)
@@ -130,7 +122,6 @@ def load_base_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device is not None:
         kwargs["device_map"] = {"": device}
-    AutoConfig.from_pretrained(str(path), trust_remote_code=False)  # a clear error on a broken config first
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (ValueError, ImportError) as e:
@@ -328,54 +319,11 @@ def save_embeddings(
     )
 
 
-def _read_stage1(folder: Path) -> dict:
-    info = read_json(folder / YAK_ADAPTER_FILE)
-    if info.get("format") != YAK_ADAPTER_FORMAT or info.get("version") != YAK_ADAPTER_VERSION:
-        raise YakError(
-            f"{folder / YAK_ADAPTER_FILE}: format {info.get('format')!r} version "
-            f"{info.get('version')!r} is not {YAK_ADAPTER_FORMAT!r} version {YAK_ADAPTER_VERSION}"
-        )
-    if weights_in(folder, EMBEDDINGS_FILES) is None:
-        raise YakError(f"{folder} has {YAK_ADAPTER_FILE} but no {' or '.join(EMBEDDINGS_FILES)}")
-    return info
-
-
-def weights_in(folder: Path, names: Sequence[str]) -> Path | None:
-    """The first of the weight files ``names`` that ``folder`` holds (None: none)."""
-    return next((folder / n for n in names if (folder / n).is_file()), None)
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, or of a PyTorch ``.bin`` file loaded with ``weights_only=True`` (a
-    pickle that holds anything but tensors is refused, nothing in it runs); a broken file is a YakError."""
-    from safetensors.torch import load_file
-
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # safetensors and torch raise various types for a broken file
-        raise unreadable(path, e) from e
-
-
-def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors of a weight file, without reading the tensors of a safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
-    if path.suffix != ".safetensors":
-        return {k: tuple(t.shape) for k, t in read_weights(path).items()}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a container)
-    except (OSError, SafetensorError) as e:  # a file cut short: the header covers the data
-        raise unreadable(path, e) from e
-
-
 @torch.no_grad()
 def load_embeddings(model, folder: str | os.PathLike) -> None:
     """Copy stage-1 embeddings into ``model`` (already resized to the same number of rows)."""
     folder = Path(folder)
-    info = _read_stage1(folder)
+    info = read_stage1(folder)
     state = read_weights(weights_in(folder, EMBEDDINGS_FILES))
     rows = embedding_rows(model)
     problems = []
@@ -398,96 +346,6 @@ def load_embeddings(model, folder: str | os.PathLike) -> None:
     with gathered(list(targets.values()), modify=True):
         for key, w in targets.items():
             w.copy_(state[key].to(w.dtype))
-
-
-def adapter_kind(folder: str | os.PathLike) -> str:
-    """``"embeddings"`` (stage 1) or ``"lora"`` (peft adapter); raise for anything else.
-
-    The folder's files are checked here, before anything large is loaded: a JSON file that is not JSON or a
-    weight file cut short is a :class:`YakError` naming the file, not a traceback from deep in peft.
-    """
-    folder = Path(folder)
-    if (folder / YAK_ADAPTER_FILE).is_file():
-        _read_stage1(folder)
-        weight_shapes(weights_in(folder, EMBEDDINGS_FILES))
-        return "embeddings"
-    if (folder / "adapter_config.json").is_file():
-        weights = weights_in(folder, ADAPTER_WEIGHTS)
-        if weights is None:
-            raise YakError(f"adapter {folder} has no {' or '.join(ADAPTER_WEIGHTS)}")
-        read_json(folder / "adapter_config.json")
-        weight_shapes(weights)
-        return "lora"
-    if not folder.is_dir():
-        raise YakError(f"adapter folder {folder} does not exist")
-    raise YakError(
-        f"{folder} is neither a stage-1 output ({YAK_ADAPTER_FILE}) nor a peft adapter (adapter_config.json)"
-    )
-
-
-def adapter_order_problems(base_model: str | os.PathLike | None, adapters: Sequence[str | os.PathLike]) -> list[str]:
-    """Adapters that cannot apply in this order on this base, as the folders' own records say.
-
-    Stages apply in the order they were trained (stage 1, CPT, SFT): a folder must not come after one that
-    its ``yak_run.json`` says was trained on top of it (the reverse order loads without error but gives the
-    earlier stage's embeddings). A folder that the base's ``yak_merge.json`` lists is merged into it already
-    (applying it again adds its LoRA update twice). Folders moved since are not recognised, so this never
-    refuses a correct list.
-    """
-    resolved = [Path(a).resolve() for a in adapters]
-    problems = []
-    for i, folder in enumerate(adapters):
-        for earlier in _recorded(Path(folder) / RUN_FILE, ("identity", "adapters")):
-            if Path(earlier).resolve() in resolved[i + 1:]:
-                problems.append(f"{folder} was trained on top of {earlier}, so it must come after it "
-                                "(order: stage 1, stage 2 / CPT, SFT)")
-    merged = {Path(p).resolve() for p in merged_adapters(base_model)} if base_model else set()
-    problems += [f"{a} is merged into {base_model} already; leave it out" for a, r in zip(adapters, resolved)
-                 if r in merged]
-    return problems
-
-
-def merged_adapters(model_dir: str | os.PathLike) -> list[str]:
-    """The folders merged into ``model_dir`` as its ``yak_merge.json`` lists them (empty for other models)."""
-    return _recorded(Path(model_dir) / MERGE_FILE, ("adapters",))
-
-
-def _recorded(path: Path, keys: tuple[str, ...]) -> list[str]:
-    """The list of folders at ``keys`` in a JSON record of a Yak output; empty when there is none."""
-    if not path.is_file():  # not a Yak output: nothing recorded
-        return []
-    try:
-        value = read_json(path)
-        for key in keys:
-            value = value[key]
-    except (YakError, KeyError, TypeError):  # unreadable, or written by another version: nothing to check
-        return []
-    return value if isinstance(value, list) else []
-
-
-def adapter_vocab_rows(folder: str | os.PathLike) -> int | None:
-    """Number of embedding rows an adapter folder carries (None if it carries no embeddings)."""
-    folder = Path(folder)
-    if adapter_kind(folder) == "embeddings":
-        return int(_read_stage1(folder)["vocab_size"])
-    shape = weight_shapes(weights_in(folder, ADAPTER_WEIGHTS)).get(PEFT_EMBED_KEY)
-    return int(shape[0]) if shape else None
-
-
-def has_tokenizer(folder: str | os.PathLike) -> bool:
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
-
-
-def tokenizer_dir(
-    base_model: str | os.PathLike,
-    adapters: Sequence[str | os.PathLike] = (),
-    tokenizer_path: str | os.PathLike | None = None,
-) -> Path:
-    """The tokenizer of a model: ``tokenizer_path`` when given, else the last adapter folder that has one (the
-    tokenizer a stage was trained with is saved in its output), else the base model's own."""
-    if tokenizer_path:
-        return Path(tokenizer_path)
-    return next((Path(a) for a in reversed(adapters) if has_tokenizer(a)), Path(base_model))
 
 
 def apply_adapters(model, adapters: Sequence[str | os.PathLike]):
@@ -549,14 +407,6 @@ def resize_for_adapters(model, tokenizer, adapters: Sequence[str | os.PathLike],
         )
     if target != rows:
         model.resize_token_embeddings(target, mean_resizing=False)
-
-
-def carries_lm_head(folder: str | os.PathLike) -> bool:
-    """Whether an adapter folder brings a full ``lm_head`` matrix (untied stage-1 output, or modules_to_save)."""
-    folder = Path(folder)
-    if adapter_kind(folder) == "embeddings":
-        return not _read_stage1(folder)["tie_word_embeddings"]
-    return PEFT_LM_HEAD_KEY in weight_shapes(weights_in(folder, ADAPTER_WEIGHTS))
 
 
 def load_model_and_tokenizer(source: ModelSource, device: str | None = "auto", attn_implementation: str | None = None):

@@ -17,7 +17,6 @@ tokens of every assistant answer, including the end-of-sequence token the templa
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from yak import YakError
+from yak.formats import tokenizer_fingerprint
 from yak.io import content_hash
 from yak.outdir import cache_entry
 from yak.template import LLAMA2_CHAT_TEMPLATE
@@ -427,12 +427,6 @@ def _pack_batch(batch: dict, max_seq_length: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
-    h.update(json.dumps([tokenizer.special_tokens_map, tokenizer.chat_template], sort_keys=True).encode())
-    return h.hexdigest()
-
-
 def _ensure_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise YakError(
@@ -497,7 +491,7 @@ def build_sft_datasets(tokenizer, args: SFTDataArguments, seed: int = 42):
         key = content_hash(
             files,
             {
-                "tokenizer": _tokenizer_fingerprint(tokenizer),
+                "tokenizer": tokenizer_fingerprint(tokenizer),
                 "seed": seed,
                 "version": CACHE_VERSION,
                 **options,

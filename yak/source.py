@@ -8,12 +8,23 @@ script, ``--lora_model`` of its merge and inference scripts) are aliases.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from yak import YakError
-from yak.modeling import DTYPES, adapter_kind, adapter_order_problems, tokenizer_dir
+from yak.formats import (
+    DTYPES,
+    adapter_base_problems,
+    adapter_kind,
+    adapter_order_problems,
+    check_model_folder,
+    check_tokenizer_files,
+    tokenizer_dir,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def split_folders(values) -> list[str]:
@@ -92,8 +103,10 @@ class ModelSource:
 
         Args:
             where: prefix of every message (e.g. ``"model base"``) instead of the option names.
-            formats: also check that the base has a ``config.json`` and each adapter's files (stage-1 output or
-                peft adapter, safetensors). The merge reads those files itself and reports more.
+            formats: also check the files (:mod:`yak.formats`): the base's config, weights and tokenizer files
+                whole, each adapter's files, and that each adapter was made for this base (its ``yak_base.json``
+                and its shapes; an adapter without the record gets a warning). The merge reads the weights
+                itself and reports more.
         """
         found = []  # (option, what is wrong)
         base = self.base_model
@@ -101,8 +114,11 @@ class ModelSource:
             found.append(("--base_model", "required: a Hugging Face model folder"))
         elif not Path(base).is_dir():
             found.append(("--base_model", f"{base} is not a folder"))
-        elif formats and not (Path(base) / "config.json").is_file():
-            found.append(("--base_model", f"{base} is not a Hugging Face model folder (no config.json)"))
+        elif formats:
+            try:
+                check_model_folder(base)
+            except YakError as e:
+                found.append(("--base_model", str(e)))
         for a in self.adapters:
             if not formats:
                 if not Path(a).is_dir():
@@ -115,6 +131,16 @@ class ModelSource:
         found += [("--adapters", p) for p in adapter_order_problems(base, self.adapters)]
         if self.tokenizer_path and not Path(self.tokenizer_path).is_dir():
             found.append(("--tokenizer_path", f"{self.tokenizer_path} is not a folder"))
+        elif self.tokenizer_path:
+            try:
+                check_tokenizer_files(self.tokenizer_path)
+            except YakError as e:
+                found.append(("--tokenizer_path", str(e)))
+        if formats and self.adapters and not found:  # each adapter made for this base
+            misfits, warnings = adapter_base_problems(base, self.adapters)
+            found += [("--adapters", p) for p in misfits]
+            for w in warnings:
+                logger.warning("%s", w)
         if self.dtype not in ("auto", *DTYPES):
             found.append(("--dtype", f"{self.dtype!r} is not one of auto, {', '.join(DTYPES)}"))
         return [f"{where or option}: {text}" for option, text in found]

@@ -123,14 +123,11 @@ def prepare(args: EvalArguments) -> tuple[list[ModelSpec], list[TaskConfig]]:
         except YakError as e:
             problems.append(str(e))
             continue
-        problems += spec.problems()
+        found = spec.problems()
+        problems += found
         specs.append(spec)
         config = os.path.join(spec.source.base_model, "config.json")
-        try:
-            limit = read_json(config).get("max_position_embeddings") if os.path.isfile(config) else None
-        except YakError as e:
-            problems.append(f"model {spec.name}: {e}")
-            limit = None
+        limit = read_json(config).get("max_position_embeddings") if not found else None  # checked by problems()
         if args.max_length and limit and args.max_length > limit:  # RoPE runs past it silently, untrained
             problems.append(f"--max_length {args.max_length} is over model {spec.name}'s context of {limit} "
                             "positions (max_position_embeddings); lower it or leave it out")

@@ -57,12 +57,16 @@ class _VllmBackend:
         if source.adapters or gen_args.load_in_8bit or gen_args.load_in_4bit or gen_args.only_cpu:
             raise YakError("--use_vllm takes a merged model folder on GPUs: merge adapters first with "
                            "merge_lora_low_mem.py and drop --adapters/--load_in_*bit/--only_cpu")
-        from transformers import AutoTokenizer
         from vllm import LLM
+
+        from yak.tokenizer import load_tokenizer
 
         if gen_args.gpus is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gen_args.gpus
-        self.tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir())
+        problems = source.problems()  # the base's files whole before vLLM meets them
+        if problems:
+            raise YakError("; ".join(problems))
+        self.tokenizer = load_tokenizer(source.tokenizer_dir())
         if getattr(self.tokenizer, "chat_template", None) is None:
             self.tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
         gpus = len(gen_args.gpus.split(",")) if gen_args.gpus else max(torch.cuda.device_count(), 1)

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from yak import YakError
+from yak.formats import check_tokenizer_files
 from yak.outdir import inputs_inside, output_dir_problems, replace_dir
 from yak.template import LLAMA2_CHAT_TEMPLATE
 
@@ -574,7 +575,12 @@ def load_tokenizer(path: str | os.PathLike):
     if not (p / "tokenizer.json").is_file() and not (p / "tokenizer.model").is_file():
         found = sorted(x.name for x in p.iterdir()) if p.is_dir() else "nothing (no such folder)"
         raise YakError(f"tokenizer {path}: no tokenizer.json or tokenizer.model there (found: {found})")
-    return AutoTokenizer.from_pretrained(str(p))
+    check_tokenizer_files(p)
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # whatever transformers raises on files that passed the checks above
+        raise YakError(f"tokenizer {p} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                       "check its files, or copy them again from where they were made") from e
 
 
 def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:

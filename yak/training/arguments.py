@@ -16,7 +16,8 @@ from transformers import TrainingArguments
 
 from yak import YakError
 from yak.cli import parse_args
-from yak.modeling import DTYPES, NEW_ROWS_INIT, kbits_problem
+from yak.formats import DTYPES, check_tokenizer_files
+from yak.modeling import NEW_ROWS_INIT, kbits_problem
 from yak.outdir import inputs_inside
 from yak.source import ModelSource
 
@@ -261,10 +262,18 @@ def check_args(source: ModelSource, stage_args: StageArguments, data_args, train
     model_dir = source.base_model
     config = None
     if model_dir and (Path(model_dir) / "config.json").is_file():
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        try:
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        except (OSError, ValueError):  # a broken config.json: reported by source.problems()
+            config = None
     base_tok = stage_args.base_tokenizer_name_or_path
     if base_tok and not Path(base_tok).is_dir():
         problems.append(f"--base_tokenizer_name_or_path {base_tok} is not a folder")
+    elif base_tok:
+        try:
+            check_tokenizer_files(base_tok)
+        except YakError as e:
+            problems.append(f"--base_tokenizer_name_or_path: {e}")
     if source.adapters and stage_args.new_rows_init != "mean":
         problems.append(
             f"--new_rows_init {stage_args.new_rows_init} initialises new rows of a base model; with --adapters "

@@ -8,9 +8,9 @@ import logging
 import torch
 
 from yak import YakError
+from yak.formats import carries_lm_head
 from yak.modeling import (
     apply_adapters,
-    carries_lm_head,
     compile_decoder_layers,
     is_tied,
     load_base_model,

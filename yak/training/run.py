@@ -19,8 +19,10 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from yak import YakError
+from yak.formats import base_record, require_adapters_fit
 from yak.modeling import check_tokenizer_extends
 from yak.outdir import Claim
+from yak.safe_load import check_pickles, guard_deepspeed
 from yak.source import ModelSource
 from yak.tokenizer import load_tokenizer
 from yak.training.arguments import StageArguments, _config_dict, check_args
@@ -128,6 +130,7 @@ def train_on_datasets(
         loraplus_lr_ratio=stage_args.loraplus_lr_ratio if stage_args.uses_lora else 1.0,
         embedding_learning_rate=stage_args.embedding_learning_rate,
         base_model_name_or_path=source.base_model,
+        base_record=_base_record(source, stage_args, training_args),
         save_safetensors=stage_args.save_safetensors,
         claim=claim,
     )
@@ -172,6 +175,14 @@ def train_on_datasets(
     return summary
 
 
+def _base_record(source: ModelSource, stage_args: StageArguments, training_args: TrainingArguments) -> dict | None:
+    """What the outputs record as their base (yak_base.json); computed on the process that saves."""
+    if not training_args.should_save:
+        return None
+    base_tok = stage_args.base_tokenizer_name_or_path
+    return base_record(source.base_model, load_tokenizer(base_tok) if base_tok else None)
+
+
 def run_training(
     source: ModelSource,
     stage_args: StageArguments,
@@ -194,6 +205,11 @@ def run_training(
         check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), source.tokenizer_dir(), base_dir)
     resume, claim = prepare_output_dir(source, stage_args, data_args, training_args)
     try:
+        if resume:  # before anything is loaded: no code from a planted pickle, no checkpoint of another base
+            check_pickles(resume)
+            require_adapters_fit(source.base_model, [resume])
+        if training_args.deepspeed:
+            guard_deepspeed()  # DeepSpeed would unpickle its states in full
         datasets, collator = build_datasets(stage_args, data_args, tokenizer, training_args)
         summary = train_on_datasets(
             source,

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from yak import YakError
+from yak.formats import RUN_FILE, adapter_kind
 from yak.io import atomic_write_json
-from yak.modeling import RUN_FILE, adapter_kind
 from yak.outdir import MANIFEST, Claim, foreign_files, listed, read_manifest
 from yak.source import ModelSource
 from yak.training.arguments import _config_dict

@@ -12,15 +12,9 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments
 
 from yak import YakError
+from yak.formats import ADAPTER_WEIGHTS, BASE_FILE, read_weights, weights_in
 from yak.io import atomic_write_json
-from yak.modeling import (
-    ADAPTER_WEIGHTS,
-    embedding_keys,
-    load_embeddings,
-    read_weights,
-    save_embeddings,
-    weights_in,
-)
+from yak.modeling import embedding_keys, load_embeddings, save_embeddings
 from yak.outdir import Claim, write_error
 from yak.tokenizer import save_tokenizer
 from yak.training.model import _numel
@@ -88,6 +82,7 @@ class YakTrainer(Trainer):
         loraplus_lr_ratio: learning rate of LoRA B over A.
         embedding_learning_rate: learning rate of the trained embeddings (None: ``learning_rate``).
         base_model_name_or_path: recorded in the stage-1 output.
+        base_record: the base's identity, written as ``yak_base.json`` into every output and checkpoint.
         save_safetensors: False writes PyTorch ``.bin`` weights (``--save_safetensors False``).
         claim: the output folder's :class:`~yak.outdir.Claim` (rank 0; None elsewhere), which records every
             checkpoint before it is written.
@@ -99,6 +94,7 @@ class YakTrainer(Trainer):
         loraplus_lr_ratio: float = 16.0,
         embedding_learning_rate: float | None = None,
         base_model_name_or_path: str = "",
+        base_record: dict | None = None,
         save_safetensors: bool = True,
         claim: Claim | None = None,
         **kwargs,
@@ -109,6 +105,7 @@ class YakTrainer(Trainer):
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.embedding_learning_rate = embedding_learning_rate
         self.base_model_name_or_path = base_model_name_or_path
+        self.base_record = base_record
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -156,6 +153,8 @@ class YakTrainer(Trainer):
             )
         if self.processing_class is not None:
             save_tokenizer(self.processing_class, output_dir)
+        if self.base_record is not None:
+            atomic_write_json(Path(output_dir) / BASE_FILE, self.base_record)
 
     def _save_checkpoint(self, model, trial) -> None:
         from transformers.trainer_utils import rotate_checkpoints
@@ -214,7 +213,7 @@ class YakTrainer(Trainer):
 
         model = model or self.model
         if self._is_lora():
-            state = read_weights(weights_in(Path(resume_from_checkpoint), ADAPTER_WEIGHTS))
+            state = read_weights(weights_in(resume_from_checkpoint, ADAPTER_WEIGHTS))
             result = set_peft_model_state_dict(model, state)
             if result.unexpected_keys:
                 raise YakError(
