@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from tests.conftest import PT_DATA, ROOT, TINY_MODEL
 from yak import YakError
 from yak.outdir import MANIFEST, foreign_files, output_dir_problems, replace_dir, write_error
+from yak.source import ModelSource
 from yak.training import parse_train_args, run_training
 
 MERGED_TOKENIZER = ROOT / "tokenizer" / "stories260K_bo" / "merged_tokenizer_hf"
@@ -143,17 +144,18 @@ def test_merge_overwrite_deletes_only_what_the_merge_wrote(base_and_lora, tmp_pa
     from yak.merge import MergeArguments, merge
 
     out = tmp_path / "merged"
-    args = MergeArguments(base_model=str(base_and_lora[0]), lora_model=str(base_and_lora[1]), output_dir=str(out))
-    merge(args)
+    source = ModelSource(str(base_and_lora[0]), [str(base_and_lora[1])])
+    args = MergeArguments(output_dir=str(out))
+    merge(source, args)
     written = sorted(p.name for p in out.iterdir())
     plant(out)
     args.overwrite = True
     with pytest.raises(YakError, match="holds files that Yak did not write: notes.txt, sub/keep.bin"):
-        merge(args)  # checked with the other inputs, before the merge starts
+        merge(source, args)  # checked with the other inputs, before the merge starts
     assert planted(out) and sorted(p.name for p in out.iterdir()) == sorted([*written, "notes.txt", "sub"])
     shutil.move(out / "notes.txt", tmp_path / "notes.txt")
     shutil.move(out / "sub", tmp_path / "sub")
-    merge(args)  # only its own files there: replaced
+    merge(source, args)  # only its own files there: replaced
     assert sorted(p.name for p in out.iterdir()) == written and not foreign_files(out)
 
 
@@ -285,7 +287,6 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(pt_dir, tmp
 def test_predictions_file_is_not_replaced_without_overwrite(tmp_path):
     from yak.generation.arguments import GenerationArguments, InferenceArguments
     from yak.generation.inference import run_inference
-    from yak.source import ModelSource
 
     inputs = tmp_path / "in.txt"
     inputs.write_text("Once upon a time\n")
@@ -323,8 +324,7 @@ def test_leftovers_of_a_killed_merge_are_removed_by_the_next_run(base_and_lora, 
         proc.wait()
     assert leftover.is_dir() and not out.exists()
     with caplog.at_level(logging.WARNING, logger="yak.outdir"):
-        merge(MergeArguments(base_model=str(base_and_lora[0]), lora_model=str(base_and_lora[1]),
-                             output_dir=str(out)))
+        merge(ModelSource(str(base_and_lora[0]), [str(base_and_lora[1])]), MergeArguments(output_dir=str(out)))
     assert f"removing {leftover}, left by process {proc.pid}" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no leftover, no lock
 
