@@ -319,9 +319,9 @@ def test_undecodable_lines_skipped_and_counted(tok, tmp_path, caplog):
 
 def test_files_longer_than_a_chunk(tok, tmp_path, monkeypatch, caplog):
     """Chunk boundaries neither lose, split nor repeat a line, and line numbers run on across chunks."""
-    import yak.data
+    import yak.data.read
 
-    monkeypatch.setattr(yak.data, "CHUNK_BYTES", 2048)  # the 18 kB file below spans 9 chunks
+    monkeypatch.setattr(yak.data.read, "CHUNK_BYTES", 2048)  # the 18 kB file below spans 9 chunks
     lines = _lines("en/austen_pride_and_prejudice.txt", 300)
     raw = "\n".join(lines).encode().split(b"\n")
     raw.insert(200, b"caf\xe9 au lait")

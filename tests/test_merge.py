@@ -328,10 +328,8 @@ def test_bad_inputs_are_all_reported_before_writing(tiny_model_dir, resized_adap
         merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(truncated)),
               MergeArguments(output_dir=str(out)))
     # too little disk space (the file system's free space, as the OS reports it, made small)
-    import yak.merge
-
     real = shutil.disk_usage
-    monkeypatch.setattr(yak.merge.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(YakError, match="GiB free"):
         merge(ModelSource(base_model=str(tiny_model_dir), adapters=str(adapter)),
               MergeArguments(output_dir=str(out)))

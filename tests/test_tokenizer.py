@@ -24,7 +24,7 @@ from yak.tokenizer import (
     parse_script_ranges,
     unreachable_pieces,
 )
-from yak.tokenizer.merge import iter_sentences
+from yak.tokenizer.corpus import iter_sentences
 
 TINY_BO = ROOT / "tokenizer" / "stories260K_bo"
 TIBETAN = parse_script_ranges("0F00-0FFF")

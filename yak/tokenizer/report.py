@@ -20,21 +20,15 @@ from tqdm import tqdm
 
 from yak import YakError
 from yak.outdir import inputs_inside, output_dir_problems, replace_dir
-from yak.tokenizer.merge import (
-    HF_DIR,
-    NORMAL,
-    SOURCE_DIR,
-    SP_DIR,
+from yak.tokenizer.corpus import (
     TIBETAN_RANGES,
     find_corpus_files,
     has_script,
-    load_sp_model,
-    load_tokenizer,
     parse_script_ranges,
     script_pattern,
-    sp_processor,
-    unreachable_pieces,
 )
+from yak.tokenizer.export import HF_DIR, SOURCE_DIR, SP_DIR, load_tokenizer
+from yak.tokenizer.pieces import NORMAL, load_sp_model, sp_processor, unreachable_pieces
 
 logger = logging.getLogger(__name__)
 
