@@ -776,8 +776,14 @@ def test_sft_task_on_top_of_continued_pretraining(tmp_path):
 def test_fast_path_follows_the_plain_losses(device, pt_dir, tmp_path):
     """The speed options (--compile_layers, no gradient checkpointing) keep the training semantics: from the
     same weights and data they give the plain path's losses (gradient checkpointing, eager) — 10 steps in fp32
-    on the CPU, 50 steps in bf16 on a GPU, within bf16 noise there (issue 8). LoRA dropout is off: compiled
-    dropout draws its masks from inductor's own random generator, equally random but not the same masks."""
+    on the CPU (rel 1e-4), 50 steps in bf16 on a GPU, within the noise of training there. LoRA dropout is off:
+    compiled dropout draws its masks from inductor's own random generator, equally random but not the same masks.
+
+    The GPU bound is measured, not guessed (bench/loss_paths.py, H100, 2026-12-06, bench/RESULTS.md): the plain
+    path against itself reseeded gives identical losses, so the data order is fixed; the compiled path differs
+    from it by rounding alone (bf16 kernels fused in another order): mean 0.54%, largest 3.58% (1 of 50 steps
+    over 2%), which made a flat 2% bound fail. The noise of training itself, the plain path with other dropout
+    masks, is larger: mean 0.79%, largest 4.75% (2 of 50 over 2%). So: mean within 1%, every step within 5%."""
     steps = 10 if device == "cpu" else 50
     extra = ["--stage", "2", "--max_steps", str(steps), "--lora_rank", "4", "--lora_alpha", "8",
              "--lora_dropout", "0", "--learning_rate", "2e-3"] + (["--torch_dtype", "bfloat16"] if device == "cuda" else [])
@@ -789,7 +795,11 @@ def test_fast_path_follows_the_plain_losses(device, pt_dir, tmp_path):
     plain = losses("plain", "--gradient_checkpointing")
     fast = losses("fast", "--compile_layers")
     assert len(fast) == steps
-    assert fast == pytest.approx(plain, rel=1e-4 if device == "cpu" else 2e-2)
+    if device == "cpu":
+        assert fast == pytest.approx(plain, rel=1e-4)
+    else:
+        gaps = [abs(f - p) / abs(p) for f, p in zip(fast, plain, strict=True)]
+        assert sum(gaps) / len(gaps) < 0.01 and max(gaps) < 0.05, gaps
 
 
 @pytest.mark.gpu
