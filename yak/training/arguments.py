@@ -96,8 +96,9 @@ class StageArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Delete an output_dir that holds a run with other settings (or a finished run) and "
-            "start again; without it such a folder is an error."
+            "help": "Delete the run in an output_dir that holds a run with other settings (or a finished run) "
+            "and start again: only the files Yak wrote there (its manifest); a folder holding anything else is "
+            "refused. Without it such a folder is an error."
         },
     )
     save_safetensors: bool = field(

@@ -199,10 +199,11 @@ def run_training(
         "configuration:\n%s",
         json.dumps(_config_dict(source, stage_args, data_args, training_args), indent=1, default=str),
     )
-    tokenizer = load_tokenizer(source.tokenizer_dir())
+    tok_dir = source.tokenizer_dir()
+    tokenizer = load_tokenizer(tok_dir)
     if not source.adapters:  # a tokenizer that does not extend the model's fails before the folder changes
         base_dir = stage_args.base_tokenizer_name_or_path or source.base_model
-        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), source.tokenizer_dir(), base_dir)
+        check_tokenizer_extends(tokenizer, load_tokenizer(base_dir), tok_dir, base_dir)
     resume, claim = prepare_output_dir(source, stage_args, data_args, training_args)
     try:
         if resume:  # before anything is loaded: no code from a planted pickle, no checkpoint of another base
